@@ -1,0 +1,1 @@
+"""The bus contract: message schemas, the envelope, codecs and the catalog."""

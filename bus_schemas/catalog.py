@@ -1,0 +1,243 @@
+"""The one catalog of bus subjects, streams, consumers and KV buckets.
+
+nats.conf permissions (bus_schemas.natsconf), provisioning (actors.provision),
+decoders (bus_schemas.codec) and docs all follow from these tables; nothing
+else spells a bus subject string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bus_schemas import messages as m
+
+ACTORS: tuple[str, ...] = (
+    "monitor",
+    "detector",
+    "diagnoser",
+    "planner",
+    "governor",
+    "executor",
+    "verifier",
+    "auditor",
+)
+OPERATOR = "operator"  # the human CLI
+ADMIN = "admin"  # provisioning only
+
+PREFIX = "menders"
+GOVERNOR_BUCKET = "menders_governor"  # mode, kill switch, revocations, rate windows
+EXEC_LEDGER_BUCKET = "menders_exec_ledger"  # the executor's at-most-once claims
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float
+    max_bytes: int
+    description: str
+    max_msgs_per_subject: int = -1
+    duplicate_window_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class BusSubject:
+    pattern: str  # with {subject}/{actor}/{outcome}/... placeholders
+    schema: type[m.Event]
+    stream: str
+    publishers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    description: str
+
+    @property
+    def wildcard(self) -> str:
+        """The pattern with each placeholder token replaced by '*'."""
+        return ".".join("*" if t.startswith("{") else t for t in self.pattern.split("."))
+
+
+@dataclass(frozen=True)
+class Consumer:
+    actor: str
+    durable: str
+    stream: str
+    filter_subjects: tuple[str, ...]
+    max_deliver: int = 5
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 1000
+    concurrency: int = 1  # messages handled at once; 1 keeps per-consumer order
+    description: str = ""
+    schemas: tuple[type[m.Event], ...] = field(default=(), compare=False)
+
+
+STREAMS: tuple[Stream, ...] = (
+    Stream(
+        "MENDERS_OBS",
+        ("menders.obs.>",),
+        max_age_s=15 * 60,
+        max_bytes=512 * 1024 * 1024,
+        description="Observations: many, short-lived, replaced by fresher ones.",
+        duplicate_window_s=30.0,
+    ),
+    Stream(
+        "MENDERS_EVENTS",
+        (
+            "menders.incident.>",
+            "menders.diagnosis.>",
+            "menders.plan.>",
+            "menders.decision.>",
+            "menders.exec.>",
+            "menders.verdict.>",
+            "menders.approval",
+            "menders.control",
+        ),
+        max_age_s=30 * 24 * 3600,
+        max_bytes=4 * 1024 * 1024 * 1024,
+        description="The incident lifecycle: kept, it is the history operators read.",
+    ),
+    Stream(
+        "MENDERS_DLQ",
+        ("menders.dlq.>",),
+        max_age_s=30 * 24 * 3600,
+        max_bytes=1024 * 1024 * 1024,
+        description="Dead letters: what an actor could not handle, and why.",
+    ),
+    Stream(
+        "MENDERS_HEARTBEAT",
+        ("menders.heartbeat.>",),
+        max_age_s=300,
+        max_bytes=64 * 1024 * 1024,
+        max_msgs_per_subject=1,
+        description="The last heartbeat of each actor, for `menders status`.",
+        duplicate_window_s=1.0,
+    ),
+)
+
+BUS_SUBJECTS: tuple[BusSubject, ...] = (
+    BusSubject("menders.obs.{subject}", m.Observation, "MENDERS_OBS",
+               ("monitor",), ("detector", "verifier"), "One snapshot of a subject's symptoms."),
+    BusSubject("menders.incident.{subject}.opened", m.IncidentOpened, "MENDERS_EVENTS",
+               ("detector",), ("diagnoser", "verifier", "auditor"),
+               "An invariant broke."),
+    BusSubject("menders.incident.{subject}.updated", m.IncidentUpdated, "MENDERS_EVENTS",
+               ("detector",), ("auditor",), "An open incident's value moved."),
+    BusSubject("menders.incident.{subject}.resolved", m.IncidentResolved, "MENDERS_EVENTS",
+               ("detector",), ("planner", "verifier", "auditor"), "The invariant holds again."),
+    BusSubject("menders.incident.{subject}.escalated", m.IncidentEscalated, "MENDERS_EVENTS",
+               ("planner",), ("auditor",), "Handed to a human."),
+    BusSubject("menders.diagnosis.{subject}", m.Diagnosis, "MENDERS_EVENTS",
+               ("diagnoser",), ("planner", "auditor"), "A hypothesis with ranked actions."),
+    BusSubject("menders.plan.{subject}", m.Plan, "MENDERS_EVENTS",
+               ("planner",), ("governor", "auditor"), "Steps meant to resolve one incident."),
+    BusSubject("menders.exec.approved.{subject}", m.ExecutionApproved, "MENDERS_EVENTS",
+               ("governor",), ("executor", "auditor"),
+               "An approved execution: only the governor may publish it."),
+    BusSubject("menders.decision.{subject}.{outcome}", m.Decision, "MENDERS_EVENTS",
+               ("governor",), ("planner", "auditor"),
+               "A veto, a wait for a human, a denial, a revocation or a kill, with its reason."),
+    BusSubject("menders.exec.started.{subject}", m.ExecutionStarted, "MENDERS_EVENTS",
+               ("executor",), ("auditor",), "An execution's effect is about to happen."),
+    BusSubject("menders.exec.result.{subject}", m.ExecutionResult, "MENDERS_EVENTS",
+               ("executor",), ("governor", "planner", "verifier", "auditor"),
+               "How an execution ended."),
+    BusSubject("menders.verdict.{subject}", m.Verdict, "MENDERS_EVENTS",
+               ("verifier",), ("planner", "auditor"), "Whether the invariant holds again."),
+    BusSubject("menders.approval", m.HumanApproval, "MENDERS_EVENTS",
+               (OPERATOR,), ("governor", "auditor"), "A human's approve or deny."),
+    BusSubject("menders.control", m.ControlCommand, "MENDERS_EVENTS",
+               (OPERATOR,), ("governor", "auditor"), "Mode, kill switch, resume, revoke."),
+    BusSubject("menders.heartbeat.{actor}", m.Heartbeat, "MENDERS_HEARTBEAT",
+               ACTORS, (OPERATOR,), "An actor is alive."),
+    BusSubject("menders.dlq.{actor}", m.DeadLetter, "MENDERS_DLQ",
+               ACTORS, ("auditor", OPERATOR), "A message an actor could not handle, and why."),
+)
+
+
+def _by_kind() -> dict[type[m.Event], BusSubject]:
+    return {b.schema: b for b in BUS_SUBJECTS}
+
+
+_SUBJECT_OF = _by_kind()
+
+
+def bus_subject_of(event: m.Event) -> str:
+    """The concrete bus subject an event is published on."""
+    spec = _SUBJECT_OF[type(event)]
+    values = {
+        "subject": event.subject,
+        "actor": getattr(event, "actor", ""),
+        "outcome": getattr(event, "outcome", ""),
+    }
+    tokens = []
+    for token in spec.pattern.split("."):
+        if token.startswith("{"):
+            value = values[token[1:-1]]
+            if not m.SUBJECT_NAME.match(value):
+                raise ValueError(f"{type(event).__name__}: bad {token} token {value!r}")
+            token = value
+        tokens.append(token)
+    return ".".join(tokens)
+
+
+def spec_of(schema: type[m.Event]) -> BusSubject:
+    return _SUBJECT_OF[schema]
+
+
+def _consumer(actor: str, durable: str, stream: str, schemas: tuple[type[m.Event], ...],
+              **kw: object) -> Consumer:
+    filters = tuple(_SUBJECT_OF[s].wildcard for s in schemas)
+    for s in schemas:
+        assert actor in _SUBJECT_OF[s].consumers, (actor, s)
+    return Consumer(actor, durable, stream, filters, schemas=schemas, **kw)  # type: ignore[arg-type]
+
+
+CONSUMERS: tuple[Consumer, ...] = (
+    _consumer("detector", "detector", "MENDERS_OBS", (m.Observation,), max_deliver=3,
+              ack_wait_s=10, description="Checks invariants on every observation."),
+    _consumer("verifier", "verifier_obs", "MENDERS_OBS", (m.Observation,), max_deliver=3,
+              ack_wait_s=10, description="Fresh observations for checks in flight."),
+    _consumer("verifier", "verifier", "MENDERS_EVENTS",
+              (m.IncidentOpened, m.IncidentResolved, m.ExecutionResult),
+              description="Starts a check when an execution ends."),
+    _consumer("diagnoser", "diagnoser", "MENDERS_EVENTS", (m.IncidentOpened,),
+              ack_wait_s=60, concurrency=4, description="Diagnoses each opened incident."),
+    _consumer("planner", "planner", "MENDERS_EVENTS",
+              (m.IncidentResolved, m.Diagnosis, m.Decision, m.ExecutionResult, m.Verdict),
+              description="Plans, re-plans on failure, escalates."),
+    _consumer("governor", "governor", "MENDERS_EVENTS",
+              (m.Plan, m.HumanApproval, m.ControlCommand, m.ExecutionResult),
+              description="Judges every plan step against policy."),
+    _consumer("executor", "executor", "MENDERS_EVENTS", (m.ExecutionApproved,),
+              ack_wait_s=30, concurrency=8, description="Carries out approved executions."),
+    _consumer("auditor", "auditor", "MENDERS_EVENTS",
+              tuple(b.schema for b in BUS_SUBJECTS
+                    if b.stream == "MENDERS_EVENTS" and "auditor" in b.consumers),
+              max_ack_pending=5000, description="Records the whole lifecycle."),
+    _consumer("auditor", "auditor_dlq", "MENDERS_DLQ", (m.DeadLetter,),
+              description="Records dead letters."),
+)
+
+
+def consumers_of(actor: str) -> tuple[Consumer, ...]:
+    return tuple(c for c in CONSUMERS if c.actor == actor)
+
+
+def stream_named(name: str) -> Stream:
+    return next(s for s in STREAMS if s.name == name)
+
+
+# Actors that read or write the governor's KV bucket, and how.
+KV_WRITERS: dict[str, tuple[str, ...]] = {
+    GOVERNOR_BUCKET: ("governor",),
+    EXEC_LEDGER_BUCKET: ("executor",),
+}
+KV_READERS: dict[str, tuple[str, ...]] = {
+    GOVERNOR_BUCKET: ("governor", "executor", OPERATOR),
+    EXEC_LEDGER_BUCKET: ("executor", OPERATOR),
+}
+# Actors that watch a bucket (ordered push consumers on the KV stream).
+KV_WATCHERS: dict[str, tuple[str, ...]] = {GOVERNOR_BUCKET: ("executor", "governor")}
+
+# Read-only request/reply services (the Claude diagnoser's investigation tools).
+SERVICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "menders.query.audit.>": ("auditor", ("diagnoser", OPERATOR)),
+}

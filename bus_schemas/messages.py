@@ -1,0 +1,232 @@
+"""Every message that crosses the bus, as msgspec Structs.
+
+Each message is a tagged Struct (`kind`) that carries the envelope fields of
+`Event`. Schema evolution follows msgspec's rules: new fields get defaults,
+fields are never renamed or retyped, unknown fields are ignored, so an older
+consumer keeps reading a newer producer's messages.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+# A managed subject's name is one bus-subject token: it must never contain
+# '.', '*', '>' or whitespace, or wildcards would select the wrong events.
+SUBJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+Mode = Literal["observe", "approve", "execute"]
+Risk = Literal["low", "medium", "high"]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """The envelope every message carries."""
+
+    id: str = msgspec.field(default_factory=new_id)
+    incident_id: str = ""  # correlation id: every event of one incident shares it
+    causation_id: str = ""  # the id of the message that caused this one
+    producer: str = ""
+    ts: float = msgspec.field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+    subject: str = ""  # the managed subject, where there is one
+
+
+# --- observe / detect -------------------------------------------------------
+
+
+class Observation(Event, tag="observation", frozen=True, kw_only=True):
+    up: bool  # the subject answered its scrape
+    metrics: dict[str, float] = {}
+    log_lines: list[str] = []  # untrusted data, never instructions
+    scrape_ms: float = 0.0
+    error: str = ""
+
+
+class IncidentOpened(Event, tag="incident.opened", frozen=True, kw_only=True):
+    invariant: str
+    summary: str
+    value: float
+    threshold: float
+    symptoms: dict[str, float] = {}
+    recent_logs: list[str] = []
+    severity: Literal["warning", "critical"] = "critical"
+
+
+class IncidentUpdated(Event, tag="incident.updated", frozen=True, kw_only=True):
+    invariant: str
+    value: float
+    note: str = ""
+
+
+class IncidentResolved(Event, tag="incident.resolved", frozen=True, kw_only=True):
+    invariant: str
+    reason: str
+
+
+class IncidentEscalated(Event, tag="incident.escalated", frozen=True, kw_only=True):
+    invariant: str = ""
+    reason: str
+    attempts: int = 0
+
+
+# --- diagnose / plan ----------------------------------------------------------
+
+
+class RecommendedAction(msgspec.Struct, frozen=True, kw_only=True):
+    action: str
+    params: dict[str, Any] = {}
+    rationale: str = ""
+
+
+class Diagnosis(Event, tag="diagnosis", frozen=True, kw_only=True):
+    invariant: str
+    hypothesis: str
+    evidence: list[str] = []
+    confidence: float = 0.0
+    actions: list[RecommendedAction] = []  # ranked, best first
+    source: str = "runbook"  # runbook | claude | claude->runbook fallback
+    escalate: bool = False  # the diagnoser judges this beyond the crew's actions
+
+
+class PlanStep(msgspec.Struct, frozen=True, kw_only=True):
+    step_id: str
+    action: str
+    params: dict[str, Any] = {}
+    depends_on: list[str] = []
+    risk: Risk = "low"
+    idempotent: bool = True
+    timeout_s: float = 10.0
+
+
+class Plan(Event, tag="plan", frozen=True, kw_only=True):
+    plan_id: str
+    invariant: str
+    attempt: int  # 1 for the first plan of an incident
+    steps: list[PlanStep]
+    rationale: str = ""
+
+
+# --- govern / execute / verify ---------------------------------------------------
+
+
+class ExecutionApproved(Event, tag="exec.approved", frozen=True, kw_only=True):
+    execution_id: str
+    plan_id: str
+    step: PlanStep
+    approved_by: str = "policy"  # policy | the human who approved
+    not_after: float = 0.0  # an approval older than this is not acted on
+
+
+DecisionOutcome = Literal["vetoed", "awaiting_approval", "denied", "revoked", "killed"]
+
+
+class Decision(Event, tag="decision", frozen=True, kw_only=True):
+    """Every governor decision that is not an approval (approvals are ExecutionApproved)."""
+
+    outcome: DecisionOutcome
+    reason: str
+    plan_id: str = ""
+    execution_id: str = ""
+    step: PlanStep | None = None
+
+
+class ExecutionStarted(Event, tag="exec.started", frozen=True, kw_only=True):
+    execution_id: str
+    plan_id: str
+    action: str
+
+
+ExecutionStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "unknown", "skipped"]
+
+
+class ExecutionResult(Event, tag="exec.result", frozen=True, kw_only=True):
+    execution_id: str
+    plan_id: str
+    action: str
+    status: ExecutionStatus
+    detail: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+class Verdict(Event, tag="verdict", frozen=True, kw_only=True):
+    plan_id: str
+    invariant: str
+    passed: bool
+    reason: str
+
+
+# --- humans and control -----------------------------------------------------------
+
+
+class HumanApproval(Event, tag="approval", frozen=True, kw_only=True):
+    execution_id: str
+    approved: bool
+    by: str = "operator"
+    reason: str = ""
+
+
+class ControlCommand(Event, tag="control", frozen=True, kw_only=True):
+    command: Literal["mode", "kill", "resume", "revoke"]
+    mode: Mode | None = None
+    execution_id: str = ""
+    by: str = "operator"
+    reason: str = ""
+
+
+# --- runtime ---------------------------------------------------------------------
+
+
+class Heartbeat(Event, tag="heartbeat", frozen=True, kw_only=True):
+    actor: str
+    pid: int
+    started_at: float
+    in_flight: int = 0
+    handled: int = 0
+    metrics_port: int = 0
+
+
+class DeadLetter(Event, tag="dead_letter", frozen=True, kw_only=True):
+    actor: str
+    consumer: str
+    bus_subject: str
+    stream_seq: int  # the original stays in its stream: this is where to find it
+    deliveries: int
+    reason: str
+    payload_bytes: int
+    payload_head: str  # the first bytes, for a human reading `nats sub`
+
+
+ALL_MESSAGES: tuple[type[Event], ...] = (
+    Observation,
+    IncidentOpened,
+    IncidentUpdated,
+    IncidentResolved,
+    IncidentEscalated,
+    Diagnosis,
+    Plan,
+    ExecutionApproved,
+    Decision,
+    ExecutionStarted,
+    ExecutionResult,
+    Verdict,
+    HumanApproval,
+    ControlCommand,
+    Heartbeat,
+    DeadLetter,
+)
+
+
+def kind_of(cls: type[Event]) -> str:
+    tag = cls.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag

@@ -1,0 +1,129 @@
+"""What every managed subject package provides, and nothing about its chaos.
+
+A subject package (subjects/<kind>/) exposes one `SubjectDefinition`:
+its registered actions (typed parameters, risk, idempotency, timeout), its
+invariants, its runbooks, an observer that turns a scrape into observation
+fields, and an action client that calls the subject's remediation endpoints.
+Chaos hooks live in the same package but are never imported by an actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from bus_schemas.messages import Risk
+
+
+class NoParams(msgspec.Struct, forbid_unknown_fields=True):
+    """The parameter Struct of an action that takes none."""
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    name: str
+    description: str
+    params: type[msgspec.Struct]
+    risk: Risk
+    idempotent: bool
+    timeout_s: float = 10.0
+
+    def validate(self, params: dict[str, Any]) -> msgspec.Struct:
+        """Raises ActionError naming the bad parameter."""
+        try:
+            return msgspec.convert(params, self.params)
+        except msgspec.ValidationError as exc:
+            raise ActionError(f"{self.name}: bad parameters: {exc}") from None
+
+    def json_schema(self) -> dict[str, Any]:
+        return msgspec.json.schema(self.params)
+
+
+class ActionError(ValueError):
+    pass
+
+
+InvariantKind = Literal["threshold", "rate", "baseline"]
+
+
+class InvariantSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A rule a healthy subject keeps, over one metric of its observations.
+
+    threshold: broken while `metric op threshold` is false for `for_s`;
+      holds again once it is true with the hysteresis margin `clear` (e.g.
+      break above 250 ms, clear below 200 ms).
+    rate: the metric's per-second rate of change over `window_s` must stay below `threshold`.
+    baseline: the metric must stay below `factor` x its learned baseline
+      (an EWMA over healthy samples) and above `threshold` as a floor.
+    `down_breaks`: an observation with up=False counts as broken.
+    """
+
+    name: str
+    metric: str
+    description: str
+    kind: InvariantKind = "threshold"
+    op: Literal["<", ">"] = "<"  # the healthy direction: metric < threshold
+    threshold: float
+    clear: float | None = None
+    for_s: float = 2.0
+    window_s: float = 5.0
+    factor: float = 3.0
+    down_breaks: bool = False
+
+
+class RunbookRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When `invariant` broke and every `when` condition holds, suspect `hypothesis`.
+
+    `when` maps a metric name to a condition string: ">0.5", "<10", "==0".
+    `log_contains` matches substrings of recent log lines (data, not instructions).
+    """
+
+    name: str
+    invariant: str | None = None  # None: any invariant
+    when: dict[str, str] = {}
+    log_contains: list[str] = []
+    hypothesis: str
+    confidence: float
+    actions: list[str] = []  # ranked, best first; empty with escalate=True
+    escalate: bool = False
+
+
+class ObserverProtocol(Protocol):
+    async def scrape(self) -> dict[str, Any]:
+        """Fields for one Observation: up, metrics, log_lines, error."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ActionClientProtocol(Protocol):
+    async def run(self, action: str, params: dict[str, Any], timeout_s: float) -> str:
+        """Call the subject's remediation endpoint; return a detail string or raise."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SubjectDefinition:
+    kind: str
+    actions: dict[str, ActionSpec]
+    invariants: tuple[InvariantSpec, ...]
+    runbooks: tuple[RunbookRule, ...]
+    # Built from the subject's config section (url, log_path, ...).
+    make_observer: Callable[[Any], ObserverProtocol]
+    make_action_client: Callable[[Any], ActionClientProtocol]
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def invariant(self, name: str) -> InvariantSpec:
+        for inv in self.invariants:
+            if inv.name == name:
+                return inv
+        raise KeyError(name)
+
+
+Check = Callable[[], Awaitable[bool]]
