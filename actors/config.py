@@ -73,8 +73,14 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kind: Literal["webshop"] = "webshop"
     url: str = "http://127.0.0.1:8080"  # the service; the chaos port is never given here
-    log_path: str = ""
+    log_path: str = ""  # default for an embedded subject: <home>/subjects/<name>/logs/app.log
     scrape_interval_s: float = 1.0
+    embedded: bool = True  # `menders up` runs the service itself (the demo subject)
+
+    def log_file(self, home: Path, name: str) -> Path | None:
+        if self.log_path:
+            return Path(self.log_path)
+        return home / "subjects" / name / "logs" / "app.log" if self.embedded else None
 
 
 class LlmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

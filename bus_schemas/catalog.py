@@ -234,6 +234,9 @@ KV_READERS: dict[str, tuple[str, ...]] = {
     GOVERNOR_BUCKET: ("governor", "executor", OPERATOR),
     EXEC_LEDGER_BUCKET: ("executor", OPERATOR),
 }
+# Single keys a user may write in a bucket it otherwise only reads: the operator
+# engages the kill switch directly, so a kill never waits for the governor.
+KV_KEY_WRITERS: dict[tuple[str, str], tuple[str, ...]] = {(GOVERNOR_BUCKET, "kill"): (OPERATOR,)}
 # Actors that watch a bucket (ordered push consumers on the KV stream).
 KV_WATCHERS: dict[str, tuple[str, ...]] = {GOVERNOR_BUCKET: ("executor", "governor")}
 

@@ -56,6 +56,9 @@ def _kv_rights(user: str) -> set[str]:
     for bucket, writers in cat.KV_WRITERS.items():
         if user in writers:
             rights.add(f"$KV.{bucket}.>")
+    for (bucket, key), writers in cat.KV_KEY_WRITERS.items():
+        if user in writers:
+            rights.add(f"$KV.{bucket}.{key}")
     for bucket, readers in cat.KV_READERS.items():
         if user in readers:
             stream = f"KV_{bucket}"

@@ -1,0 +1,18 @@
+"""The governor actor (placeholder until its issue lands: acks what it consumes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from actors.runtime import Actor, Delivery
+from bus_schemas.messages import Event
+
+
+class Governor(Actor):
+    name = "governor"
+
+    async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
+        return ()
+
+
+ACTOR = Governor

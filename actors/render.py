@@ -1,0 +1,64 @@
+"""One readable line per event, for `menders tail`, the demo timeline and `menders audit`."""
+
+from __future__ import annotations
+
+import time
+
+from bus_schemas import messages as m
+
+
+def summary(event: m.Event) -> str:  # noqa: PLR0911 - one branch per message kind
+    match event:
+        case m.Observation(up=False, error=err):
+            return f"DOWN {err}"
+        case m.Observation(metrics=metrics):
+            shown = ", ".join(f"{k}={v:g}" for k, v in sorted(metrics.items())[:6])
+            return shown
+        case m.IncidentOpened(invariant=inv, summary=text):
+            return f"{inv}: {text}"
+        case m.IncidentUpdated(invariant=inv, value=value, note=note):
+            return f"{inv} now {value:g} {note}".rstrip()
+        case m.IncidentResolved(invariant=inv, reason=reason):
+            return f"{inv}: {reason}"
+        case m.IncidentEscalated(reason=reason, attempts=n):
+            return f"after {n} attempt(s): {reason}"
+        case m.Diagnosis(hypothesis=h, confidence=c, actions=acts, source=src):
+            ranked = " > ".join(a.action for a in acts) or "(escalate)"
+            return f"[{src} {c:.0%}] {h} -> {ranked}"
+        case m.Plan(attempt=n, steps=steps):
+            return f"attempt {n}: " + ", ".join(f"{s.action}{_params(s.params)}" for s in steps)
+        case m.ExecutionApproved(execution_id=xid, step=step, approved_by=by):
+            return f"{xid[:8]} {step.action}{_params(step.params)} approved by {by}"
+        case m.Decision(outcome=outcome, reason=reason, execution_id=xid, step=step):
+            what = f" {step.action}" if step else ""
+            return f"{outcome.upper()} {xid[:8]}{what}: {reason}"
+        case m.ExecutionStarted(execution_id=xid, action=action):
+            return f"{xid[:8]} {action} started"
+        case m.ExecutionResult(execution_id=xid, action=action, status=status, detail=d):
+            return f"{xid[:8]} {action} {status.upper()} {d}".rstrip()
+        case m.Verdict(invariant=inv, passed=ok, reason=reason):
+            return f"{'PASS' if ok else 'FAIL'} {inv}: {reason}"
+        case m.HumanApproval(execution_id=xid, approved=ok, by=by):
+            return f"{xid[:8]} {'approved' if ok else 'denied'} by {by}"
+        case m.ControlCommand(command=cmd, mode=mode, execution_id=xid, by=by):
+            arg = mode or xid[:8]
+            return f"{cmd} {arg} by {by}".replace("  ", " ")
+        case m.Heartbeat(actor=a, pid=pid, in_flight=n, handled=h):
+            return f"{a} pid={pid} in_flight={n} handled={h}"
+        case m.DeadLetter(consumer=c, bus_subject=s, stream_seq=seq, reason=r):
+            return f"{c} {s}#{seq}: {r}"
+    return ""
+
+
+def _params(params: dict[str, object]) -> str:
+    if not params:
+        return ""
+    return "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+
+
+def line(event: m.Event, bus_subject: str = "") -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts)) + f".{int(event.ts % 1 * 1000):03d}"
+    kind = type(event).__struct_config__.tag
+    incident = f" [{event.incident_id[:8]}]" if event.incident_id else ""
+    where = bus_subject or event.subject
+    return f"{stamp} {kind:<17} {where:<32}{incident} {summary(event)}"
