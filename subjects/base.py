@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from bus_schemas.messages import Risk
+from bus_schemas.messages import RecommendedAction, Risk
 
 
 class NoParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -87,7 +87,7 @@ class RunbookRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     log_contains: list[str] = []
     hypothesis: str
     confidence: float
-    actions: list[str] = []  # ranked, best first; empty with escalate=True
+    actions: list[RecommendedAction] = []  # ranked, best first; empty with escalate=True
     escalate: bool = False
 
 
