@@ -87,6 +87,15 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> ProvisionReport:
             replicas=replicas, ttl=30 * 24 * 3600,
             description="Executor claims: each execution's effect at most once",
         ),
+        catalog.DETECTOR_BUCKET: api.KeyValueConfig(
+            bucket=catalog.DETECTOR_BUCKET, history=5, storage=api.StorageType.FILE,
+            replicas=replicas, description="Detector state: open incidents, invariant timers",
+        ),
+        catalog.VERIFIER_BUCKET: api.KeyValueConfig(
+            bucket=catalog.VERIFIER_BUCKET, history=1, storage=api.StorageType.FILE,
+            replicas=replicas, ttl=7 * 24 * 3600,
+            description="Verifier: each incident's subject and invariant",
+        ),
     }
     for name, kv_cfg in buckets.items():
         try:

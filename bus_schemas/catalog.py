@@ -27,6 +27,8 @@ ADMIN = "admin"  # provisioning only
 PREFIX = "menders"
 GOVERNOR_BUCKET = "menders_governor"  # mode, kill switch, revocations, rate windows
 EXEC_LEDGER_BUCKET = "menders_exec_ledger"  # the executor's at-most-once claims
+DETECTOR_BUCKET = "menders_detector"  # open incidents and invariant timers, per subject
+VERIFIER_BUCKET = "menders_verifier"  # incident -> subject + invariant, for checks
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,9 @@ CONSUMERS: tuple[Consumer, ...] = (
               ack_wait_s=10, description="Fresh observations for checks in flight."),
     _consumer("verifier", "verifier", "MENDERS_EVENTS",
               (m.IncidentOpened, m.IncidentResolved, m.ExecutionResult),
-              description="Starts a check when an execution ends."),
+              # A check awaits its verdict inside the handler: concurrency lets other
+              # checks and the IncidentResolved that may pass them run meanwhile.
+              concurrency=32, description="Starts a check when an execution ends."),
     _consumer("diagnoser", "diagnoser", "MENDERS_EVENTS", (m.IncidentOpened,),
               ack_wait_s=60, concurrency=4, description="Diagnoses each opened incident."),
     _consumer("planner", "planner", "MENDERS_EVENTS",
@@ -229,10 +233,14 @@ def stream_named(name: str) -> Stream:
 KV_WRITERS: dict[str, tuple[str, ...]] = {
     GOVERNOR_BUCKET: ("governor",),
     EXEC_LEDGER_BUCKET: ("executor",),
+    DETECTOR_BUCKET: ("detector",),
+    VERIFIER_BUCKET: ("verifier",),
 }
 KV_READERS: dict[str, tuple[str, ...]] = {
     GOVERNOR_BUCKET: ("governor", "executor", OPERATOR),
     EXEC_LEDGER_BUCKET: ("executor", OPERATOR),
+    DETECTOR_BUCKET: ("detector", OPERATOR),
+    VERIFIER_BUCKET: ("verifier", OPERATOR),
 }
 # Single keys a user may write in a bucket it otherwise only reads: the operator
 # engages the kill switch directly, so a kill never waits for the governor.
