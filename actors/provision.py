@@ -87,6 +87,11 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> ProvisionReport:
             replicas=replicas, ttl=30 * 24 * 3600,
             description="Executor claims: each execution's effect at most once",
         ),
+        catalog.PLANNER_BUCKET: api.KeyValueConfig(
+            bucket=catalog.PLANNER_BUCKET, history=5, storage=api.StorageType.FILE,
+            replicas=replicas, ttl=30 * 24 * 3600,
+            description="Planner state: plan attempts and alternatives per incident",
+        ),
         catalog.DETECTOR_BUCKET: api.KeyValueConfig(
             bucket=catalog.DETECTOR_BUCKET, history=5, storage=api.StorageType.FILE,
             replicas=replicas, description="Detector state: open incidents, invariant timers",

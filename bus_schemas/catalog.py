@@ -27,6 +27,7 @@ ADMIN = "admin"  # provisioning only
 PREFIX = "menders"
 GOVERNOR_BUCKET = "menders_governor"  # mode, kill switch, revocations, rate windows
 EXEC_LEDGER_BUCKET = "menders_exec_ledger"  # the executor's at-most-once claims
+PLANNER_BUCKET = "menders_planner"  # plan attempts per incident, survives a planner restart
 DETECTOR_BUCKET = "menders_detector"  # open incidents and invariant timers, per subject
 VERIFIER_BUCKET = "menders_verifier"  # incident -> subject + invariant, for checks
 
@@ -235,12 +236,14 @@ KV_WRITERS: dict[str, tuple[str, ...]] = {
     EXEC_LEDGER_BUCKET: ("executor",),
     DETECTOR_BUCKET: ("detector",),
     VERIFIER_BUCKET: ("verifier",),
+    PLANNER_BUCKET: ("planner",),
 }
 KV_READERS: dict[str, tuple[str, ...]] = {
     GOVERNOR_BUCKET: ("governor", "executor", OPERATOR),
     EXEC_LEDGER_BUCKET: ("executor", OPERATOR),
     DETECTOR_BUCKET: ("detector", OPERATOR),
     VERIFIER_BUCKET: ("verifier", OPERATOR),
+    PLANNER_BUCKET: ("planner", OPERATOR),
 }
 # Single keys a user may write in a bucket it otherwise only reads: the operator
 # engages the kill switch directly, so a kill never waits for the governor.
