@@ -92,7 +92,7 @@ def test_an_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "secret.toml"
     path.write_text("")
     path.chmod(0)
-    with pytest.raises(cfg.ConfigError, match="cannot read config.*Permission denied"):
+    with pytest.raises(cfg.ConfigError, match=r"cannot read config.*Permission denied"):
         cfg.load(path)
 
 
