@@ -54,6 +54,8 @@ class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrent: int = 2
     approval_above: Risk = "medium"  # risk strictly above this needs `menders approve`
     approval_timeout_s: float = 600.0
+    # An approved execution that no executor has started by then is refused (not_after).
+    approval_ttl_s: float = 60.0
 
 
 class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -1,0 +1,313 @@
+"""The executor against a real nats-server, real actor processes and a recording
+HTTP action server that answers like the webshop's action endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from actors import operator
+from bus_schemas import catalog, codec
+from bus_schemas import messages as m
+from tests.harness import Bus, Collector
+
+
+@dataclass
+class Call:
+    action: str
+    params: dict[str, Any]
+    at: float
+
+
+@dataclass
+class RecordingServer:
+    """POST /actions/<name> -> {"ok": bool, "detail": str}; every call is recorded
+    when it arrives, before any blocking, so a call cut short still counts."""
+
+    calls: list[Call] = field(default_factory=list)
+    block_s: dict[str, float] = field(default_factory=dict)
+    fail: set[str] = field(default_factory=set)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/actions/{name}", self._action)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _action(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await request.read()
+        params = await request.json() if body else {}
+        self.calls.append(Call(name, params, time.time()))
+        self.entered.set()
+        if name in self.block_s:
+            await asyncio.sleep(self.block_s[name])
+        ok = name not in self.fail
+        return web.json_response({"ok": ok, "detail": f"{name} {'done' if ok else 'broke'}"})
+
+    def count(self, action: str | None = None) -> int:
+        return sum(1 for c in self.calls if action is None or c.action == action)
+
+    async def wait_calls(self, n: int, within: float = 15.0) -> None:
+        deadline = time.monotonic() + within
+        while self.count() < n:
+            assert time.monotonic() < deadline, f"{self.count()}/{n} calls: {self.calls}"
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def recording_server() -> AsyncIterator[RecordingServer]:
+    server = RecordingServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def actions() -> AsyncIterator[RecordingServer]:
+    async with recording_server() as server:
+        yield server
+
+
+def config_toml(url: str, **governor: Any) -> str:
+    gov = {"mode": "execute", "max_concurrent": 8, "action_cooldown_s": 0,
+           "max_per_subject_per_minute": 50, "max_per_minute": 100, **governor}
+    lines = ["[governor]"]
+    for k, v in gov.items():
+        if isinstance(v, str):
+            lines.append(f'{k} = "{v}"')
+        elif isinstance(v, dict):
+            lines.append(f"{k} = {{ " + ", ".join(f'{a} = {b!r}' for a, b in v.items()) + " }")
+        else:
+            lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false"))
+    lines += ["[runtime]", "heartbeat_s = 0.5",
+              "[subjects.shop]", 'kind = "webshop"', f'url = "{url}"', "embedded = false"]
+    return "\n".join(lines) + "\n"
+
+
+def plan_of(*steps: m.PlanStep, subject: str = "shop") -> m.Plan:
+    return m.Plan(plan_id=m.new_id(), incident_id=m.new_id(), subject=subject, invariant="p99",
+                  attempt=1, steps=list(steps))
+
+
+def step(action: str, sid: str = "s1", **kw: Any) -> m.PlanStep:
+    return m.PlanStep(step_id=sid, action=action, **kw)
+
+
+async def start_crew(bus: Bus, *actors: str) -> None:
+    for actor in actors:
+        bus.spawn(actor)
+    await asyncio.gather(*(bus.wait_heartbeat(a) for a in actors))
+
+
+def results(col: Collector, plan: m.Plan) -> list[m.ExecutionResult]:
+    return [e for e in col.events(m.ExecutionResult) if e.plan_id == plan.plan_id]
+
+
+async def result_of(col: Collector, execution_id: str, within: float = 20.0
+                    ) -> m.ExecutionResult:
+    found = await col.wait_for(lambda e: isinstance(e, m.ExecutionResult)
+                               and e.execution_id == execution_id, within)
+    return found[0]
+
+
+async def approval_of(col: Collector, plan: m.Plan, sid: str = "s1",
+                      within: float = 15.0) -> m.ExecutionApproved:
+    found = await col.wait_for(lambda e: isinstance(e, m.ExecutionApproved)
+                               and e.plan_id == plan.plan_id and e.step.step_id == sid, within)
+    return found[0]
+
+
+async def scrape(bus: Bus, actor: str) -> str:
+    beat = await bus.wait_heartbeat(actor)
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{beat.metrics_port}/metrics") as r:
+        return await r.text()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# --- tests -----------------------------------------------------------------------------
+
+
+async def test_kill_mid_execution_cancels_it_and_nothing_runs_after(
+        bus: Bus, actions: RecordingServer) -> None:
+    actions.block_s["rotate_logs"] = 30.0
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor", "executor")
+    plan = plan_of(step("rotate_logs", "a"), step("enable_cache", "b", depends_on=["a"]))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        approved = await approval_of(col, plan, "a")
+        await asyncio.wait_for(actions.entered.wait(), 15)
+        nc = await bus.connect(catalog.OPERATOR)
+        await operator.engage_kill(nc, "tester", "stop everything")
+        res = await result_of(col, approved.execution_id)
+        assert res.status == "cancelled"
+        assert "kill switch engaged by tester: stop everything" in res.detail
+        await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "killed"
+                           and e.execution_id == approved.execution_id)
+        # The dependent step is vetoed, and a new plan is vetoed by the kill switch.
+        dep = await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "vetoed"
+                                 and e.plan_id == plan.plan_id)
+        assert "dependency 'a' did not succeed" in dep[0].reason
+        later = plan_of(step("recycle_pool"))
+        await bus.publish("planner", later)
+        veto = await col.wait_for(lambda e: isinstance(e, m.Decision)
+                                  and e.plan_id == later.plan_id)
+        assert veto[0].outcome == "vetoed" and veto[0].reason == "kill switch engaged"
+        assert not [e for e in col.events(m.ExecutionApproved) if e.plan_id == later.plan_id]
+    assert [c.action for c in actions.calls] == ["rotate_logs"]
+    text = await scrape(bus, "executor")
+    assert metric(text, "menders_kill_propagation_seconds_count") == 1
+    assert metric(text, "menders_executions_total", action="rotate_logs",
+                  status="cancelled") == 1
+    latency = metric(text, "menders_kill_propagation_seconds_sum")
+    print(f"kill propagation (flag written -> action cancelled): {latency * 1000:.1f} ms")
+
+
+async def test_queued_approval_is_skipped_after_a_kill(bus: Bus, actions: RecordingServer
+                                                       ) -> None:
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor")
+    plan = plan_of(step("recycle_pool"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        approved = await approval_of(col, plan)
+        nc = await bus.connect(catalog.OPERATOR)
+        await operator.engage_kill(nc, "tester", "hold")
+        await start_crew(bus, "executor")  # the approval waited in the stream
+        res = await result_of(col, approved.execution_id)
+    assert res.status == "skipped" and "kill switch engaged by tester" in res.detail
+    assert actions.count() == 0
+
+
+async def test_expired_approval_is_refused(bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url, approval_ttl_s=0.5))
+    await start_crew(bus, "governor")
+    plan = plan_of(step("recycle_pool"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        approved = await approval_of(col, plan)
+        await asyncio.sleep(max(0.0, approved.not_after - time.time()) + 0.2)
+        await start_crew(bus, "executor")
+        res = await result_of(col, approved.execution_id)
+    assert res.status == "skipped" and "approval expired" in res.detail
+    assert actions.count() == 0
+
+
+async def test_revoke_one_running_execution(bus: Bus, actions: RecordingServer) -> None:
+    actions.block_s.update(rotate_logs=30.0, enable_cache=1.0)
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor", "executor")
+    plan = plan_of(step("rotate_logs", "a"), step("enable_cache", "b"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        a = await approval_of(col, plan, "a")
+        b = await approval_of(col, plan, "b")
+        await actions.wait_calls(2)
+        await bus.publish(catalog.OPERATOR, m.ControlCommand(
+            command="revoke", execution_id=a.execution_id, by="tester", reason="wrong fix"))
+        ra = await result_of(col, a.execution_id)
+        rb = await result_of(col, b.execution_id)
+        d = await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "revoked")
+    assert ra.status == "cancelled" and "revoked by tester: wrong fix" in ra.detail
+    assert rb.status == "succeeded"
+    assert d[0].execution_id == a.execution_id and d[0].reason == "revoked by tester: wrong fix"
+    assert actions.count() == 2
+
+
+async def test_sigkill_mid_non_idempotent_step_reports_unknown_and_never_repeats(
+        bus: Bus, actions: RecordingServer) -> None:
+    actions.block_s["restart_worker"] = 60.0
+    bus.write_config(config_toml(actions.url))
+    bus.spawn("governor")
+    executor = bus.spawn("executor")
+    await asyncio.gather(bus.wait_heartbeat("governor"), bus.wait_heartbeat("executor"))
+    plan = plan_of(step("restart_worker"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        approved = await approval_of(col, plan)
+        assert approved.step.idempotent is False  # the registry's word
+        await asyncio.wait_for(actions.entered.wait(), 15)
+        await col.wait_for(lambda e: isinstance(e, m.ExecutionStarted))
+        executor.kill()  # SIGKILL in the middle of the effect
+        await start_crew(bus, "executor")
+        # The approval comes back once its ack wait (30 s) runs out.
+        res = await result_of(col, approved.execution_id, within=45)
+    assert res.status == "unknown"
+    assert "crashed mid-execution; not repeated" in res.detail
+    assert actions.count("restart_worker") == 1
+
+
+async def test_duplicate_approval_with_recorded_outcome_has_no_second_effect(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor", "executor")
+    plan = plan_of(step("restart_worker"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        approved = await approval_of(col, plan)
+        first = await result_of(col, approved.execution_id)
+        assert first.status == "succeeded"
+        # The very same approval delivered again (a new message id defeats publish dedup,
+        # as a redelivery after the dedup window would).
+        nc = await bus.connect("governor")
+        await nc.jetstream().publish(catalog.bus_subject_of(approved), codec.encode(approved),
+                                     headers={"Nats-Msg-Id": m.new_id()})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = await scrape(bus, "executor")
+            if metric(text, "menders_execution_results_replayed_total") >= 1:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the duplicate approval was not answered from the ledger")
+    again = [r for r in results(col, plan) if r.execution_id == approved.execution_id]
+    assert {r.id for r in again} == {first.id} and {r.status for r in again} == {"succeeded"}
+    assert actions.count("restart_worker") == 1
+
+
+async def test_failed_action_fails_and_blocks_dependents(bus: Bus, actions: RecordingServer
+                                                         ) -> None:
+    actions.fail.add("failover_dependency")
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor", "executor")
+    plan = plan_of(step("failover_dependency", "a"), step("enable_cache", "b", depends_on=["a"]))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        a = await approval_of(col, plan, "a")
+        res = await result_of(col, a.execution_id)
+        veto = await col.wait_for(lambda e: isinstance(e, m.Decision) and e.plan_id == plan.plan_id)
+    assert res.status == "failed" and "broke" in res.detail
+    assert re.search(r"dependency 'a' did not succeed \(failed\)", veto[0].reason)
+    assert [c.action for c in actions.calls] == ["failover_dependency"]

@@ -1,0 +1,167 @@
+"""The governor's policy as pure functions: no bus needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from actors import policy
+from actors.config import GovernorConfig
+from bus_schemas.messages import Mode, PlanStep
+from subjects.base import ActionSpec, NoParams
+
+
+class ScaleParams(msgspec.Struct, forbid_unknown_fields=True):
+    size: int
+
+
+ACTIONS = {
+    "recycle_pool": ActionSpec("recycle_pool", "", NoParams, "low", True, 5.0),
+    "scale_pool": ActionSpec("scale_pool", "", ScaleParams, "medium", True, 20.0),
+    "restart_worker": ActionSpec("restart_worker", "", NoParams, "high", False, 8.0),
+}
+NOW = 1_000_000.0
+
+
+def step(action: str = "recycle_pool", sid: str = "s1", **kw: Any) -> PlanStep:
+    return PlanStep(step_id=sid, action=action, **kw)
+
+
+def judge(s: PlanStep, *, cfg: GovernorConfig | None = None, mode: Mode = "execute",
+          kill: bool = False, usage: policy.Usage | None = None, eid: str = "e1",
+          human: bool = False, now: float = NOW) -> policy.Judgement:
+    return policy.judge(s, subject="shop", kind="webshop", actions=ACTIONS,
+                        cfg=cfg or GovernorConfig(), mode=mode, kill_engaged=kill,
+                        usage=usage or policy.Usage(), now=now, execution_id=eid,
+                        human_approved=human)
+
+
+def test_a_registered_low_risk_step_is_approved_with_registry_values() -> None:
+    j = judge(step(timeout_s=99.0, idempotent=True))
+    assert j.outcome == "approve"
+    assert j.step.timeout_s == 5.0 and j.step.risk == "low"
+
+
+def test_kill_and_observe_veto_before_anything_else() -> None:
+    assert judge(step("nope"), kill=True).reason == "kill switch engaged"
+    assert judge(step("nope"), mode="observe").reason.startswith("observe mode")
+
+
+def test_unregistered_action_is_vetoed_naming_the_registry() -> None:
+    j = judge(step("drop_database"))
+    assert j.outcome == "veto"
+    assert "'drop_database' is not registered" in j.reason and "recycle_pool" in j.reason
+
+
+def test_bad_params_are_vetoed_with_the_validation_message() -> None:
+    j = judge(step("scale_pool", params={"size": "huge"}))
+    assert j.outcome == "veto" and "scale_pool: bad parameters" in j.reason and "size" in j.reason
+    assert judge(step("recycle_pool", params={"extra": 1})).outcome == "veto"
+    assert judge(step("scale_pool", params={"size": 4})).outcome == "approve"
+
+
+def test_allow_list_per_subject() -> None:
+    cfg = GovernorConfig(allow={"shop": ["scale_pool"]})
+    j = judge(step("recycle_pool"), cfg=cfg)
+    assert j.outcome == "veto" and "allow-list" in j.reason
+    assert judge(step("scale_pool", params={"size": 2}), cfg=cfg).outcome == "approve"
+    other = GovernorConfig(allow={"elsewhere": []})  # absent for this subject: all allowed
+    assert judge(step(), cfg=other).outcome == "approve"
+
+
+def test_risk_above_threshold_and_approve_mode_need_a_human() -> None:
+    j = judge(step("restart_worker"))
+    assert j.outcome == "await_human" and "risk high" in j.reason
+    assert not j.step.idempotent  # the registry's word, whatever the plan said
+    assert judge(step(), mode="approve").outcome == "await_human"
+    assert judge(step(), mode="approve", human=True).outcome == "approve"
+    # A plan may raise the risk, never lower it.
+    assert judge(step(risk="high")).outcome == "await_human"
+    assert judge(step("restart_worker", risk="low")).step.risk == "high"
+    # A human approval does not override the kill switch or observe mode.
+    assert judge(step(), human=True, kill=True).outcome == "veto"
+    assert judge(step(), human=True, mode="observe").outcome == "veto"
+
+
+def released(usage: policy.Usage, eid: str, action: str = "recycle_pool", subject: str = "shop",
+             at: float = NOW, until: float = NOW + 100) -> policy.Usage:
+    s = step(action)
+    slot = policy.Slot(subject=subject, action=action, until=until)
+    return policy.record_release(usage, eid, s, subject, at, slot)
+
+
+def test_concurrency_limit_and_freeing_a_slot() -> None:
+    cfg = GovernorConfig(max_concurrent=1, action_cooldown_s=0)
+    u = released(policy.Usage(), "a")
+    j = judge(step(), cfg=cfg, usage=u, eid="b")
+    assert j.outcome == "veto" and j.reason.startswith("concurrency limit")
+    assert judge(step(), cfg=cfg, usage=policy.free_slot(u, "a"), eid="b").outcome == "approve"
+    # A slot whose holder never reported expires at `until`.
+    assert judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 101).outcome == "approve"
+
+
+def test_rate_limits_per_subject_and_overall() -> None:
+    cfg = GovernorConfig(max_per_subject_per_minute=2, max_per_minute=3, max_concurrent=99,
+                         action_cooldown_s=0)
+    u = released(released(policy.Usage(), "a"), "b")
+    j = judge(step(), cfg=cfg, usage=u, eid="c")
+    assert j.outcome == "veto" and "on 'shop' in the last minute (max 2)" in j.reason
+    u = released(released(policy.Usage(), "a", subject="x"), "b", subject="y")
+    u = released(u, "c", subject="z")
+    j = judge(step(), cfg=cfg, usage=u, eid="d")
+    assert j.outcome == "veto" and "in the last minute (max 3)" in j.reason
+    # The window slides.
+    assert judge(step(), cfg=cfg, usage=u, eid="d", now=NOW + 61).outcome == "approve"
+
+
+def test_cooldown_per_subject_and_action() -> None:
+    cfg = GovernorConfig(action_cooldown_s=5, max_concurrent=99)
+    u = released(policy.Usage(), "a")
+    j = judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 1)
+    assert j.outcome == "veto" and j.reason.startswith("cooldown: 'recycle_pool'")
+    assert judge(step("scale_pool", params={"size": 1}), cfg=cfg, usage=u, eid="b",
+                 now=NOW + 1).outcome == "approve"
+    assert judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 6).outcome == "approve"
+
+
+def test_judging_the_same_execution_again_does_not_count_itself() -> None:
+    cfg = GovernorConfig(max_concurrent=1, max_per_subject_per_minute=1, action_cooldown_s=60)
+    u = released(policy.Usage(), "a")
+    assert judge(step(), cfg=cfg, usage=u, eid="a", now=NOW + 1).outcome == "approve"
+
+
+def test_prune_forgets_what_no_longer_matters() -> None:
+    u = released(policy.Usage(), "a", until=NOW + 10)
+    p = policy.prune(u, NOW + 100, keep_s=5)
+    assert p.grants == [] and p.in_flight == {} and p.last_run == {}
+
+
+def test_dag_problems_and_order() -> None:
+    steps = [step(sid="a"), step(sid="b", depends_on=["a"]), step(sid="c", depends_on=["zz"]),
+             step(sid="d", depends_on=["e"]), step(sid="e", depends_on=["d"]),
+             step(sid="f", depends_on=["c"])]
+    problems = policy.dag_problems(steps)
+    assert problems["c"] == "depends on unknown step(s) zz"
+    assert problems["d"] == problems["e"] == "dependency cycle"
+    assert "a" not in problems and "b" not in problems
+    assert policy.dag_problems([step(sid="x"), step(sid="x")]) == {"x": "duplicate step id 'x'"}
+    assert [s.step_id for s in policy.ready(steps[:2], set(), set())] == ["a"]
+    assert [s.step_id for s in policy.ready(steps[:2], {"a"}, {"a"})] == ["b"]
+
+
+def test_blocked_is_transitive_and_names_the_dependency() -> None:
+    steps = [step(sid="a"), step(sid="b", depends_on=["a"]), step(sid="c", depends_on=["b"])]
+    out = policy.blocked(steps, {"a": "failed"}, {"a"})
+    assert out == {"b": "dependency 'a' did not succeed (failed)",
+                   "c": "dependency 'b' did not succeed (vetoed)"}
+
+
+@pytest.mark.parametrize("risk,above,needs", [("medium", "medium", False),
+                                              ("high", "medium", True),
+                                              ("medium", "low", True), ("low", "low", False)])
+def test_approval_threshold_is_strictly_above(risk: str, above: str, needs: bool) -> None:
+    cfg = GovernorConfig(approval_above=above)  # type: ignore[arg-type]
+    j = judge(step(risk=risk), cfg=cfg)
+    assert (j.outcome == "await_human") is needs
