@@ -1,0 +1,274 @@
+"""The detector as a real process, fed synthetic observations as the monitor.
+
+Observations carry their own timestamps, one second apart as the monitor
+scrapes, published back to back: the detector judges observation time, so
+the tests are quick and exact about which observation opens or resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from bus_schemas import catalog, codec
+from bus_schemas import messages as m
+from subjects.base import InvariantSpec, SubjectDefinition
+from tests.harness import Bus, Collector
+
+SUBJECT = "shop"
+CONFIG = f"""
+[subjects.{SUBJECT}]
+kind = "webshop"
+url = "http://127.0.0.1:9"
+embedded = false
+
+[verifier]
+stable_window_s = 2.0
+deadline_s = 6.0
+"""
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def webshop() -> SubjectDefinition:
+    """The webshop definition, waiting (bounded) while its package is being written."""
+    import subjects
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return subjects.load("webshop")
+        except ImportError:
+            if time.monotonic() > deadline:
+                pytest.skip("subjects/webshop/definition.py is not there yet")
+            await asyncio.sleep(1)
+
+
+def healthy_value(spec: InvariantSpec) -> float:
+    limit = spec.clear if spec.clear is not None else spec.threshold
+    if spec.kind == "rate":
+        return 1.0  # held constant: its rate of change is zero
+    return limit * 0.5 if spec.op == "<" else limit * 2 + 1
+
+
+def breaking_value(spec: InvariantSpec) -> float:
+    assert spec.kind == "threshold"
+    return spec.threshold * 2 + 1 if spec.op == "<" else spec.threshold / 2
+
+
+def band_value(spec: InvariantSpec) -> float:
+    """Between the clear and the break limit: neither breaks nor clears."""
+    assert spec.clear is not None
+    return (spec.clear + spec.threshold) / 2
+
+
+def healthy_metrics(defn: SubjectDefinition) -> dict[str, float]:
+    return {s.metric: healthy_value(s) for s in defn.invariants}
+
+
+def latency(defn: SubjectDefinition) -> InvariantSpec:
+    """The threshold invariant with hysteresis the tests break."""
+    return next(s for s in defn.invariants
+                if s.kind == "threshold" and s.clear is not None and s.op == "<")
+
+
+class Feed:
+    """Publishes observations of one subject, one virtual second apart."""
+
+    def __init__(self, nc: Client, defn: SubjectDefinition, start: float | None = None,
+                 step: float = 1.0) -> None:
+        self.js = nc.jetstream()
+        self.defn = defn
+        self.ts = time.time() if start is None else start
+        self.step = step
+        self.sent: list[m.Observation] = []
+
+    async def send(self, overrides: dict[str, float] | None = None, *, up: bool = True,
+                   logs: Iterable[str] = ()) -> m.Observation:
+        metrics = healthy_metrics(self.defn) if up else {}
+        metrics.update(overrides or {})
+        obs = m.Observation(subject=SUBJECT, producer="monitor", ts=self.ts, up=up,
+                            metrics=metrics, log_lines=list(logs),
+                            error="" if up else "connection refused")
+        self.ts += self.step
+        await self.js.publish(catalog.bus_subject_of(obs), codec.encode(obs),
+                              headers={"Nats-Msg-Id": obs.id})
+        self.sent.append(obs)
+        return obs
+
+    async def many(self, n: int, overrides: dict[str, float] | None = None, *,
+                   up: bool = True) -> list[m.Observation]:
+        return [await self.send(overrides, up=up) for _ in range(n)]
+
+
+def incidents(col: Collector) -> list[m.Event]:
+    return [e for e in col.events()
+            if isinstance(e, m.IncidentOpened | m.IncidentUpdated | m.IncidentResolved)]
+
+
+def opened(col: Collector) -> list[m.IncidentOpened]:
+    return col.events(m.IncidentOpened)
+
+
+async def stored(bus: Bus, kind: type[m.Event], stream: str = "MENDERS_EVENTS") -> list[Any]:
+    """What the stream kept: what every consumer sees, after Nats-Msg-Id dedup.
+
+    A core subscription (the Collector) also sees a republished copy that
+    JetStream dropped, so duplicate checks read the stream instead.
+    """
+    js = (await bus.connect(catalog.OPERATOR)).jetstream()
+    info = await js.stream_info(stream)
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(stream, seq)
+        assert msg.data is not None
+        event = codec.decode(msg.data)
+        if isinstance(event, kind):
+            found.append(event)
+    return found
+
+
+async def start_detector(bus: Bus) -> None:
+    bus.write_config(CONFIG)
+    bus.spawn("detector")
+    await bus.wait_heartbeat("detector")
+
+
+async def settle(seconds: float = 1.5) -> None:
+    """Let the detector finish what it was sent, so a stray event would show."""
+    await asyncio.sleep(seconds)
+
+
+async def test_sustained_breach_opens_exactly_one_incident_then_resolves(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    await start_detector(bus)
+    feed = Feed(await bus.connect("monitor"), defn)
+    n_bad = int(spec.for_s) + 6
+    async with bus.collect("menders.incident.>") as col:
+        await feed.many(3)
+        bad = await feed.many(n_bad, {spec.metric: breaking_value(spec)})
+        # Log lines travel with the incident as data.
+        await feed.send({spec.metric: breaking_value(spec)}, logs=["ERROR db timeout"])
+        good = await feed.many(int(spec.for_s) + 3)
+        resolved = await col.wait_for(lambda e: isinstance(e, m.IncidentResolved))
+        await settle()
+
+    [inc] = opened(col)
+    assert inc.invariant == spec.name and inc.subject == SUBJECT
+    # Opened by the first observation that had been breaking for for_s.
+    first_bad = bad[0].ts
+    expected = next(o for o in bad if o.ts - first_bad >= spec.for_s)
+    assert inc.causation_id == expected.id
+    assert inc.value == breaking_value(spec) and inc.threshold == spec.threshold
+    assert inc.symptoms[spec.metric] == breaking_value(spec)
+    assert resolved[0].incident_id == inc.incident_id == inc.incident_id
+    clear_from = good[0].ts
+    assert resolved[0].causation_id == next(
+        o for o in good if o.ts - clear_from >= spec.for_s).id
+    # Nothing else: no duplicate, no flapping, no other invariant touched.
+    kinds = [type(e).__name__ for e in incidents(col)]
+    assert kinds.count("IncidentOpened") == 1 and kinds.count("IncidentResolved") == 1
+
+
+async def test_short_breaches_and_threshold_flapping_open_nothing(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    bad, band = breaking_value(spec), band_value(spec)
+    await start_detector(bus)
+    feed = Feed(await bus.connect("monitor"), defn)
+    short = max(int(spec.for_s) - 1, 1)  # lasts short - 1 seconds < for_s
+    async with bus.collect("menders.incident.>") as col:
+        for _ in range(4):  # breaches shorter than for_s, and values around the threshold
+            await feed.many(short, {spec.metric: bad})
+            await feed.send({spec.metric: band})
+        sustained = await feed.many(int(spec.for_s) + 2, {spec.metric: bad})
+        [inc] = await col.wait_for(lambda e: isinstance(e, m.IncidentOpened))
+        # Only the sustained breach opened it, at its for_s mark.
+        assert inc.causation_id == next(
+            o for o in sustained if o.ts - sustained[0].ts >= spec.for_s).id
+        # Open: hovering between clear and threshold must not resolve it.
+        for _ in range(3):  # a healthy blip shorter than for_s, the band, a breach
+            await feed.send({spec.metric: spec.clear * 0.5 if spec.clear else 0.0})
+            await feed.many(2, {spec.metric: band})
+            await feed.send({spec.metric: bad})
+        good = await feed.many(int(spec.for_s) + 2)
+        [res] = await col.wait_for(lambda e: isinstance(e, m.IncidentResolved))
+        await settle()
+    assert res.incident_id == inc.incident_id
+    assert res.causation_id == next(o for o in good if o.ts - good[0].ts >= spec.for_s).id
+    assert len(opened(col)) == 1 and len(col.events(m.IncidentResolved)) == 1
+
+
+async def test_restarted_detector_keeps_the_open_incident(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    bad = {spec.metric: breaking_value(spec)}
+    bus.write_config(CONFIG)
+    first = bus.spawn("detector")
+    await bus.wait_heartbeat("detector")
+    feed = Feed(await bus.connect("monitor"), defn, step=0.5)
+    async with bus.collect("menders.incident.>") as col:
+        await feed.many(int(spec.for_s * 2) + 2, bad)
+        [inc] = await col.wait_for(lambda e: isinstance(e, m.IncidentOpened))
+        first.kill()  # a crash: no drain, no goodbye
+        await feed.many(4, bad)  # a backlog while it is down
+        started = time.time()
+        bus.spawn("detector")
+        await bus.wait_heartbeat("detector", after=started)
+        feed.ts = max(feed.ts, time.time())
+        await feed.many(10, bad)  # still broken, now fresh
+        await feed.many(int(spec.for_s * 2) + 4)
+        [res] = await col.wait_for(lambda e: isinstance(e, m.IncidentResolved))
+        await settle()
+    assert res.incident_id == inc.incident_id
+    # A republish after the crash may be seen on the wire; it carries the same id.
+    assert {e.id for e in opened(col)} == {inc.id}
+    [kept] = await stored(bus, m.IncidentOpened)
+    assert kept.id == inc.id
+    assert [e.incident_id for e in await stored(bus, m.IncidentResolved)] == [inc.incident_id]
+
+
+async def test_stale_backlog_opens_nothing_until_a_fresh_observation(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    bad = {spec.metric: breaking_value(spec)}
+    await start_detector(bus)
+    # A backlog breaking all along, each observation older than the detector
+    # trusts (STALE_AFTER_S = 5 s), ending shortly before now.
+    n = int(spec.for_s) + 10
+    feed = Feed(await bus.connect("monitor"), defn, start=time.time() - 7 - n)
+    async with bus.collect("menders.incident.>") as col:
+        await feed.many(n, bad)
+        await settle()
+        assert incidents(col) == []
+        feed.ts = time.time()
+        fresh = await feed.send(bad)
+        [inc] = await col.wait_for(lambda e: isinstance(e, m.IncidentOpened))
+        await settle()
+    # The backlog moved the timer, the fresh observation opened it.
+    assert inc.causation_id == fresh.id
+    assert len(opened(col)) == 1
+
+
+async def test_subject_down_is_a_symptom(bus: Bus) -> None:
+    defn = await webshop()
+    down_specs = [s for s in defn.invariants if s.down_breaks]
+    if not down_specs:
+        pytest.skip("the webshop definition has no down_breaks invariant")
+    await start_detector(bus)
+    feed = Feed(await bus.connect("monitor"), defn)
+    async with bus.collect("menders.incident.>") as col:
+        await feed.many(2)
+        await feed.many(int(max(s.for_s for s in down_specs)) + 2, up=False)
+        found = await col.wait_for(lambda e: isinstance(e, m.IncidentOpened),
+                                   count=len(down_specs))
+        await settle()
+    assert {e.invariant for e in found} == {s.name for s in down_specs}
+    assert all("not answering" in e.summary for e in found)
+    assert len(opened(col)) == len(down_specs)
