@@ -1,0 +1,328 @@
+"""The committed 3-node JetStream cluster configs (deploy/nats-cluster/), run for real.
+
+Three nats-server processes on loopback, started from temp copies of the
+committed node configs with only their ports and store dirs rewritten, the
+catalog's users and permissions included from auth.conf, routes
+authenticated. Provisioned with replicas=3 as admin; real actor users
+publish through one node and read through another; the stream leader is
+SIGKILLed and publishing resumes (retried with the same Nats-Msg-Id), with
+nothing acknowledged lost and nothing stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from actors import credentials, provision
+from actors.natsserver import free_port
+from bus_schemas import catalog, codec
+from bus_schemas import messages as m
+from bus_schemas.natsconf import inbox_prefix, password_env
+from tests.harness import REPO, require_nats_server
+
+CLUSTER_DIR = REPO / "deploy" / "nats-cluster"
+HOST = "127.0.0.1"
+NODES = 3
+# The ports the committed configs use: client, cluster (routes), monitoring, and
+# the line that sets each one.
+BASES = {"client": (4222, "\nlisten: "), "cluster": (6222, "\n  listen: "),
+         "http": (8222, "\nhttp: ")}
+EVENTS = "MENDERS_EVENTS"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Node:
+    index: int
+    name: str
+    conf: Path
+    ports: dict[str, int]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.ports['client']}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Cluster:
+    nodes: list[Node]
+    passwords: dict[str, str]
+    env: dict[str, str]
+    clients: list[Client] = field(default_factory=list)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    async def connect(self, node: Node, user: str, errors: list[str] | None = None) -> Client:
+        """A client of exactly one node: it never fails over to another."""
+
+        async def on_error(exc: Exception) -> None:
+            if errors is not None:
+                errors.append(str(exc))
+
+        nc = await nats.connect(node.url, user=user, password=self.passwords[user],
+                                inbox_prefix=inbox_prefix(user), error_cb=on_error,
+                                connect_timeout=2, allow_reconnect=False)
+        self.clients.append(nc)
+        return nc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n.name}\n" + n.log.read_text(errors="replace")[-2500:]
+                         for n in self.nodes if n.log.exists())
+
+
+def _rewrite(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"expected exactly one {old!r} in the committed config"
+    return text.replace(old, new)
+
+
+def write_cluster(tmp: Path) -> Cluster:
+    """Temp copies of the committed configs: only ports and store dirs differ."""
+    conf_dir = tmp / "conf"
+    conf_dir.mkdir()
+    shutil.copy(CLUSTER_DIR / "auth.conf", conf_dir / "auth.conf")
+    nodes = []
+    for i in range(1, NODES + 1):
+        name = f"menders-{i}"
+        text = (CLUSTER_DIR / f"node-{i}.conf").read_text()
+        assert f"server_name: {name}\n" in text
+        ports = {}
+        for kind, (base, key) in BASES.items():
+            ports[kind] = free_port()
+            text = _rewrite(text, f"{key}{HOST}:{base + i - 1}\n", f"{key}{HOST}:{ports[kind]}\n")
+        text = _rewrite(text, f'"./data/{name}"', f'"{tmp / "data" / name}"')
+        conf = conf_dir / f"node-{i}.conf"
+        conf.write_text(text)
+        nodes.append(Node(i, name, conf, ports, tmp / f"{name}.log"))
+    passwords = credentials.generate()
+    route_password = "mp" + os.urandom(16).hex()
+    routes = ", ".join(f"nats-route://route:{route_password}@{HOST}:{n.ports['cluster']}"
+                       for n in nodes)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MENDERS_")}
+    env.update({password_env(u): pw for u, pw in passwords.items()})
+    env["MENDERS_NATS_ROUTE_PASSWORD"] = route_password
+    env["MENDERS_NATS_ROUTES"] = f"[{routes}]"
+    return Cluster(nodes, passwords, env)
+
+
+def start_node(cluster: Cluster, node: Node) -> None:
+    binary = require_nats_server()
+    with open(node.log, "ab") as log:
+        # Started from the config's directory, as the README says (include is relative).
+        node.proc = subprocess.Popen([binary, "-c", str(node.conf)], env=cluster.env,
+                                     stdout=log, stderr=log, cwd=node.conf.parent,
+                                     start_new_session=True)
+
+
+def stop_node(node: Node, sig: int = signal.SIGTERM) -> None:
+    if node.proc is None or node.proc.poll() is not None:
+        return
+    node.proc.send_signal(sig)
+    try:
+        node.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(5)
+
+
+async def eventually(what: str, fn, cluster: Cluster, within: float):  # type: ignore[no-untyped-def]
+    """Retry `fn` (an async callable) until it returns without raising."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await fn()
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} not within {within}s: {exc!r}\n"
+                                     + cluster.logs()) from None
+            await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    require_nats_server()
+    c = write_cluster(tmp_path)
+    try:
+        for node in c.nodes:
+            start_node(c, node)
+
+        async def provisioned() -> None:
+            for node in c.nodes:
+                assert node.alive(), f"{node.name} exited"
+            nc = await c.connect(c.nodes[0], catalog.ADMIN)
+            try:
+                await provision.provision(nc.jetstream(timeout=5), replicas=3)
+            finally:
+                await nc.close()
+
+        # The meta leader must be elected and every peer known before R3 streams fit.
+        await eventually("cluster formed and provisioned with replicas=3", provisioned, c,
+                         within=30)
+        yield c
+    finally:
+        for nc in c.clients:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        for node in c.nodes:
+            stop_node(node)
+
+
+async def stream_leader(js: JetStreamContext, cluster: Cluster, stream: str = EVENTS) -> str:
+    async def leader() -> str:
+        info = await js.stream_info(stream)
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and info.cluster.leader
+        replicas = info.cluster.replicas or []
+        assert len(replicas) == 2 and all(r.current for r in replicas), replicas
+        return info.cluster.leader
+
+    return await eventually(f"{stream} has a leader and two current replicas", leader,
+                            cluster, within=20)
+
+
+def incident(n: int) -> m.IncidentOpened:
+    return m.IncidentOpened(id=f"cluster-test-{n:03d}", subject="webshop", producer="detector",
+                            invariant="p99_latency", summary=f"test incident {n}",
+                            value=400.0, threshold=250.0)
+
+
+RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+             nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError)
+
+
+async def publish_until_acked(js: JetStreamContext, event: m.IncidentOpened,
+                              errors: list[str], within: float = 25.0) -> None:
+    """Publish with backoff, always the same Nats-Msg-Id: an unknown outcome is retried."""
+    deadline = time.monotonic() + within
+    delay = 0.05
+    while True:
+        try:
+            await js.publish(catalog.bus_subject_of(event), codec.encode(event),
+                             headers={"Nats-Msg-Id": event.id}, timeout=1.0)
+            return
+        except RETRYABLE as exc:
+            errors.append(type(exc).__name__)
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def read_ids(js: JetStreamContext, want: set[str], seen: set[str], within: float) -> None:
+    """Read through the auditor's durable consumer until every id in `want` arrived."""
+    sub = await js.pull_subscribe_bind(durable="auditor", stream=EVENTS)
+    deadline = time.monotonic() + within
+    try:
+        while not want <= seen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not read within {within}s: {sorted(want - seen)}")
+            try:
+                msgs = await sub.fetch(50, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except RETRYABLE:
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                event = codec.decode(msg.data)
+                assert isinstance(event, m.IncidentOpened)
+                seen.add(event.id)
+                await msg.ack()
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def test_cluster_survives_stream_leader_sigkill(cluster: Cluster) -> None:
+    admin = await cluster.connect(cluster.nodes[0], catalog.ADMIN)
+    leader_name = await stream_leader(admin.jetstream(timeout=5), cluster)
+    await admin.close()
+    leader = cluster.node(leader_name)
+    publish_node, read_node = [n for n in cluster.nodes if n is not leader]
+
+    # Real actor users, each on its own node: detector publishes, auditor reads.
+    detector = await cluster.connect(publish_node, "detector")
+    auditor = await cluster.connect(read_node, "auditor")
+    pub_js = detector.jetstream(timeout=2)
+    read_js = auditor.jetstream(timeout=5)
+
+    acked: set[str] = set()
+    seen: set[str] = set()
+    errors: list[str] = []
+    before = [incident(n) for n in range(20)]
+    for event in before:
+        await publish_until_acked(pub_js, event, errors)
+        acked.add(event.id)
+    await read_ids(read_js, acked, seen, within=15)
+    assert seen == acked
+
+    # Crash the stream leader: no drain, no goodbye.
+    assert leader.proc is not None
+    stop_node(leader, signal.SIGKILL)
+    assert not leader.alive()
+
+    after = [incident(n) for n in range(20, 40)]
+    for event in after:
+        await publish_until_acked(pub_js, event, errors)
+        acked.add(event.id)
+    assert len(acked) == 40
+
+    # Everything acknowledged, before and after the crash, reads back through the other node.
+    await read_ids(read_js, acked, seen, within=20)
+    assert seen == acked
+
+    # A new leader among the survivors, and exactly one stored copy of each event:
+    # the retries with the same Nats-Msg-Id were deduplicated, not stored twice.
+    observer = await cluster.connect(read_node, catalog.ADMIN)
+    info = await observer.jetstream(timeout=5).stream_info(EVENTS)
+    assert info.cluster is not None and info.cluster.leader not in ("", leader_name)
+    assert info.state.messages == len(acked), (info.state, errors)
+
+
+async def test_cluster_enforces_catalog_permissions(cluster: Cluster) -> None:
+    """auth.conf is included by every node: the same least privilege as the single server."""
+    admin = await cluster.connect(cluster.nodes[0], catalog.ADMIN)
+    await stream_leader(admin.jetstream(timeout=5), cluster)
+
+    # The detector may not publish an approved execution (only the governor may),
+    # through whichever node it uses.
+    errors: list[str] = []
+    detector = await cluster.connect(cluster.nodes[2], "detector", errors)
+    forged = m.ExecutionApproved  # the schema only the governor may publish
+    subject = catalog.spec_of(forged).wildcard.replace("*", "webshop")
+    with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
+        await detector.jetstream(timeout=1).publish(subject, b"{}")
+    for _ in range(50):
+        if errors:
+            break
+        await asyncio.sleep(0.05)
+    assert any("permissions violation" in e.lower() for e in errors), errors
+    assert (await admin.jetstream(timeout=5).stream_info(EVENTS)).state.messages == 0
+
+    # A wrong password is refused on every node.
+    for node in cluster.nodes:
+        with pytest.raises(Exception):  # noqa: B017 - nats-py raises several kinds here
+            await nats.connect(node.url, user="detector", password="wrong", connect_timeout=2,
+                               allow_reconnect=False, max_reconnect_attempts=0)
