@@ -102,7 +102,7 @@ async def cmd_provision(args: argparse.Namespace) -> int:
 
     config = _load(args)
     async with operator.connect(config, user=catalog.ADMIN) as nc:
-        report = await provision.provision(nc.jetstream(timeout=10))
+        report = await provision.provision(nc.jetstream(timeout=10), replicas=args.replicas)
     for item in report.created:
         print(f"created {item}")
     for item in report.updated:
@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ready-only", action="store_true", help="exit once everything is ready")
     run = add("run", cmd_run, "run one actor in this process")
     run.add_argument("actor", choices=catalog.ACTORS)
-    add("provision", cmd_provision, "create or update streams, consumers and KV buckets")
+    prov = add("provision", cmd_provision, "create or update streams, consumers and KV buckets")
+    prov.add_argument("--replicas", type=int, default=1, choices=(1, 3, 5),
+                      help="JetStream replicas per stream and bucket (3 on a 3-node cluster)")
     tail = add("tail", cmd_tail, "print one line per bus event")
     tail.add_argument("pattern", nargs="?", default="menders.>",
                       help="bus subject pattern (default menders.>)")
