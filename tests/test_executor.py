@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 
 from actors import operator
+from actors.ledger import Ledger, LedgerConflict, LedgerEntry
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.harness import Bus, Collector
@@ -43,7 +45,7 @@ class RecordingServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/actions/{name}", self._action)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # blocked handlers: drop them
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -311,3 +313,21 @@ async def test_failed_action_fails_and_blocks_dependents(bus: Bus, actions: Reco
     assert res.status == "failed" and "broke" in res.detail
     assert re.search(r"dependency 'a' did not succeed \(failed\)", veto[0].reason)
     assert [c.action for c in actions.calls] == ["failover_dependency"]
+
+
+async def test_ledger_claims_once_and_guards_the_outcome(bus: Bus) -> None:
+    nc = await bus.connect("executor")
+    ledger = Ledger(await nc.jetstream().key_value(catalog.EXEC_LEDGER_BUCKET))
+    entry = LedgerEntry(execution_id="e1", plan_id="p", subject="shop", action="restart_worker",
+                        idempotent=False, owner="me", claimed_at=1.0)
+    first = await ledger.claim(entry)
+    assert first is not None
+    rival = LedgerEntry(execution_id="e1", plan_id="p", subject="shop", action="restart_worker",
+                        idempotent=False, owner="rival", claimed_at=2.0)
+    assert await ledger.claim(rival) is None  # create() fails: the key exists
+    result = m.ExecutionResult(execution_id="e1", plan_id="p", action="restart_worker",
+                               status="succeeded", subject="shop")
+    done = await ledger.finish(first, result)
+    assert (await ledger.read("e1")) == done and done.entry.result == result
+    with pytest.raises(LedgerConflict):  # a stale revision cannot overwrite the outcome
+        await ledger.finish(first, msgspec.structs.replace(result, status="failed"))
