@@ -44,6 +44,9 @@ async def connect(config: Config, user: str = catalog.OPERATOR) -> AsyncIterator
     try:
         nc = await nats.connect(
             url, user=user, password=password, connect_timeout=2, allow_reconnect=False,
+            # nats-py retries the first connect max_reconnect_attempts times (default 60,
+            # 2 s apart): a CLI with no server must fail in about a second, not two minutes.
+            max_reconnect_attempts=1, reconnect_time_wait=1,
             inbox_prefix=inbox_prefix(user), error_cb=on_error, name=f"menders-cli-{user}",
         )
     except Exception as exc:
