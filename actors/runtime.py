@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
-import logging
 import os
 import signal
 import time
@@ -130,7 +130,7 @@ class Runtime:
                     name=f"menders-{self.name}",
                     inbox_prefix=inbox_prefix(self.name),
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, sleeps a float
                     connect_timeout=2,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
@@ -203,7 +203,7 @@ class Runtime:
         while not self.stopping.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=rc.fetch_timeout_s)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue  # idle, not an error
             except nats.errors.ConnectionClosedError:
                 return
@@ -224,7 +224,7 @@ class Runtime:
                 await slots.acquire()
                 task = asyncio.create_task(self._process(actor, consumer, msg))
                 running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+                task.add_done_callback(functools.partial(_finished, running, slots))
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         with contextlib.suppress(Exception):
@@ -384,6 +384,12 @@ class Runtime:
         else:
             stop.cancel()
             task.result()  # a background loop that ended by error ends the actor
+
+
+def _finished(running: set[asyncio.Task[None]], slots: asyncio.Semaphore,
+              task: asyncio.Task[None]) -> None:
+    running.discard(task)
+    slots.release()
 
 
 def _kind(event: Event) -> str:

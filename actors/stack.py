@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import nats
 import nats.errors
+from nats.aio.msg import Msg
 
 from actors import credentials, provision
 from actors.config import Config
@@ -132,7 +133,7 @@ class Stack:
         seen: set[str] = set()
         done = asyncio.Event()
 
-        async def on_beat(msg: nats.aio.msg.Msg) -> None:
+        async def on_beat(msg: Msg) -> None:
             with contextlib.suppress(codec.DecodeError):
                 beat = codec.decode(msg.data, (m.Heartbeat,))
                 if isinstance(beat, m.Heartbeat) and beat.ts > time.time() - 5:
@@ -143,7 +144,7 @@ class Stack:
         sub = await nc.subscribe("menders.heartbeat.>", cb=on_beat)
         try:
             await asyncio.wait_for(done.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             missing = sorted(set(self.actors) - seen)
             raise StackError(f"not ready after {timeout:g}s: no heartbeat from {missing}") from None
         finally:

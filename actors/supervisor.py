@@ -66,7 +66,8 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         spec = child.spec
-        out = open(spec.log_path, "ab") if spec.log_path else None  # noqa: SIM115
+        # A local log file opens in microseconds; the child owns it after fork.
+        out = open(spec.log_path, "ab") if spec.log_path else None  # noqa: ASYNC230
         try:
             child.proc = await asyncio.create_subprocess_exec(
                 *spec.argv,
@@ -153,7 +154,7 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.config.stop_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("child ignored SIGTERM, killing", extra={"child": child.spec.name})
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -165,7 +166,7 @@ def python_argv(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+def child_env(base: dict[str, str] | None = None, /, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in (base or os.environ).items()
            if not k.startswith("MENDERS_NATS_PASSWORD_")}
     env.update(extra)
