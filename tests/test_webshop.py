@@ -300,3 +300,32 @@ def test_match_condition_rejects_malformed(cond: str) -> None:
         match_condition(1.0, cond)
 
 
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    from subjects.webshop.promtext import bucket_deltas, quantile
+
+    before = {0.1: 10.0, 0.5: 10.0, math.inf: 10.0}
+    now = {0.1: 10.0, 0.5: 110.0, math.inf: 110.0}  # 100 new requests, all in (0.1, 0.5]
+    assert quantile(0.5, bucket_deltas(now, before)) == pytest.approx(0.3)
+    assert quantile(0.99, bucket_deltas(before, before)) == 0.0  # no traffic
+    assert quantile(0.99, [(0.1, 0.0), (math.inf, 5.0)]) == 0.1  # all beyond the last bound
+    assert bucket_deltas(now, None) == []  # the first scrape has no interval
+
+
+def test_log_tail_follows_rotation_and_keeps_errors(tmp_path: Path) -> None:
+    from subjects.webshop.logtail import MAX_LINES, LogTail
+
+    log = tmp_path / "app.log"
+    log.write_text("old\n")
+    tail = LogTail(log)
+    assert tail.read_new() == ["old"]
+    with log.open("a") as f:
+        f.write("".join(f'{{"level":"info","n":{i}}}\n' for i in range(200)))
+        f.write('{"level":"error","msg":"boom"}\n' + "x" * 900 + "\npartial")
+    lines = tail.read_new()
+    assert len(lines) == MAX_LINES and '{"level":"error","msg":"boom"}' in lines
+    assert max(len(ln) for ln in lines) == 500 and "partial" not in lines
+    log.rename(tmp_path / "app.log.1")
+    log.write_text("fresh\n")
+    assert tail.read_new() == ["fresh"]

@@ -21,6 +21,8 @@ class JsonLog:
         self._file: TextIO = self.path.open("a", encoding="utf-8")
 
     def write(self, level: str, msg: str, **fields: Any) -> None:
+        if self._file.closed:
+            return  # a straggling request during shutdown
         record = {"ts": round(time.time(), 3), "level": level, "msg": msg, **fields}
         self._file.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
         self._file.flush()
