@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 from actors import credentials
 from actors.config import Config
 from actors.logs import bind_incident, get_logger
-from actors.metrics import ActorMetrics
+from actors.metrics import ActorMetrics, Bound
 from bus_schemas import catalog, codec
 from bus_schemas.messages import DeadLetter, Event, Heartbeat
 from bus_schemas.natsconf import inbox_prefix
@@ -115,6 +115,9 @@ class Runtime:
         self.handled = 0
         self.metrics_port = 0
         self._consumer_tasks: list[asyncio.Task[None]] = []
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Read at scrape time instead of a locked inc/dec on every message.
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
 
     # --- connection -------------------------------------------------------------
 
@@ -240,7 +243,7 @@ class Runtime:
             return
         try:
             event = codec.decode(msg.data, consumer.schemas)
-            expected = catalog.bus_subject_of(event)
+            expected = _expected_subject(event)
         except (codec.DecodeError, ValueError) as exc:
             await self._dead_letter(msg, delivery, str(exc))
             return
@@ -251,8 +254,7 @@ class Runtime:
             return
         kind = _kind(event)
         self.in_flight += 1
-        self.metrics.in_flight.inc()
-        keepalive = asyncio.create_task(self._keep_alive(msg, consumer.ack_wait_s))
+        keepalive = _KeepAlive(msg, consumer.ack_wait_s)
         started = time.perf_counter()
         outcome = "ack"
         with bind_incident(event.incident_id):
@@ -273,10 +275,10 @@ class Runtime:
             finally:
                 keepalive.cancel()
                 self.in_flight -= 1
-                self.metrics.in_flight.dec()
                 self.handled += 1
-                self.metrics.handled.labels(kind=kind, outcome=outcome).inc()
-                self.metrics.latency.labels(kind=kind).observe(time.perf_counter() - started)
+                # Children cached per label set: labels() costs more than the increment.
+                self._child(self.metrics.handled, kind, outcome).inc()
+                self._child(self.metrics.latency, kind).observe(time.perf_counter() - started)
 
     async def _failed(self, msg: Msg, delivery: Delivery, exc: Exception) -> str:
         reason = f"{type(exc).__name__}: {exc}"
@@ -295,11 +297,13 @@ class Runtime:
         await msg.nak(delay=delay)
         return "nak"
 
-    async def _keep_alive(self, msg: Msg, ack_wait_s: float) -> None:
-        while True:
-            await asyncio.sleep(ack_wait_s / 3)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+    def _child(self, metric: Bound[Any], *values: str) -> Any:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            names = metric.metric._labelnames[1:]  # the first is `actor`, bound already
+            child = self._children[key] = metric.labels(**dict(zip(names, values, strict=True)))
+        return child
 
     async def _dead_letter(self, msg: Msg, delivery: Delivery, reason: str) -> None:
         """Record why, then terminate: the original stays in its stream at `stream_seq`."""
@@ -384,6 +388,51 @@ class Runtime:
         else:
             stop.cancel()
             task.result()  # a background loop that ended by error ends the actor
+
+
+_SUBJECTS: dict[tuple[type[Event], str, str, str], str] = {}
+
+
+def _expected_subject(event: Event) -> str:
+    """catalog.bus_subject_of, memoized: a consumer sees few distinct subjects, many times."""
+    key = (type(event), event.subject, getattr(event, "actor", ""), getattr(event, "outcome", ""))
+    subject = _SUBJECTS.get(key)
+    if subject is None:
+        subject = catalog.bus_subject_of(event)  # raises on a bad token: never cached
+        if len(_SUBJECTS) < 10_000:
+            _SUBJECTS[key] = subject
+    return subject
+
+
+class _KeepAlive:
+    """Sends in_progress every ack_wait/3 while a handler runs.
+
+    A timer rather than a task per message: most handlers finish long before the
+    first tick, and a task created and cancelled per message costs about as much
+    as the rest of the runtime's per-message work.
+    """
+
+    def __init__(self, msg: Msg, ack_wait_s: float) -> None:
+        self.msg = msg
+        self.interval = ack_wait_s / 3
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.handle = self.loop.call_later(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        task = self.loop.create_task(self._progress())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        self.handle = self.loop.call_later(self.interval, self._tick)
+
+    async def _progress(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.msg.in_progress()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+        for task in self.tasks:
+            task.cancel()
 
 
 def _finished(running: set[asyncio.Task[None]], slots: asyncio.Semaphore,
