@@ -16,6 +16,7 @@ import msgspec
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
@@ -167,8 +168,8 @@ async def test_a_user_cannot_pull_or_ack_another_actors_durable(bus: Bus, user: 
     await wait_violations(errors, subjects)
     for c in foreign:
         info = await ajs.consumer_info(c.stream, c.durable)
-        assert info.delivered.consumer_seq == 0, c.durable
-        assert info.ack_floor.stream_seq == 0, c.durable
+        assert info.delivered is not None and info.delivered.consumer_seq == 0, c.durable
+        assert info.ack_floor is not None and info.ack_floor.stream_seq == 0, c.durable
 
 
 @pytest.mark.parametrize("user", USERS)
@@ -224,7 +225,7 @@ async def test_a_user_reads_only_its_own_inbox(bus: Bus, user: str) -> None:
     for pattern in [*denied, f"{inbox_prefix(user)}.>"]:
         got[pattern] = []
 
-        async def on_msg(msg: nats.aio.msg.Msg, pattern: str = pattern) -> None:
+        async def on_msg(msg: Msg, pattern: str = pattern) -> None:
             got[pattern].append(msg.data)
             if msg.data == b"sentinel":
                 sentinel.set()

@@ -101,7 +101,8 @@ async def consumer_info(bus: Bus, c: catalog.Consumer = CONSUMER) -> api.Consume
 async def settled(bus: Bus, seq: int, c: catalog.Consumer = CONSUMER) -> api.ConsumerInfo | None:
     """The consumer has acked (or terminated) everything up to stream seq `seq`."""
     info = await consumer_info(bus, c)
-    done = info.ack_floor.stream_seq >= seq and not info.num_ack_pending and not info.num_pending
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    done = floor >= seq and not info.num_ack_pending and not info.num_pending
     return info if done else None
 
 
@@ -240,7 +241,8 @@ async def test_sigterm_finishes_the_message_in_hand_then_exits_0(
     assert code == 0, proc.log()[-3000:]
     assert [ln[0] for ln in lines(record)] == ["start", "done"]
     info = await consumer_info(bus)
-    assert info.ack_floor.stream_seq == seq and not info.num_ack_pending
+    assert info.ack_floor is not None and info.ack_floor.stream_seq == seq
+    assert not info.num_ack_pending
     assert info.num_redelivered == 0
 
 
