@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-
 from actors import config as config_mod
 from actors import credentials, logs, operator, render
 from actors.config import Config, ConfigError
@@ -154,9 +153,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
                              if kill.get("engaged") else "released"))
     print("actors:")
     for name, a in st.actors.items():
-        state = (f"alive  pid={a['pid']} last beat {a['age_s']}s ago handled={a['handled']} "
-                 f"metrics=:{a['metrics_port']}" if a["alive"] else
-                 f"DEAD   (last beat {a['age_s']}s ago)" if a.get("age_s") else "DEAD   (never seen)")
+        if a["alive"]:
+            state = (f"alive  pid={a['pid']} last beat {a['age_s']}s ago "
+                     f"handled={a['handled']} metrics=:{a['metrics_port']}")
+        elif a.get("age_s") is not None:
+            state = f"DEAD   (last beat {a['age_s']}s ago)"
+        else:
+            state = "DEAD   (never seen)"
         print(f"  {name:<10} {state}")
     print(f"open incidents: {len(st.open_incidents)}")
     for inc in st.open_incidents:

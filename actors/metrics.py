@@ -19,11 +19,12 @@ class Bound(Generic[M]):
     """A metric whose `actor` label is already filled in."""
 
     def __init__(self, metric: M, actor: str) -> None:
-        self.metric = metric
+        self.metric: M = metric
         self.actor = actor
 
     def labels(self, **labels: str) -> M:
-        return self.metric.labels(actor=self.actor, **labels)  # type: ignore[no-any-return]
+        child: M = self.metric.labels(actor=self.actor, **labels)
+        return child
 
 
 class ActorMetrics:

@@ -122,7 +122,7 @@ class Bus:
     def spawn(self, actor: str, **extra_env: str) -> ActorProc:
         """Start `menders run <actor>` as a real process with only its own credentials."""
         log_path = self.home / f"{actor}-{len(self.procs)}.log"
-        out = open(log_path, "wb")  # noqa: SIM115
+        out = open(log_path, "wb")
         env = self.env_for(actor, **extra_env)
         env.setdefault("MENDERS_METRICS_PORT", "0")
         proc = subprocess.Popen([sys.executable, "-m", "actors", "run", actor], env=env,
