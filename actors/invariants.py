@@ -34,6 +34,9 @@ BASELINE_ALPHA = 0.05
 BASELINE_WARMUP = 10
 # A gap this long between two samples breaks "continuously": timers restart.
 MAX_GAP_S = 10.0
+# Scrape timestamps jitter by milliseconds: at a 1 s cadence a 2 s for-duration
+# measured as 1.998 s must not cost a whole extra scrape of detection latency.
+JITTER_S = 0.05
 # IncidentUpdated: at most this often, and only when the value moved this much.
 UPDATE_EVERY_S = 5.0
 UPDATE_REL_CHANGE = 0.10
@@ -187,7 +190,7 @@ def step(spec: InvariantSpec, state: InvState, sample: Sample, *, fresh: bool,
             return Step(state=msgspec.structs.replace(st, breach_since=None), assessment=a)
         since = st.breach_since if st.breach_since is not None else ts
         st = msgspec.structs.replace(st, breach_since=since)
-        if fresh and ts - since >= spec.for_s:
+        if fresh and ts - since >= spec.for_s - JITTER_S:
             inc = OpenIncident(incident_id=new_incident_id, opened_at=ts, last_value=value,
                                last_update_at=ts)
             st = msgspec.structs.replace(st, open=inc, healthy_since=None)
@@ -197,7 +200,7 @@ def step(spec: InvariantSpec, state: InvState, sample: Sample, *, fresh: bool,
     if a.clear:
         since = st.healthy_since if st.healthy_since is not None else ts
         st = msgspec.structs.replace(st, healthy_since=since)
-        if fresh and ts - since >= spec.for_s:
+        if fresh and ts - since >= spec.for_s - JITTER_S:
             st = msgspec.structs.replace(st, open=None, breach_since=None, healthy_since=None)
             return Step(state=st, assessment=a, transition="resolve")
         return Step(state=st, assessment=a)

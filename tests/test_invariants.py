@@ -46,6 +46,13 @@ def test_sustained_breach_opens_once_after_for_s() -> None:
     assert state.open is not None and state.open.incident_id == "inc-3"
 
 
+def test_scrape_jitter_does_not_cost_an_extra_sample() -> None:
+    _, out = run(P99, [300, 300, 300], dt=0.999)
+    assert [t for _, t in out] == ["open"]
+    _, out = run(P99, [300, 300, 300], dt=0.9)  # 1.8 s is not 2 s
+    assert out == []
+
+
 def test_breach_shorter_than_for_s_opens_nothing() -> None:
     _, out = run(P99, [100, 300, 300, 100, 300, 300, 100, 300])
     assert out == []
