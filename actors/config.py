@@ -61,6 +61,9 @@ class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: int = 3
     escalation_webhook: str = ""
+    # An incident that followed another's remediation gets this long, after that
+    # remediation verified, to resolve by itself before it is planned on its own.
+    follow_grace_s: float = 10.0
 
 
 class VerifierConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -224,7 +224,7 @@ async def _run_fault(fault: DemoFault, tl: Timeline, session: aiohttp.ClientSess
             incidents = {e.incident_id for e in events if isinstance(e, m.IncidentOpened)}
             settled = incidents and not (incidents & tl.open_incidents())
             escalated = any(isinstance(e, m.IncidentEscalated) for e in events)
-            if settled or (escalated and not fault.fixable):
+            if (settled and not _verdicts_pending(events)) or (escalated and not fault.fixable):
                 break
             await tl.wait(0.5)
     finally:
@@ -234,6 +234,13 @@ async def _run_fault(fault: DemoFault, tl: Timeline, session: aiohttp.ClientSess
     if not await _wait_baseline(tl, SETTLE_DEADLINE_S):
         print(f"   (baseline not healthy again within {SETTLE_DEADLINE_S:g}s)", flush=True)
     return row
+
+
+def _verdicts_pending(events: list[m.Event]) -> bool:
+    """A succeeded execution whose verdict has not arrived yet (it may trail the resolution)."""
+    judged = {e.plan_id for e in events if isinstance(e, m.Verdict)}
+    return any(isinstance(e, m.ExecutionResult) and e.status == "succeeded"
+               and e.plan_id not in judged for e in events)
 
 
 def _fmt(value: float | None) -> str:
@@ -294,7 +301,8 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
     print_table(rows)
     failed = [r for r in rows if not r.ok]
     elapsed = time.monotonic() - started
-    verdict = "every fault handled as expected" if not failed else f"{len(failed)} fault(s) not"
+    verdict = ("every fault handled as expected" if not failed
+               else f"{len(failed)} fault(s) NOT handled as expected")
     print(f"\nmenders demo: {verdict} in {elapsed:.0f}s; record: "
           f"MENDERS_HOME={home} menders audit", flush=True)
     return 0 if not failed and rows else 1

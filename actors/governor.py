@@ -192,6 +192,8 @@ class Governor(Actor):
     # --- plans ------------------------------------------------------------------------
 
     async def _on_plan(self, plan: Plan, redelivered: bool) -> list[Event]:
+        if not plan.steps:
+            return []  # a plan that follows another incident's remediation: nothing to run
         prog, rev = await self._progress(plan.plan_id)
         if prog is not None:
             if prog.plan.id != plan.id:

@@ -9,6 +9,18 @@ escalated (an IncidentEscalated event plus the webhook). A diagnosis that
 asks for a human is escalated at once. A passed verdict or a resolved
 incident closes the incident for the planner.
 
+One cause often breaks several invariants at once (a leaked pool breaks
+saturation, latency and error rate): each is its own incident, but they must
+not each run a fix. An incident whose first action is the action already
+under way for another open incident of the same subject *follows* that
+leader: it gets a Plan with no steps and `follows` set, and runs nothing. If
+the leader escalates, its followers escalate with it; if the leader's fix
+verifies, each follower has `follow_grace_s` to resolve by itself and is then
+planned on its own, without the action that already ran. The per-subject
+record of leaders and followers lives in the same bucket (key
+`subject.<name>`), and a background loop plans the followers whose grace
+ran out.
+
 State: one JSON record per incident in the KV bucket `menders_planner`
 (key: the incident id), written with compare-and-swap before the outputs
 are published. Each record keeps the ids of the inputs already applied and
@@ -19,10 +31,11 @@ again, and a restarted planner carries on at the attempt it had reached.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -68,11 +81,21 @@ class IncidentState(msgspec.Struct, frozen=True, kw_only=True):
     action: str = ""  # the current plan's action
     alternatives: list[RecommendedAction] = []  # not tried yet, best first
     closed: str = ""  # "" while open; resolved | verified | escalated
+    follows: str = ""  # the leader incident whose remediation this one waits on
     reason: str = ""  # why it closed
     seen: list[str] = []  # ids of the inputs already applied
     last_input: str = ""
     outbox: list[Output] = []  # what the last input produced, replayed on its redelivery
     updated_at: float = 0.0
+
+
+class SubjectIndex(msgspec.Struct, kw_only=True):
+    """Which incidents of one subject lead a remediation, and who follows whom."""
+
+    leaders: dict[str, str] = {}  # incident id -> the action of its current plan
+    followers: dict[str, str] = {}  # follower incident id -> leader incident id
+    waiting: dict[str, float] = {}  # follower whose leader verified -> plan it after this
+    done_action: dict[str, str] = {}  # waiting follower -> the action that already ran
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,10 @@ class Step:
 def state_key(incident_id: str) -> str:
     """The KV key of an incident: the id itself when it is a safe key token."""
     return incident_id if _PLAIN_KEY.match(incident_id) else derive_id("incident", incident_id)
+
+
+def index_key(subject: str) -> str:
+    return f"subject.{subject}"
 
 
 def plan_id_for(incident_id: str, attempt: int) -> str:
@@ -136,7 +163,7 @@ def _close(state: IncidentState, how: str, reason: str) -> Step:
 
 
 def _on_diagnosis(state: IncidentState | None, d: Diagnosis, rules: Rules) -> Step | None:
-    if state is not None and state.attempt > 0:
+    if state is not None and (state.attempt > 0 or state.follows):
         return None  # planned already: a later diagnosis does not restart the count
     state = msgspec.structs.replace(state or _fresh(d), subject=d.subject,
                                     invariant=d.invariant, hypothesis=d.hypothesis,
@@ -193,6 +220,33 @@ def _plan(state: IncidentState, cause: Event, rec: RecommendedAction, spec: Acti
     return Step(new, [plan])
 
 
+def follow(state: IncidentState, diagnosis: Diagnosis, first: Plan, leader: str) -> Step:
+    """Turn a would-be first plan into one that follows `leader`'s remediation."""
+    action = first.steps[0].action
+    plan_id = derive_id("follows", state.incident_id, leader)
+    plan = Plan(id=plan_id, incident_id=state.incident_id, causation_id=diagnosis.id,
+                subject=state.subject, plan_id=plan_id, invariant=state.invariant, attempt=0,
+                steps=[], follows=leader,
+                rationale=f"{action} is already under way for incident {leader}: "
+                          "one cause, one fix")
+    new = msgspec.structs.replace(state, follows=leader, attempt=0, plan_id="", action="",
+                                  alternatives=list(diagnosis.actions))
+    return Step(new, [plan])
+
+
+def escalate_with(state: IncidentState, leader: IncidentEscalated) -> Step:
+    return _escalate(state, leader, "with_leader",
+                     f"escalated with incident {leader.incident_id}: {leader.reason}")
+
+
+def plan_on_own(state: IncidentState, done_action: str, cause: Event, rules: Rules) -> Step:
+    """A follower whose leader's fix verified but which did not resolve: its own plan."""
+    rest = [a for a in state.alternatives if a.action != done_action]
+    state = msgspec.structs.replace(state, follows="", alternatives=rest)
+    return _next(state, cause, f"{done_action} fixed incident {cause.incident_id} "
+                 "but not this one", rules)
+
+
 def _escalate(state: IncidentState, cause: Event, category: str, reason: str) -> Step:
     esc = IncidentEscalated(id=derive_id("escalated", state.incident_id),
                             incident_id=state.incident_id, causation_id=cause.id,
@@ -206,6 +260,7 @@ def _escalate(state: IncidentState, cause: Event, category: str, reason: str) ->
 
 
 _state_decoder = msgspec.json.Decoder(IncidentState)
+_index_decoder = msgspec.json.Decoder(SubjectIndex)
 
 
 class Planner(Actor):
@@ -216,6 +271,7 @@ class Planner(Actor):
         self.kv: KeyValue = await self.rt.js.key_value(catalog.PLANNER_BUCKET)
         self._definitions: dict[str, SubjectDefinition | None] = {}
         self.rules = Rules(self.config.planner.max_attempts, self._spec)
+        self.lock = asyncio.Lock()  # the consumer and the grace loop share the index
         metrics = self.rt.metrics
         self.plans = metrics.counter("menders_plans", "Plans made, by attempt", ["attempt"])
         self.escalations = metrics.counter(
@@ -245,6 +301,10 @@ class Planner(Actor):
             if isinstance(event, Diagnosis):
                 raise Reject("a diagnosis without an incident id cannot be planned")
             return ()  # e.g. a kill decision that names no incident: not ours
+        async with self.lock:
+            return await self._handle(event)
+
+    async def _handle(self, event: Event) -> Sequence[Event]:
         key = state_key(event.incident_id)
         state, revision = await self._load(key)
         if state is not None and event.id in state.seen:
@@ -256,13 +316,113 @@ class Planner(Actor):
         step = apply(state, event, self.rules)
         if step is None:
             return ()
+        step, others = await self._correlate(step, event)
         seen = [*(state.seen if state else []), event.id][-SEEN_LIMIT:]
         new = msgspec.structs.replace(step.state, seen=seen, last_input=event.id,
-                                      outbox=step.events, updated_at=time.time())
+                                      outbox=step.events + others, updated_at=time.time())
         await self._save(key, new, revision)  # before publishing: see the module doc
         self._count(step)
-        self._notify(step.events)
-        return step.events
+        self._notify(step.events + others)
+        return step.events + others
+
+    # --- one cause, one fix -------------------------------------------------------------
+
+    async def _correlate(self, step: Step, event: Event) -> tuple[Step, list[Output]]:
+        """Keep the subject's leader/follower index in step with this incident's step.
+
+        Returns the (possibly rewritten) step and events for other incidents
+        (followers escalated with their leader).
+        """
+        st = step.state
+        index, rev = await self._load_index(st.subject)
+        others: list[Output] = []
+        incident = st.incident_id
+        plan = next((e for e in step.events if isinstance(e, Plan)), None)
+        if plan is not None and isinstance(event, Diagnosis) and plan.attempt == 1:
+            action = plan.steps[0].action
+            leader = next((i for i, a in index.leaders.items()
+                           if a == action and i != incident), None)
+            if leader is not None:
+                step = follow(st, event, plan, leader)
+                index.followers[incident] = leader
+            else:
+                index.leaders[incident] = action
+        elif plan is not None and incident in index.leaders:
+            index.leaders[incident] = plan.steps[0].action
+        if step.state.closed:
+            index.followers.pop(incident, None)
+            index.waiting.pop(incident, None)
+            index.done_action.pop(incident, None)
+            if index.leaders.pop(incident, None) is not None:
+                mine = [f for f, lead in index.followers.items() if lead == incident]
+                for f in mine:
+                    del index.followers[f]
+                    if step.state.closed == "escalated":
+                        esc = next(e for e in step.events if isinstance(e, IncidentEscalated))
+                        others += await self._escalate_follower(f, esc)
+                    else:
+                        index.waiting[f] = time.time() + self.config.planner.follow_grace_s
+                        index.done_action[f] = st.action
+        await self._put(index_key(st.subject), msgspec.json.encode(index), rev)
+        return step, others
+
+    async def _escalate_follower(self, incident: str, leader: IncidentEscalated) -> list[Output]:
+        key = state_key(incident)
+        state, rev = await self._load(key)
+        if state is None or state.closed:
+            return []
+        step = escalate_with(state, leader)
+        await self._save(key, msgspec.structs.replace(step.state, updated_at=time.time()), rev)
+        self._count(step)
+        return list(step.events)
+
+    async def _grace_loop(self) -> None:
+        """Plan, on its own, each follower whose leader's fix verified but which stayed broken."""
+        while True:
+            await asyncio.sleep(1.0)
+            for subject in self.config.subjects:
+                async with self.lock:
+                    events = await self._expire_waiting(subject)
+                for e in events:
+                    await self.rt.publish(e)
+                self._notify(events)
+
+    async def _expire_waiting(self, subject: str) -> list[Output]:
+        index, rev = await self._load_index(subject)
+        now = time.time()
+        due = [f for f, deadline in index.waiting.items() if deadline <= now]
+        if not due:
+            return []
+        out: list[Output] = []
+        for f in due:
+            done = index.done_action.pop(f, "")
+            del index.waiting[f]
+            key = state_key(f)
+            state, srev = await self._load(key)
+            if state is None or state.closed:
+                continue
+            cause = Event(id=derive_id("grace", f), incident_id=state.follows, subject=subject)
+            step = plan_on_own(state, done, cause, self.rules)
+            plan = next((e for e in step.events if isinstance(e, Plan)), None)
+            if plan is not None:
+                index.leaders[f] = plan.steps[0].action
+            await self._save(key, msgspec.structs.replace(step.state, updated_at=now), srev)
+            self._count(step)
+            out += step.events
+        await self._put(index_key(subject), msgspec.json.encode(index), rev)
+        return out
+
+    async def _load_index(self, subject: str) -> tuple[SubjectIndex, int | None]:
+        try:
+            entry = await self.kv.get(index_key(subject))
+        except KeyNotFoundError:
+            return SubjectIndex(), None
+        if entry.value is None:
+            return SubjectIndex(), entry.revision
+        return _index_decoder.decode(entry.value), entry.revision
+
+    def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
+        return (self._grace_loop,)
 
     async def _load(self, key: str) -> tuple[IncidentState | None, int | None]:
         try:
@@ -274,9 +434,11 @@ class Planner(Actor):
         return _state_decoder.decode(entry.value), entry.revision
 
     async def _save(self, key: str, state: IncidentState, revision: int | None) -> None:
+        await self._put(key, msgspec.json.encode(state), revision)
+
+    async def _put(self, key: str, data: bytes, revision: int | None) -> None:
         # Compare-and-swap: a concurrent writer makes this raise, the input is
         # nak'ed and re-applied to the fresher state.
-        data = msgspec.json.encode(state)
         if revision is None:
             await self.kv.create(key, data)
         else:

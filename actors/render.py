@@ -25,6 +25,8 @@ def summary(event: m.Event) -> str:
         case m.Diagnosis(hypothesis=h, confidence=c, actions=acts, source=src):
             ranked = " > ".join(a.action for a in acts) or "(escalate)"
             return f"[{src} {c:.0%}] {h} -> {ranked}"
+        case m.Plan(follows=leader, rationale=why) if leader:
+            return f"follows incident {leader[:8]}: {why}"
         case m.Plan(attempt=n, steps=steps):
             return f"attempt {n}: " + ", ".join(f"{s.action}{_params(s.params)}" for s in steps)
         case m.ExecutionApproved(execution_id=xid, step=step, approved_by=by):

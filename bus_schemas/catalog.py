@@ -65,7 +65,9 @@ class Consumer:
     stream: str
     filter_subjects: tuple[str, ...]
     max_deliver: int = 5
-    ack_wait_s: float = 30.0
+    # Short: a crashed actor's unacked messages come back this soon. Long handlers are
+    # kept alive by the runtime's in_progress every ack_wait/3, not by a long ack wait.
+    ack_wait_s: float = 10.0
     max_ack_pending: int = 1000
     concurrency: int = 1  # messages handled at once; 1 keeps per-consumer order
     description: str = ""
@@ -204,7 +206,7 @@ CONSUMERS: tuple[Consumer, ...] = (
               # checks and the IncidentResolved that may pass them run meanwhile.
               concurrency=32, description="Starts a check when an execution ends."),
     _consumer("diagnoser", "diagnoser", "MENDERS_EVENTS", (m.IncidentOpened,),
-              ack_wait_s=60, concurrency=4, description="Diagnoses each opened incident."),
+              ack_wait_s=15, concurrency=4, description="Diagnoses each opened incident."),
     _consumer("planner", "planner", "MENDERS_EVENTS",
               (m.IncidentResolved, m.Diagnosis, m.Decision, m.ExecutionResult, m.Verdict),
               description="Plans, re-plans on failure, escalates."),
@@ -212,12 +214,12 @@ CONSUMERS: tuple[Consumer, ...] = (
               (m.Plan, m.HumanApproval, m.ControlCommand, m.ExecutionResult),
               description="Judges every plan step against policy."),
     _consumer("executor", "executor", "MENDERS_EVENTS", (m.ExecutionApproved,),
-              ack_wait_s=30, concurrency=8, description="Carries out approved executions."),
+              concurrency=8, description="Carries out approved executions."),
     _consumer("auditor", "auditor", "MENDERS_EVENTS",
               tuple(b.schema for b in BUS_SUBJECTS
                     if b.stream == "MENDERS_EVENTS" and "auditor" in b.consumers),
-              max_ack_pending=5000, description="Records the whole lifecycle."),
-    _consumer("auditor", "auditor_dlq", "MENDERS_DLQ", (m.DeadLetter,),
+              ack_wait_s=5, max_ack_pending=5000, description="Records the whole lifecycle."),
+    _consumer("auditor", "auditor_dlq", "MENDERS_DLQ", (m.DeadLetter,), ack_wait_s=5,
               description="Records dead letters."),
 )
 

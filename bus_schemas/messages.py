@@ -113,6 +113,9 @@ class Plan(Event, tag="plan", frozen=True, kw_only=True):
     attempt: int  # 1 for the first plan of an incident
     steps: list[PlanStep]
     rationale: str = ""
+    # Set (with no steps) when this incident joins the remediation already under way
+    # for another incident of the same subject with the same action: one cause, one fix.
+    follows: str = ""
 
 
 # --- govern / execute / verify ---------------------------------------------------
