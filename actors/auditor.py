@@ -4,6 +4,10 @@ Its row is committed before `handle` returns, and the runtime acks only after
 that, so a crash at any point either leaves the message un-acked (redelivered,
 and the store's event-id idempotence adds no second row) or already recorded.
 It also answers read-only queries on `menders.query.audit.<method>`.
+
+It builds the incident memory too (actors/memory.py): when an incident
+closes, or a trailing verdict or summary of a closed one arrives, the
+incident's timeline is folded and indexed, and `similar` queries search it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from nats.aio.subscription import Subscription
 
 from actors.audit_store import AuditError, AuditStore, default_path
 from actors.logs import get_logger
+from actors.memory import IncidentMemory, PastIncident, SimilarQuery, fold
+from actors.memory import default_path as memory_path
 from actors.runtime import Actor, Delivery
 from bus_schemas import catalog
 from bus_schemas.messages import Event
@@ -36,9 +42,13 @@ class QueryReply(msgspec.Struct, omit_defaults=True):
     events: list[msgspec.Raw] = []
     truncated: bool = False
     incidents: list[dict[str, object]] = []
+    similar: list[PastIncident] = []
 
 
 _reply = msgspec.json.Encoder()
+# Events after which an incident's memory entry is (re)built.
+MEMORY_TRIGGERS = frozenset({"incident.resolved", "incident.escalated", "verdict",
+                             "incident.summary"})
 
 
 class Auditor(Actor):
@@ -50,6 +60,7 @@ class Auditor(Actor):
         # Queries read through their own connection: WAL lets them run beside
         # appends and they never see a half-done append transaction.
         self.reader = await AuditStore.open(path, readonly=True)
+        self.memory = await IncidentMemory.open(memory_path(self.config.home_dir))
         metrics = self.rt.metrics
         self.appended = metrics.counter(
             "menders_audit_rows_appended", "Rows appended to the audit record", ["stream"])
@@ -57,6 +68,9 @@ class Auditor(Actor):
             "menders_audit_duplicates", "Deliveries already recorded (redeliveries)", ["stream"])
         self.write_errors = metrics.counter(
             "menders_audit_write_errors", "Failed writes to the audit database, retried", [])
+        self.memory_indexed = metrics.counter(
+            "menders_memory_indexed", "Closed incidents (re)indexed in the incident memory",
+            ["outcome"])
         self.head_seq = metrics.gauge(
             "menders_audit_chain_head_seq", "Seq of the last row in the audit chain", [])
         seq, _ = await self.store.head()
@@ -89,13 +103,30 @@ class Auditor(Actor):
             self.head_seq.labels().set(result.seq)
         else:
             self.duplicates.labels(stream=stream).inc()
+        kind = str(type(event).__struct_config__.tag)
+        if kind in MEMORY_TRIGGERS and event.incident_id:
+            await self._remember(event.incident_id)
         return ()
+
+    async def _remember(self, incident_id: str) -> None:
+        # The memory is derived from the record: a failure here is logged, never
+        # allowed to hold back the record itself.
+        try:
+            _, records = await self.store.timeline(incident_id)
+            past = fold(r.event() for r in records)
+            if past is not None:
+                await self.memory.upsert(past)
+                self.memory_indexed.labels(outcome=past.outcome).inc()
+        except Exception as exc:
+            log.error("memory indexing failed", extra={"incident": incident_id,
+                                                       "err": repr(exc)})
 
     async def teardown(self) -> None:
         if self.query_sub is not None:
             await self.query_sub.unsubscribe()
             self.query_sub = None
         await self.reader.close()
+        await self.memory.close()
         await self.store.close()
 
     # --- read-only queries ------------------------------------------------------------
@@ -125,7 +156,13 @@ class Auditor(Actor):
             only_open = arg == "open"
             found = await self.reader.incidents(50, only_open=only_open)
             return QueryReply(ok=True, incidents=[dataclasses.asdict(i) for i in found])
-        raise AuditError(f"unknown audit query {method!r}; known: timeline, incidents")
+        if method == "similar":
+            try:
+                q = msgspec.json.decode(arg, type=SimilarQuery)
+                return QueryReply(ok=True, similar=await self.memory.similar(q))
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                raise AuditError(f"bad similar query: {exc}") from None
+        raise AuditError(f"unknown audit query {method!r}; known: timeline, incidents, similar")
 
 
 ACTOR = Auditor

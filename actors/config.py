@@ -89,12 +89,25 @@ class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class LlmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The Claude diagnoser (used only when ANTHROPIC_API_KEY is set)."""
+
     model: str = "claude-sonnet-4-5"
     summary_model: str = "claude-haiku-4-5"
-    base_url: str = ""
-    max_turns: int = 6
-    max_tokens: int = 2048
-    timeout_s: float = 30.0
+    base_url: str = ""  # empty: the SDK's default (or ANTHROPIC_BASE_URL)
+    max_turns: int = 6  # model calls per investigation; the last one must diagnose
+    max_tokens: int = 2048  # per response
+    timeout_s: float = 30.0  # per request
+    max_total_tokens: int = 60_000  # input + output over one investigation
+    max_wall_s: float = 60.0  # one investigation, model calls and tools together
+    max_retries: int = 2  # the SDK's own retries with backoff (the first layer)
+    retry_attempts: int = 1  # whole-call retries after the SDK gave up, then runbooks
+    retry_backoff_s: float = 2.0
+    tool_timeout_s: float = 3.0  # one investigation query over the bus
+    summaries: bool = True  # a one-paragraph summary of each closed incident
+    summary_max_tokens: int = 400
+    # USD per million tokens; 0: the built-in price of a known model (actors/llm/usage.py).
+    input_usd_per_mtok: float = 0.0
+    output_usd_per_mtok: float = 0.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

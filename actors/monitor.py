@@ -13,6 +13,10 @@ The observer (the subject definition's `make_observer`) does the protocol
 work; the monitor only schedules, bounds and sanitises its output: metrics
 must be finite floats (JSON has no NaN) and log lines are capped, because
 they are untrusted data travelling on to the detector and the diagnoser.
+
+It also keeps what it published lately (actors.investigation.History) and
+answers read-only queries for it on `menders.query.obs.<method>`: the Claude
+diagnoser's recent_observations and recent_logs tools.
 """
 
 from __future__ import annotations
@@ -26,9 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
 import subjects
+from actors.investigation import History, ObsReply, answer_obs_query
 from actors.logs import get_logger
 from actors.runtime import Actor, Delivery, Runtime
+from bus_schemas import catalog
 from bus_schemas.messages import Event, Observation
 from subjects.base import ObserverProtocol
 
@@ -81,6 +91,8 @@ class Monitor(Actor):
         super().__init__(rt)
         self.targets: dict[str, Target] = {}
         self.observers: dict[str, ObserverProtocol] = {}
+        self.history: dict[str, History] = {}
+        self.query_sub: Subscription | None = None
         self.scrapes = rt.metrics.counter(
             "menders_monitor_scrapes",
             "Scrapes by subject and outcome (up, down, timeout, error, skipped, "
@@ -95,8 +107,26 @@ class Monitor(Actor):
                             cfg.scrape_interval_s)
             self.targets[name] = target
             self.observers[name] = subjects.load(cfg.kind).make_observer(target)
+            self.history[name] = History()
             log.info("watching", extra={"subject": name, "url": cfg.url,
                                         "interval_s": cfg.scrape_interval_s})
+
+        self.query_sub = await self.rt.nc.subscribe(
+            catalog.service_subject("monitor", ">"), cb=self._on_query)
+
+    async def _on_query(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        method = msg.subject.rsplit(".", 1)[-1]
+        if method not in ("observations", "logs"):
+            reply = ObsReply(ok=False, error=f"unknown query {method!r}; known: "
+                                             "observations, logs")
+        else:
+            try:
+                reply = answer_obs_query(self.history, msg.data, time.time())
+            except Exception as exc:  # a bad query must never take the monitor down
+                reply = ObsReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+        await msg.respond(msgspec.json.encode(reply))
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
         return [functools.partial(self._schedule, name) for name in self.targets]
@@ -105,6 +135,8 @@ class Monitor(Actor):
         return ()  # consumes nothing
 
     async def teardown(self) -> None:
+        if self.query_sub is not None:
+            await self.query_sub.unsubscribe()
         for observer in self.observers.values():
             try:
                 await observer.close()
@@ -156,6 +188,7 @@ class Monitor(Actor):
         elapsed = time.perf_counter() - started
         self.duration.labels(subject=target.name).observe(elapsed)
         obs = sanitize(target.name, ts, fields, elapsed * 1000)
+        self.history[target.name].add(obs)
         try:
             await self.rt.publish(obs)
         except Exception as exc:

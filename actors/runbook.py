@@ -9,18 +9,23 @@ case-insensitive substring search on bounded text), never interpreted.
 The best match is the highest confidence, then the most specific (most
 conditions); the other matches' actions follow the best rule's as further
 alternatives for the planner.
+
+With an incident memory (`recall`), an action that verified before for the
+same invariant and nearly the same symptoms is ranked first: experience
+beats the rule's static order. A rule that asks for a human still wins.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
+from actors.memory import PastIncident, verified_before
 from actors.runtime import follow_id
 from bus_schemas.messages import Diagnosis, IncidentOpened, RecommendedAction
 from subjects.base import ActionError, ActionSpec, RunbookRule, SubjectDefinition
@@ -226,11 +231,46 @@ def diagnose(incident: IncidentOpened, definition: SubjectDefinition) -> Diagnos
                       escalate=not actions, source=SOURCE)
 
 
+def apply_memory(d: Diagnosis, incident: IncidentOpened, past: Sequence[PastIncident],
+                 actions: Mapping[str, ActionSpec]) -> Diagnosis:
+    """Rank first the action that verified for similar symptoms before."""
+    if d.escalate and d.confidence > 0:
+        return d  # a rule that asks for a human (no action restores it) wins
+    for p in verified_before(past, incident.invariant, incident.symptoms):
+        kept, _ = vet_actions([RecommendedAction(
+            action=p.verified_action, params=p.verified_params,
+            rationale=f"verified fix of similar incident {p.incident_id[:8]}")], actions)
+        if not kept:
+            continue  # the registry changed since: not usable any more
+        first = kept[0]
+        key = (first.action, _canonical(first.params))
+        rest = [a for a in d.actions if (a.action, _canonical(a.params)) != key]
+        note = (f"memory: incident {p.incident_id[:8]} of {p.invariant} with similar symptoms "
+                f"was fixed by {first.action} (verified); ranked first")
+        fields: dict[str, Any] = {"actions": [first, *rest], "evidence": [*d.evidence, note]}
+        if not d.actions:  # no rule matched: experience is all there is
+            fields.update(escalate=False, confidence=0.5,
+                          hypothesis=f"like past incident {p.incident_id[:8]}: "
+                                     f"{p.hypothesis or 'cause not recorded'}")
+        return msgspec.structs.replace(d, **fields)
+    return d
+
+
+Recall = Callable[[IncidentOpened], Awaitable[Sequence[PastIncident]]]
+
+
 class RunbookDiagnoser:
-    """The `Diagnoser` that needs no network: the subject's own runbook rules."""
+    """The `Diagnoser` that needs no network: the subject's own runbook rules,
+    reordered by the incident memory when one is reachable (`recall`)."""
 
     source = SOURCE
 
+    def __init__(self, recall: Recall | None = None) -> None:
+        self.recall = recall
+
     async def diagnose(self, incident: IncidentOpened,
                        definition: SubjectDefinition) -> Diagnosis:
-        return diagnose(incident, definition)
+        d = diagnose(incident, definition)
+        if self.recall is None:
+            return d
+        return apply_memory(d, incident, await self.recall(incident), definition.actions)

@@ -126,9 +126,13 @@ BUS_SUBJECTS: tuple[BusSubject, ...] = (
     BusSubject("menders.incident.{subject}.updated", m.IncidentUpdated, "MENDERS_EVENTS",
                ("detector",), ("auditor",), "An open incident's value moved."),
     BusSubject("menders.incident.{subject}.resolved", m.IncidentResolved, "MENDERS_EVENTS",
-               ("detector",), ("planner", "verifier", "auditor"), "The invariant holds again."),
+               ("detector",), ("planner", "verifier", "auditor", "diagnoser"),
+               "The invariant holds again."),
     BusSubject("menders.incident.{subject}.escalated", m.IncidentEscalated, "MENDERS_EVENTS",
-               ("planner",), ("auditor",), "Handed to a human."),
+               ("planner",), ("auditor", "diagnoser"), "Handed to a human."),
+    BusSubject("menders.incident.{subject}.summary", m.IncidentSummary, "MENDERS_EVENTS",
+               ("diagnoser",), ("auditor",),
+               "A closed incident told in one paragraph (with an LLM key only)."),
     BusSubject("menders.diagnosis.{subject}", m.Diagnosis, "MENDERS_EVENTS",
                ("diagnoser",), ("planner", "auditor"), "A hypothesis with ranked actions."),
     BusSubject("menders.plan.{subject}", m.Plan, "MENDERS_EVENTS",
@@ -207,6 +211,9 @@ CONSUMERS: tuple[Consumer, ...] = (
               concurrency=32, description="Starts a check when an execution ends."),
     _consumer("diagnoser", "diagnoser", "MENDERS_EVENTS", (m.IncidentOpened,),
               ack_wait_s=15, concurrency=4, description="Diagnoses each opened incident."),
+    _consumer("diagnoser", "diagnoser_closed", "MENDERS_EVENTS",
+              (m.IncidentResolved, m.IncidentEscalated), ack_wait_s=15, concurrency=2,
+              description="Summarises each closed incident (with an LLM key only)."),
     _consumer("planner", "planner", "MENDERS_EVENTS",
               (m.IncidentResolved, m.Diagnosis, m.Decision, m.ExecutionResult, m.Verdict),
               description="Plans, re-plans on failure, escalates."),
@@ -253,7 +260,17 @@ KV_KEY_WRITERS: dict[tuple[str, str], tuple[str, ...]] = {(GOVERNOR_BUCKET, "kil
 # Actors that watch a bucket (ordered push consumers on the KV stream).
 KV_WATCHERS: dict[str, tuple[str, ...]] = {GOVERNOR_BUCKET: ("executor", "governor")}
 
-# Read-only request/reply services (the Claude diagnoser's investigation tools).
+# Read-only request/reply services (the Claude diagnoser's investigation tools):
+# pattern -> (the one responder, the users that may ask).
 SERVICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # timeline, incidents, similar (the incident memory)
     "menders.query.audit.>": ("auditor", ("diagnoser", OPERATOR)),
+    # observations, logs: what the monitor saw recently, per managed subject
+    "menders.query.obs.>": ("monitor", ("diagnoser", OPERATOR)),
 }
+
+
+def service_subject(responder: str, method: str) -> str:
+    """The concrete bus subject of one method of `responder`'s query service."""
+    pattern = next(p for p, (who, _) in SERVICES.items() if who == responder)
+    return pattern.removesuffix(">") + method

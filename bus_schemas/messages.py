@@ -78,6 +78,14 @@ class IncidentEscalated(Event, tag="incident.escalated", frozen=True, kw_only=Tr
     attempts: int = 0
 
 
+class IncidentSummary(Event, tag="incident.summary", frozen=True, kw_only=True):
+    """A one-paragraph account of a closed incident, written by a small model."""
+
+    summary: str
+    outcome: str = ""  # resolved | escalated: the closing event it summarises
+    model: str = ""
+
+
 # --- diagnose / plan ----------------------------------------------------------
 
 
@@ -215,6 +223,7 @@ ALL_MESSAGES: tuple[type[Event], ...] = (
     IncidentUpdated,
     IncidentResolved,
     IncidentEscalated,
+    IncidentSummary,
     Diagnosis,
     Plan,
     ExecutionApproved,

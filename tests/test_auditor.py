@@ -98,6 +98,8 @@ def one_of_each(incident: str) -> list[tuple[str, m.Event]]:
         ("detector", m.IncidentResolved(**env, invariant="p99_latency", reason="holds")),
         ("planner", m.IncidentEscalated(**env, invariant="p99_latency", reason="late",
                                         attempts=1)),
+        ("diagnoser", m.IncidentSummary(**env, summary="p99 rose; restart fixed it",
+                                        outcome="escalated", model="claude-haiku-4-5")),
         ("operator", m.ControlCommand(command="mode", mode="approve", by="ana")),
         ("executor", m.DeadLetter(actor="executor", consumer="executor",
                                   bus_subject="menders.exec.approved.webshop", stream_seq=7,

@@ -1,0 +1,243 @@
+"""Incident memory: every closed incident, indexed so a new one can ask "seen this before?".
+
+The auditor holds every event, so it builds the memory: when an incident
+closes (resolved or escalated), and again when a trailing verdict or summary
+arrives, its timeline is folded into one `PastIncident` and upserted into a
+SQLite FTS5 index in its own file (`memory.db`). The audit record stays
+append-only; the memory is derived from it and may be rebuilt at any time.
+
+Similarity is lexical, on purpose: each symptom becomes a bucketed token
+(`pool_utilization_r4` = 0.8..1.0, `p99_ms_e2` = 100..999), so two incidents
+with the same shape of symptoms share tokens, and bm25 ranks the incidents
+that share the most (and the rarest) of them, the broken invariant weighted
+highest. Log words and hypotheses add context. No model, no embeddings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import sqlite3
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from bus_schemas import messages as m
+
+DEFAULT_NAME = "memory.db"
+MAX_QUERY_TERMS = 48
+MAX_TEXT_CHARS = 4000
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,40}")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS incidents (
+    incident_id TEXT PRIMARY KEY,
+    subject     TEXT NOT NULL,
+    invariant   TEXT NOT NULL,
+    closed_at   REAL NOT NULL,
+    record      BLOB NOT NULL      -- a PastIncident, JSON
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS incidents_fts USING fts5(
+    incident_id UNINDEXED, invariant, symptoms, text,
+    tokenize = "unicode61 tokenchars '_'"
+);
+"""
+# bm25 column weights: incident_id, invariant, symptoms, text.
+_WEIGHTS = (0.0, 6.0, 2.0, 0.5)
+
+
+class PastIncident(msgspec.Struct, frozen=True, kw_only=True):
+    incident_id: str
+    subject: str
+    invariant: str
+    opened_at: float = 0.0
+    closed_at: float = 0.0
+    outcome: str = ""  # resolved | escalated
+    symptoms: dict[str, float] = {}
+    hypothesis: str = ""
+    source: str = ""  # the diagnoser that made the diagnosis
+    tried: list[str] = []  # "action:status", in order
+    verified_action: str = ""  # the action whose plan passed its verdict
+    verified_params: dict[str, Any] = {}
+    escalation: str = ""
+    summary: str = ""
+    score: float = 0.0  # in query answers: bm25, lower is more similar
+
+
+class SimilarQuery(msgspec.Struct, frozen=True, kw_only=True):
+    subject: str
+    invariant: str = ""
+    symptoms: dict[str, float] = {}
+    text: str = ""  # free words (log lines, a hypothesis): untrusted, only tokenised
+    exclude: str = ""  # an incident id to leave out: the one being diagnosed
+    limit: int = 5
+
+
+def default_path(home: Path) -> Path:
+    return home / DEFAULT_NAME
+
+
+def bucket(value: float) -> str:
+    """A coarse, order-of-magnitude bucket: r0..r4 for ratios, e<n> above 1."""
+    if not math.isfinite(value):
+        return "nan"
+    if value == 0:
+        return "zero"
+    if value < 0:
+        return "neg"
+    if value <= 1.0:
+        return f"r{min(int(value * 5), 4)}"
+    return f"e{int(math.log10(value))}"
+
+
+def symptom_tokens(symptoms: Mapping[str, float]) -> list[str]:
+    return [f"{name}_{bucket(float(v))}" for name, v in sorted(symptoms.items())
+            if re.fullmatch(r"[A-Za-z0-9_]{1,64}", name)]
+
+
+def words(text: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for w in _WORD.findall(text[:MAX_TEXT_CHARS]):
+        seen.setdefault(w.lower(), None)
+    return list(seen)
+
+
+def match_expression(q: SimilarQuery) -> str:
+    """An FTS5 query: every term quoted (no operator injection), OR-ed."""
+    terms = [q.invariant] if q.invariant else []
+    terms += symptom_tokens(q.symptoms)
+    terms += words(q.text)
+    terms = [t for t in dict.fromkeys(terms) if t][:MAX_QUERY_TERMS]
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+
+
+def fold(events: Iterable[m.Event]) -> PastIncident | None:
+    """One closed incident from its timeline; None while it is still open."""
+    opened: m.IncidentOpened | None = None
+    diagnosis: m.Diagnosis | None = None
+    plans: dict[str, m.PlanStep] = {}
+    tried: list[str] = []
+    verified: m.PlanStep | None = None
+    outcome, escalation, summary, closed_at = "", "", "", 0.0
+    for e in events:
+        match e:
+            case m.IncidentOpened() if opened is None:
+                opened = e
+            case m.Diagnosis() if diagnosis is None:
+                diagnosis = e
+            case m.Plan(steps=[first, *_]):
+                plans[e.plan_id] = first
+            case m.ExecutionResult():
+                tried.append(f"{e.action}:{e.status}")
+            case m.Verdict(passed=True) if e.plan_id in plans:
+                verified = plans[e.plan_id]
+            case m.IncidentEscalated():
+                outcome, escalation, closed_at = "escalated", e.reason, e.ts
+            case m.IncidentResolved() if outcome != "escalated":
+                outcome, closed_at = "resolved", e.ts
+            case m.IncidentSummary():
+                summary = e.summary
+    if opened is None or not outcome:
+        return None
+    return PastIncident(
+        incident_id=opened.incident_id, subject=opened.subject, invariant=opened.invariant,
+        opened_at=opened.ts, closed_at=closed_at, outcome=outcome, symptoms=opened.symptoms,
+        hypothesis=diagnosis.hypothesis if diagnosis else "",
+        source=diagnosis.source if diagnosis else "", tried=tried,
+        verified_action=verified.action if verified else "",
+        verified_params=dict(verified.params) if verified else {},
+        escalation=escalation, summary=summary)
+
+
+def _text_of(p: PastIncident) -> str:
+    return " ".join([p.hypothesis, p.summary, p.escalation, *p.tried])[:MAX_TEXT_CHARS]
+
+
+class IncidentMemory:
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self.db = db
+        self.path = path
+        # One connection serves the auditor's writes and the query callback: a
+        # query must never see an upsert half done.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> IncidentMemory:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def upsert(self, p: PastIncident) -> None:
+        record = msgspec.json.encode(p)
+        async with self._lock:
+            await self._upsert(p, record)
+
+    async def _upsert(self, p: PastIncident, record: bytes) -> None:
+        try:
+            await self.db.execute("DELETE FROM incidents_fts WHERE incident_id = ?",
+                                  (p.incident_id,))
+            await self.db.execute(
+                "INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?)",
+                (p.incident_id, p.subject, p.invariant, p.closed_at, record))
+            await self.db.execute(
+                "INSERT INTO incidents_fts VALUES (?, ?, ?, ?)",
+                (p.incident_id, p.invariant, " ".join(symptom_tokens(p.symptoms)), _text_of(p)))
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+
+    async def get(self, incident_id: str) -> PastIncident | None:
+        async with self.db.execute("SELECT record FROM incidents WHERE incident_id = ?",
+                                   (incident_id,)) as cur:
+            row = await cur.fetchone()
+        return msgspec.json.decode(row[0], type=PastIncident) if row else None
+
+    async def similar(self, q: SimilarQuery) -> list[PastIncident]:
+        """The closed incidents of `q.subject` most like `q`, most similar first."""
+        expr = match_expression(q)
+        if not expr:
+            return []
+        weights = ", ".join(str(w) for w in _WEIGHTS)
+        async with self._lock:
+            rows = await self._query(weights, expr, q)
+        return [msgspec.structs.replace(msgspec.json.decode(r[0], type=PastIncident),
+                                        score=float(r[1])) for r in rows]
+
+    async def _query(self, weights: str, expr: str, q: SimilarQuery) -> list[Any]:
+        try:
+            async with self.db.execute(
+                f"""SELECT i.record, bm25(incidents_fts, {weights}) AS score
+                    FROM incidents_fts JOIN incidents i
+                         ON i.incident_id = incidents_fts.incident_id
+                    WHERE incidents_fts MATCH ? AND i.subject = ? AND i.incident_id != ?
+                    ORDER BY score LIMIT ?""",
+                (expr, q.subject, q.exclude, max(1, min(q.limit, 20))),
+            ) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.OperationalError as exc:
+            raise ValueError(f"bad similarity query: {exc}") from None
+
+
+def symptom_similarity(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Jaccard similarity of the bucketed symptoms: 1.0 for the same shape."""
+    ta, tb = set(symptom_tokens(a)), set(symptom_tokens(b))
+    return len(ta & tb) / len(ta | tb) if ta | tb else 0.0
+
+
+def verified_before(past: Iterable[PastIncident], invariant: str,
+                    symptoms: Mapping[str, float], min_similarity: float = 0.7
+                    ) -> list[PastIncident]:
+    """Past incidents of the same invariant, with nearly the same symptoms, whose fix
+    verified; in the order given (most similar first)."""
+    return [p for p in past if p.invariant == invariant and p.verified_action
+            and symptom_similarity(p.symptoms, symptoms) >= min_similarity]

@@ -1,0 +1,179 @@
+"""Incident memory: folding closed incidents, FTS5 similarity, memory-aware runbooks,
+and the auditor answering `similar` over the bus (real nats-server, real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from actors import runbook
+from actors.memory import (
+    IncidentMemory,
+    PastIncident,
+    SimilarQuery,
+    bucket,
+    fold,
+    match_expression,
+    symptom_similarity,
+)
+from bus_schemas import catalog
+from bus_schemas import messages as m
+from subjects import load
+from tests.harness import Bus
+
+LEAK = {"p99_ms": 950.0, "pool_utilization": 1.0, "cache_hit_ratio": 0.9, "db_p99_ms": 4.0,
+        "error_rate": 0.3, "rps": 40.0}
+SLOW_DB = {"p99_ms": 950.0, "pool_utilization": 0.3, "cache_hit_ratio": 0.9,
+           "db_p99_ms": 600.0, "error_rate": 0.0, "rps": 40.0}
+
+
+def lifecycle(incident_id: str, symptoms: dict[str, float], fix: str,
+              params: dict[str, object] | None = None, passed: bool = True,
+              invariant: str = "latency_p99") -> list[m.Event]:
+    env = {"incident_id": incident_id, "subject": "webshop"}
+    step = m.PlanStep(step_id="s1", action=fix, params=params or {})
+    plan_id = f"plan-{incident_id}"
+    return [
+        m.IncidentOpened(**env, invariant=invariant, summary="p99 high", value=950,
+                         threshold=250, symptoms=symptoms,
+                         recent_logs=["WARN pool: timed out waiting for a connection"]),
+        m.Diagnosis(**env, invariant=invariant, hypothesis="pool leak", confidence=0.8),
+        m.Plan(**env, plan_id=plan_id, invariant=invariant, attempt=1, steps=[step]),
+        m.ExecutionResult(**env, execution_id="x", plan_id=plan_id, action=fix,
+                          status="succeeded"),
+        m.Verdict(**env, plan_id=plan_id, invariant=invariant, passed=passed, reason="held"),
+        m.IncidentResolved(**env, invariant=invariant, reason="holds again"),
+    ]
+
+
+def test_fold_gives_nothing_while_open_and_the_verified_fix_once_closed() -> None:
+    events = lifecycle("i1", LEAK, "scale_pool", {"size": 32})
+    assert fold(events[:-1]) is None
+    past = fold(events)
+    assert past is not None and past.outcome == "resolved"
+    assert (past.verified_action, past.verified_params) == ("scale_pool", {"size": 32})
+    assert past.tried == ["scale_pool:succeeded"] and past.hypothesis == "pool leak"
+    failed = fold(lifecycle("i2", LEAK, "restart_worker", passed=False))
+    assert failed is not None and failed.verified_action == ""
+
+
+def test_buckets_and_similarity_group_the_same_shape_of_symptoms() -> None:
+    assert [bucket(v) for v in (0, 0.05, 0.95, 1.0, 12, 950, -1)] == [
+        "zero", "r0", "r4", "r4", "e1", "e2", "neg"]
+    nearly = {**LEAK, "pool_utilization": 0.93, "rps": 45.0}
+    assert symptom_similarity(LEAK, nearly) == 1.0
+    assert symptom_similarity(LEAK, SLOW_DB) < 0.7
+
+
+def test_match_expression_quotes_every_term_so_log_text_cannot_inject_fts_syntax() -> None:
+    q = SimilarQuery(subject="webshop", invariant="latency_p99",
+                     text='x" OR NEAR(a b) * ) DROP TABLE incidents; --')
+    expr = match_expression(q)
+    terms = expr.split(" OR ")
+    assert all(t.startswith('"') and t.endswith('"') for t in terms)
+    assert '"near"' in terms and '"drop"' in terms
+
+
+async def test_similar_ranks_the_incident_with_the_same_symptoms_first(tmp_path: Path) -> None:
+    mem = await IncidentMemory.open(tmp_path / "memory.db")
+    try:
+        for iid, symptoms, fix in (("leak1", LEAK, "recycle_pool"),
+                                   ("slow1", SLOW_DB, "failover_dependency")):
+            past = fold(lifecycle(iid, symptoms, fix))
+            assert past is not None
+            await mem.upsert(past)
+            await mem.upsert(past)  # a trailing event re-indexes: still one entry
+        got = await mem.similar(SimilarQuery(subject="webshop", invariant="latency_p99",
+                                             symptoms={**LEAK, "rps": 38.0}))
+        assert [p.incident_id for p in got] == ["leak1", "slow1"]
+        assert got[0].verified_action == "recycle_pool"
+        other = await mem.similar(SimilarQuery(subject="another", invariant="latency_p99",
+                                               symptoms=LEAK))
+        assert other == []
+        assert await mem.similar(SimilarQuery(subject="webshop", exclude="leak1",
+                                              invariant="latency_p99", symptoms=LEAK)) != []
+    finally:
+        await mem.close()
+
+
+def _past(symptoms: dict[str, float], action: str, params: dict[str, object] | None = None,
+          invariant: str = "latency_p99") -> PastIncident:
+    return PastIncident(incident_id="past0001", subject="webshop", invariant=invariant,
+                        symptoms=symptoms, verified_action=action,
+                        verified_params=params or {}, hypothesis="pool leak")
+
+
+def _incident(symptoms: dict[str, float], invariant: str = "latency_p99") -> m.IncidentOpened:
+    return m.IncidentOpened(incident_id=m.new_id(), subject="webshop", invariant=invariant,
+                            summary="p99", value=950, threshold=250, symptoms=symptoms)
+
+
+def test_runbook_ranks_first_the_action_that_verified_for_similar_symptoms() -> None:
+    d = load("webshop")
+    inc = _incident(LEAK)
+    plain = runbook.diagnose(inc, d)
+    assert plain.actions[0].action == "recycle_pool"
+    ranked = runbook.apply_memory(plain, inc, [_past(LEAK, "scale_pool", {"size": 32})],
+                                  d.actions)
+    assert [(a.action, a.params) for a in ranked.actions[:2]] == [
+        ("scale_pool", {"size": 32}), ("recycle_pool", {})]
+    assert len(ranked.actions) == len(plain.actions)  # moved, not duplicated
+    assert any("memory: incident past0001" in e for e in ranked.evidence)
+
+
+def test_memory_is_ignored_for_other_symptoms_invariants_or_escalating_rules() -> None:
+    d = load("webshop")
+    inc = _incident(LEAK)
+    plain = runbook.diagnose(inc, d)
+    for past in (_past(SLOW_DB, "failover_dependency"),
+                 _past(LEAK, "scale_pool", {"size": 32}, invariant="error_rate"),
+                 _past(LEAK, "drop_database"), _past(LEAK, "scale_pool", {"size": "huge"})):
+        assert runbook.apply_memory(plain, inc, [past], d.actions) == plain
+    upstream = _incident({"upstream_error_rate": 1.0, "pool_utilization": 0.1},
+                         invariant="error_rate")
+    escalating = runbook.diagnose(upstream, d)
+    assert escalating.escalate
+    past = _past(upstream.symptoms, "restart_worker", invariant="error_rate")
+    assert runbook.apply_memory(escalating, upstream, [past], d.actions) == escalating
+
+
+@pytest.mark.e2e
+async def test_auditor_indexes_closed_incidents_and_runbook_diagnoser_uses_them(
+        bus: Bus) -> None:
+    bus.spawn("auditor")
+    bus.spawn("diagnoser")
+    await bus.wait_heartbeat("auditor")
+    await bus.wait_heartbeat("diagnoser")
+    producers = {m.IncidentOpened: "detector", m.IncidentResolved: "detector",
+                 m.Diagnosis: "diagnoser", m.Plan: "planner", m.ExecutionResult: "executor",
+                 m.Verdict: "verifier"}
+    for event in lifecycle("leak-before", LEAK, "scale_pool", {"size": 32}):
+        await bus.publish(producers[type(event)], event)
+    nc = await bus.connect("operator")
+    query = SimilarQuery(subject="webshop", invariant="latency_p99", symptoms=LEAK)
+    similar: list[dict[str, object]] = []
+    for _ in range(100):  # until the auditor has recorded and indexed the resolution
+        reply = await nc.request(catalog.service_subject("auditor", "similar"),
+                                 msgspec.json.encode(query), timeout=5)
+        similar = msgspec.json.decode(reply.data).get("similar", [])
+        if similar:
+            break
+        await asyncio.sleep(0.1)
+    assert [s["incident_id"] for s in similar] == ["leak-before"]
+    assert similar[0]["verified_action"] == "scale_pool"
+    bad = await nc.request(catalog.service_subject("auditor", "similar"), b"{nope",
+                           timeout=5)
+    assert msgspec.json.decode(bad.data)["ok"] is False
+
+    inc = _incident(LEAK)
+    async with bus.collect() as col:
+        await bus.publish("detector", inc)
+        [d] = await col.wait_for(lambda e: isinstance(e, m.Diagnosis)
+                                 and e.causation_id == inc.id)
+    assert d.source == "runbook"
+    assert [(a.action, a.params) for a in d.actions[:2]] == [
+        ("scale_pool", {"size": 32}), ("recycle_pool", {})]
+    assert any("memory: incident leak-bef" in e for e in d.evidence)
