@@ -1,0 +1,191 @@
+"""Control-plane latency: incident opened -> execution started, through the real actors.
+
+    python bench/control_plane.py [--incidents 200] [--warmup 10]
+
+One nats-server (loopback, temp dir, the generated nats.conf) and the real
+diagnoser (runbook rules), planner, governor (execute mode) and executor, each
+its own process with its own credentials. The managed subject `bench` is a
+webshop-kind subject whose action endpoint is a local HTTP recorder that
+answers at once, so the number is the crew's, not the action's.
+
+The bench publishes, as the detector user, an IncidentOpened whose symptoms
+match the webshop's `pool_leak` runbook rule (pool_utilization 0.97), waits
+for the executor's ExecutionStarted of that incident and its ExecutionResult,
+then publishes the incident's IncidentResolved (as the detector) so that the
+planner closes it: the next incident is not a follower of this one ("one
+cause, one fix") and gets its own plan. Incidents go one at a time, so each
+measures an idle pipeline, not a queue. The governor's rate limits, cooldown
+and concurrency cap are raised in the bench's config so that none vetoes.
+
+Latency = ExecutionStarted.ts - IncidentOpened.ts, both envelope stamps
+(time.time() in two processes of one host). The per-hop split uses the
+envelopes of the Diagnosis, Plan and ExecutionApproved between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import itertools
+
+from common import Recorder, bench_bus, machine, summary_ms, write_result
+
+from bus_schemas import catalog, codec
+from bus_schemas import messages as m
+
+SUBJECT = "bench"
+GOAL_P99_MS = 25.0
+PER_INCIDENT_TIMEOUT_S = 15.0
+
+
+def config(recorder_url: str) -> str:
+    return f"""\
+[runtime]
+metrics_base_port = 0
+log_level = "WARNING"
+
+[governor]
+mode = "execute"
+max_per_subject_per_minute = 1000000
+max_per_minute = 1000000
+action_cooldown_s = 0.0
+max_concurrent = 1000
+
+[subjects.{SUBJECT}]
+kind = "webshop"
+url = "{recorder_url}"
+embedded = false
+"""
+
+
+class Tracker:
+    """Every lifecycle event of the bench's incidents, by incident and kind."""
+
+    def __init__(self) -> None:
+        self.by_incident: dict[str, dict[type[m.Event], m.Event]] = {}
+        self.changed = asyncio.Event()
+
+    async def on_msg(self, msg: Any) -> None:
+        try:
+            event = codec.decode(msg.data)
+        except codec.DecodeError:
+            return
+        if isinstance(event, m.Heartbeat | m.Observation) or not event.incident_id:
+            return
+        self.by_incident.setdefault(event.incident_id, {}).setdefault(type(event), event)
+        self.changed.set()
+
+    async def wait(self, incident: str, kind: type[m.Event], timeout: float) -> m.Event:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.by_incident.get(incident, {}).get(kind)
+            if got is not None:
+                return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = [k.__name__ for k in self.by_incident.get(incident, {})]
+                raise RuntimeError(f"no {kind.__name__} for incident {incident} within "
+                                   f"{timeout:g}s; seen {seen}")
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                pass
+
+
+def incident(i: int) -> m.IncidentOpened:
+    return m.IncidentOpened(
+        incident_id=m.new_id(), subject=SUBJECT, invariant="pool_saturation",
+        summary=f"bench incident {i}: pool_utilization 0.97 >= 0.9", value=0.97, threshold=0.9,
+        symptoms={"pool_utilization": 0.97, "p99_ms": 40.0, "error_rate": 0.0},
+        recent_logs=['{"level": "warning", "msg": "pool wait 120 ms"}'])
+
+
+async def bench(n: int, warmup: int) -> dict[str, Any]:
+    started = time.monotonic()
+    recorder = Recorder()
+    await recorder.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="menders-bench-cp-") as tmp:
+            async with bench_bus(Path(tmp), config(recorder.url)) as bus:
+                for actor in ("governor", "executor", "planner", "diagnoser"):
+                    bus.spawn(actor)
+                await bus.wait_heartbeats({"governor": 1, "executor": 1, "planner": 1,
+                                           "diagnoser": 1})
+                tracker = Tracker()
+                op = await bus.connect(catalog.OPERATOR)
+                await op.subscribe("menders.>", cb=tracker.on_msg)
+                det = await bus.connect("detector")
+                ids: list[str] = []
+                for i in range(n + warmup):
+                    opened = incident(i)
+                    await bus.publish(det, opened, "detector")
+                    await tracker.wait(opened.incident_id, m.ExecutionStarted,
+                                       PER_INCIDENT_TIMEOUT_S)
+                    await tracker.wait(opened.incident_id, m.ExecutionResult,
+                                       PER_INCIDENT_TIMEOUT_S)
+                    await bus.publish(det, m.IncidentResolved(
+                        incident_id=opened.incident_id, subject=SUBJECT,
+                        invariant=opened.invariant, reason="bench: next incident"), "detector")
+                    ids.append(opened.incident_id)
+                calls = len(recorder.calls)
+    finally:
+        await recorder.stop()
+    return _result(tracker, ids[warmup:], n, warmup, calls, time.monotonic() - started)
+
+
+def _result(tracker: Tracker, ids: list[str], n: int, warmup: int, calls: int,
+            elapsed: float) -> dict[str, Any]:
+    total: list[float] = []
+    hops: dict[str, list[float]] = {"opened_to_diagnosis": [], "diagnosis_to_plan": [],
+                                    "plan_to_approved": [], "approved_to_started": []}
+    statuses: dict[str, int] = {}
+    chain = (m.IncidentOpened, m.Diagnosis, m.Plan, m.ExecutionApproved, m.ExecutionStarted)
+    for iid in ids:
+        ev = tracker.by_incident[iid]
+        total.append(ev[m.ExecutionStarted].ts - ev[m.IncidentOpened].ts)
+        for name, (a, b) in zip(hops, itertools.pairwise(chain), strict=True):
+            if a in ev and b in ev:
+                hops[name].append(ev[b].ts - ev[a].ts)
+        res = ev[m.ExecutionResult]
+        assert isinstance(res, m.ExecutionResult)
+        statuses[res.status] = statuses.get(res.status, 0) + 1
+    lat = summary_ms(total)
+    return {
+        "bench": "control_plane",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "setup": {"incidents": n, "warmup_not_counted": warmup, "diagnoser": "runbook",
+                  "mode": "execute", "one_at_a_time": True,
+                  "action_endpoint": "local HTTP recorder (answers at once)"},
+        "opened_to_started": lat,
+        "hops": {k: summary_ms(v) for k, v in hops.items()},
+        "execution_statuses": statuses,
+        "action_calls_recorded": calls,
+        "goal": {"metric": "opened_to_started.p99_ms", "at_most": GOAL_P99_MS,
+                 "value": lat.get("p99_ms"),
+                 "met": bool(lat.get("p99_ms") is not None
+                             and float(lat["p99_ms"]) <= GOAL_P99_MS)},
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--incidents", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=10)
+    args = p.parse_args()
+    result = asyncio.run(bench(args.incidents, args.warmup))
+    print(write_result("control_plane", result))
+
+
+if __name__ == "__main__":
+    main()
