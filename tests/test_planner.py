@@ -158,7 +158,8 @@ async def barrier(bus: Bus, col: Collector) -> None:
     """
     sentinel = bus_diagnosis("recycle_pool")
     await bus.publish("diagnoser", sentinel)
-    await next_plan(col, sentinel.incident_id, 1)
+    # Its own plan, or one that follows a remediation already under way (same action).
+    await col.wait_for(lambda e: isinstance(e, m.Plan) and e.incident_id == sentinel.incident_id)
 
 
 async def start_planner(bus: Bus) -> Any:
