@@ -6,6 +6,12 @@ healthy baseline, injects each fault through the chaos port (which only this
 module knows; no actor is given it), prints a live timeline, and ends with a
 table. Exit status 1 if a fixable fault was not remediated or the unfixable
 one was not escalated.
+
+`--llm` diagnoses with Claude when ANTHROPIC_API_KEY is set (the `[llm]`
+section of the user's config, e.g. its base_url, carries over into the demo's
+config) and says plainly when it cannot; without `--llm` the key is withheld
+from the crew, so the runbooks diagnose. The closing line counts diagnoses by
+source, so a Claude outage (source claude->runbook) is visible too.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -23,7 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from actors import render
-from actors.config import Config
+from actors.config import Config, LlmConfig
 from actors.natsserver import free_port
 from actors.stack import Stack, StackError
 from bus_schemas import catalog, codec
@@ -60,6 +67,7 @@ class Row:
     actions: list[str] = field(default_factory=list)
     verified_after: float | None = None
     outcome: str = "not detected"
+    source: str = ""  # the first diagnosis's: runbook, claude, claude->runbook
 
     @property
     def ok(self) -> bool:
@@ -115,7 +123,22 @@ class Timeline:
         return opened
 
 
-def demo_config(home: Path, service_port: int, nats_port: int, metrics_base: int) -> str:
+def llm_section(llm: LlmConfig) -> str:
+    """The user's [llm] settings, as TOML for the demo's own config."""
+    lines = ["[llm]"]
+    for name in llm.__struct_fields__:
+        value = getattr(llm, name)
+        lines.append(f"{name} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def demo_config(home: Path, service_port: int, nats_port: int, metrics_base: int,
+                llm: LlmConfig | None = None) -> str:
+    return demo_body(home, service_port, nats_port, metrics_base) + (
+        "\n" + llm_section(llm) if llm is not None else "")
+
+
+def demo_body(home: Path, service_port: int, nats_port: int, metrics_base: int) -> str:
     return f"""\
 home = "{home}"
 
@@ -192,6 +215,7 @@ def _summarize(row: Row, events: list[m.Event], t0: float) -> None:
     diagnoses = [e for e in events if isinstance(e, m.Diagnosis)]
     if diagnoses:
         row.diagnosis = diagnoses[0].hypothesis
+        row.source = diagnoses[0].source
     row.actions = [f"{e.action}:{e.status}" for e in events if isinstance(e, m.ExecutionResult)]
     passed = [e for e in events if isinstance(e, m.Verdict) and e.passed]
     if passed:
@@ -273,13 +297,12 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
             print(f"unknown fault(s) {unknown}; known: {', '.join(known)}", file=sys.stderr)
             return 2
         faults = tuple(known[f] for f in args.fault)
-    if args.llm and not os.environ.get("ANTHROPIC_API_KEY"):
-        print("--llm: ANTHROPIC_API_KEY is not set, so the diagnoser uses its runbooks",
-              flush=True)
+    use_llm = _llm_banner(config.llm, args.llm)
     home = Path(tempfile.mkdtemp(prefix="menders-demo-"))
     cfg_path = home / "menders.toml"
     cfg_path.write_text(demo_config(home, free_port(), free_port(),
-                                    _free_port_block(9464, len(catalog.ACTORS))))
+                                    _free_port_block(9464, len(catalog.ACTORS)),
+                                    config.llm if use_llm else None))
     from actors.config import load
 
     demo_cfg = load(cfg_path)
@@ -299,6 +322,13 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
     finally:
         await stack.stop()
     print_table(rows)
+    sources = sorted({r.source for r in rows if r.source})
+    if sources:
+        counts = ", ".join(f"{src} {sum(r.source == src for r in rows)}" for src in sources)
+        print(f"\ndiagnoses by source: {counts}", flush=True)
+        if use_llm and "claude->runbook" in sources:
+            print("  (claude->runbook: Claude could not answer; the diagnosis says why)",
+                  flush=True)
     failed = [r for r in rows if not r.ok]
     elapsed = time.monotonic() - started
     verdict = ("every fault handled as expected" if not failed
@@ -306,6 +336,22 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
     print(f"\nmenders demo: {verdict} in {elapsed:.0f}s; record: "
           f"MENDERS_HOME={home} menders audit", flush=True)
     return 0 if not failed and rows else 1
+
+
+def _llm_banner(llm: LlmConfig, wanted: bool) -> bool:
+    """Whether the crew may use Claude; says so either way."""
+    if not wanted:
+        # The crew inherits this environment: without --llm, no key reaches it.
+        os.environ.pop("ANTHROPIC_API_KEY", None)
+        return False
+    if not os.environ.get("ANTHROPIC_API_KEY"):
+        print("--llm: cannot use Claude: ANTHROPIC_API_KEY is not set, so the diagnoser "
+              "uses its runbooks", flush=True)
+        return False
+    where = llm.base_url or os.environ.get("ANTHROPIC_BASE_URL") or "the Anthropic API"
+    print(f"--llm: diagnosing with Claude ({llm.model} at {where}); summaries by "
+          f"{llm.summary_model}; the runbooks answer if the API cannot", flush=True)
+    return True
 
 
 async def _drive(stack: Stack, faults: tuple[DemoFault, ...], quiet: bool) -> list[Row]:

@@ -186,7 +186,9 @@ def is_summary(body: Body) -> bool:
 def good_sre_decision(invariant: str, symptoms: dict[str, float], logs: list[str],
                       past: list[dict[str, Any]]) -> dict[str, Any]:
     """What a competent SRE concludes from these symptoms (the webshop's failure modes)."""
-    s = symptoms.get
+    def s(name: str, default: float = 0.0) -> float:
+        return float(symptoms.get(name, default))
+
     joined = "\n".join(logs)
 
     def act(*names: str, params: dict[str, dict[str, Any]] | None = None) -> list[Any]:
@@ -194,20 +196,20 @@ def good_sre_decision(invariant: str, symptoms: dict[str, float], logs: list[str
                  "rationale": "fits the symptoms"} for n in names]
 
     verified = [p for p in past if p.get("verified_action") and p.get("invariant") == invariant]
-    if (s("upstream_error_rate") or 0) > 0.5:
+    if s("upstream_error_rate") > 0.5:
         return {"hypothesis": "The payments upstream is failing; nothing registered fixes it.",
                 "evidence": [f"upstream_error_rate={s('upstream_error_rate')}"],
                 "confidence": 0.8, "actions": [], "escalate": True}
-    if (s("pool_utilization") or 0) >= 0.9:
+    if s("pool_utilization") >= 0.9:
         h, a = "Connection pool exhausted by a leak.", act("recycle_pool", "scale_pool",
                                                              params={"scale_pool": {"size": 32}})
     elif "ConfigError" in joined:
         h, a = "A bad config deploy makes requests fail.", act(
             "rollback_config", "restart_worker", params={"rollback_config": {"version":
                                                                             "last_good"}})
-    elif invariant == "latency_p99" and (s("cache_hit_ratio") or 1) < 0.2:
+    elif invariant == "latency_p99" and s("cache_hit_ratio", 1.0) < 0.2:
         h, a = "The product cache is off.", act("enable_cache", "restart_worker")
-    elif invariant == "latency_p99" and (s("db_p99_ms") or 0) > 300:
+    elif invariant == "latency_p99" and s("db_p99_ms") > 300:
         h, a = "The database replica is slow.", act("failover_dependency", "recycle_pool")
     elif invariant == "memory":
         h, a = "The worker leaks memory.", act("restart_worker")

@@ -1,0 +1,81 @@
+"""The webshop faults end to end with the Claude diagnoser against the fake API.
+
+`python -m actors demo --fault <fault> --llm` as a real process: the bundled
+nats-server, the real webshop under load, every actor its own process, with
+ANTHROPIC_API_KEY set and `[llm] base_url` pointing at the fake. The fake is
+the scripted `GoodSre` of tests/fake_anthropic.py: it calls the investigation
+tools, then applies a hand-written rule table (the webshop runbooks'
+knowledge, written independently) to the symptoms it reads in the prompt and
+the tool answers. So this proves the plumbing (prompt, tools over the bus,
+forced diagnosis, validation, plan, governor, execution, verdict) with a
+model that reasons correctly; it says nothing about how well a real Claude
+diagnoses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_anthropic import GoodSre, fake_anthropic, is_summary
+from tests.harness import REPO, require_nats_server
+
+pytestmark = pytest.mark.e2e
+
+
+async def run_demo(tmp: Path, base_url: str, *args: str, key: str = "test"
+                   ) -> tuple[int, str]:
+    cfg = tmp / "user.toml"
+    cfg.write_text(f'[llm]\nbase_url = "{base_url}"\nmax_retries = 1\nretry_attempts = 0\n'
+                   "timeout_s = 5.0\nmax_wall_s = 20.0\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MENDERS_", "ANTHROPIC_"))}
+    env["MENDERS_CONFIG"] = str(cfg)
+    if key:
+        env["ANTHROPIC_API_KEY"] = key
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "actors", "demo", *args, env=env, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 150)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("fault,action", [
+    ("pool_exhaustion", "recycle_pool"),
+    ("bad_config", "rollback_config"),
+    ("cache_off", "enable_cache"),
+])
+async def test_webshop_fault_is_remediated_with_the_claude_diagnoser(
+        tmp_path: Path, fault: str, action: str) -> None:
+    require_nats_server()
+    sre = GoodSre()
+    async with fake_anthropic(sre) as fake:
+        code, out = await run_demo(tmp_path, fake.url, "--fault", fault, "--llm")
+    assert code == 0, out[-4000:]
+    assert "--llm: diagnosing with Claude (claude-sonnet-4-5 at http://127.0.0.1:" in out
+    assert "[claude " in out, out[-4000:]  # a diagnosis with source claude on the timeline
+    assert f"{action}:succeeded" in out
+    assert "diagnoses by source: claude 1" in out
+    investigations = [b for b in fake.requests if not is_summary(b)]
+    assert investigations and all(b["model"] == "claude-sonnet-4-5" for b in investigations)
+    # It investigated over the bus: the monitor answered the observation query.
+    assert any('"points":[' in str(b["messages"]) for b in investigations)
+
+
+async def test_demo_llm_says_clearly_when_it_cannot_use_claude(tmp_path: Path) -> None:
+    require_nats_server()
+    async with fake_anthropic(GoodSre()) as fake:
+        code, out = await run_demo(tmp_path, fake.url, "--fault", "pool_exhaustion", "--llm",
+                                   key="")
+    assert "--llm: cannot use Claude: ANTHROPIC_API_KEY is not set" in out
+    assert "diagnoses by source: runbook 1" in out and code == 0, out[-3000:]
+    assert fake.requests == []
