@@ -76,9 +76,11 @@ async def cmd_up(args: argparse.Namespace) -> int:
         await stack.wait_ready()
         assert stack.supervisor is not None
         ready = time.monotonic() - started
+        pids = stack.supervisor.pids()
         print(f"menders up: ready in {ready:.2f}s; NATS {stack.url}; "
               f"{len(stack.actors)} actors: "
-              + ", ".join(f"{n}={p}" for n, p in stack.supervisor.pids().items()),
+              + ", ".join(f"{n}={p}" for n, p in pids.items() if n in stack.actors)
+              + "".join(f"; {n} pid {p}" for n, p in pids.items() if n not in stack.actors),
               flush=True)
         if args.ready_only:
             return 0
