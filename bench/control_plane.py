@@ -4,9 +4,12 @@
 
 One nats-server (loopback, temp dir, the generated nats.conf) and the real
 diagnoser (runbook rules), planner, governor (execute mode) and executor, each
-its own process with its own credentials. The managed subject `bench` is a
-webshop-kind subject whose action endpoint is a local HTTP recorder that
-answers at once, so the number is the crew's, not the action's.
+its own process with its own credentials, plus the auditor: the runbook
+diagnoser asks the auditor's incident memory (`menders.query.audit.similar`)
+for similar past incidents before it answers, so the auditor is on the path.
+The managed subject `bench` is a webshop-kind subject whose action endpoint
+is a local HTTP recorder that answers at once, so the number is the crew's,
+not the action's.
 
 The bench publishes, as the detector user, an IncidentOpened whose symptoms
 match the webshop's `pool_leak` runbook rule (pool_utilization 0.97), waits
@@ -18,8 +21,12 @@ measures an idle pipeline, not a queue. The governor's rate limits, cooldown
 and concurrency cap are raised in the bench's config so that none vetoes.
 
 Latency = ExecutionStarted.ts - IncidentOpened.ts, both envelope stamps
-(time.time() in two processes of one host). The per-hop split uses the
-envelopes of the Diagnosis, Plan and ExecutionApproved between them.
+(time.time() in two processes of one host). `hops` splits it by the envelope
+stamps of the Diagnosis, Plan and ExecutionApproved between them; an envelope
+is stamped when its event is built, which may be before the producer's last
+I/O (the diagnoser builds its Diagnosis, then asks the incident memory), so
+`hops_by_arrival` splits it again by when each event reached the bench's own
+subscription (a core NATS subscriber on the same host).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class Tracker:
 
     def __init__(self) -> None:
         self.by_incident: dict[str, dict[type[m.Event], m.Event]] = {}
+        self.arrived: dict[str, dict[type[m.Event], float]] = {}  # when the bench got it
         self.changed = asyncio.Event()
 
     async def on_msg(self, msg: Any) -> None:
@@ -81,6 +89,7 @@ class Tracker:
         if isinstance(event, m.Heartbeat | m.Observation) or not event.incident_id:
             return
         self.by_incident.setdefault(event.incident_id, {}).setdefault(type(event), event)
+        self.arrived.setdefault(event.incident_id, {}).setdefault(type(event), time.time())
         self.changed.set()
 
     async def wait(self, incident: str, kind: type[m.Event], timeout: float) -> m.Event:
@@ -116,10 +125,10 @@ async def bench(n: int, warmup: int) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="menders-bench-cp-") as tmp:
             async with bench_bus(Path(tmp), config(recorder.url)) as bus:
-                for actor in ("governor", "executor", "planner", "diagnoser"):
+                actors = ("auditor", "governor", "executor", "planner", "diagnoser")
+                for actor in actors:
                     bus.spawn(actor)
-                await bus.wait_heartbeats({"governor": 1, "executor": 1, "planner": 1,
-                                           "diagnoser": 1})
+                await bus.wait_heartbeats(dict.fromkeys(actors, 1))
                 tracker = Tracker()
                 op = await bus.connect(catalog.OPERATOR)
                 await op.subscribe("menders.>", cb=tracker.on_msg)
@@ -147,6 +156,7 @@ def _result(tracker: Tracker, ids: list[str], n: int, warmup: int, calls: int,
     total: list[float] = []
     hops: dict[str, list[float]] = {"opened_to_diagnosis": [], "diagnosis_to_plan": [],
                                     "plan_to_approved": [], "approved_to_started": []}
+    arrival: dict[str, list[float]] = {k: [] for k in hops}
     statuses: dict[str, int] = {}
     chain = (m.IncidentOpened, m.Diagnosis, m.Plan, m.ExecutionApproved, m.ExecutionStarted)
     for iid in ids:
@@ -155,6 +165,8 @@ def _result(tracker: Tracker, ids: list[str], n: int, warmup: int, calls: int,
         for name, (a, b) in zip(hops, itertools.pairwise(chain), strict=True):
             if a in ev and b in ev:
                 hops[name].append(ev[b].ts - ev[a].ts)
+                got = tracker.arrived[iid]
+                arrival[name].append(got[b] - (ev[a].ts if a is m.IncidentOpened else got[a]))
         res = ev[m.ExecutionResult]
         assert isinstance(res, m.ExecutionResult)
         statuses[res.status] = statuses.get(res.status, 0) + 1
@@ -168,6 +180,7 @@ def _result(tracker: Tracker, ids: list[str], n: int, warmup: int, calls: int,
                   "action_endpoint": "local HTTP recorder (answers at once)"},
         "opened_to_started": lat,
         "hops": {k: summary_ms(v) for k, v in hops.items()},
+        "hops_by_arrival": {k: summary_ms(v) for k, v in arrival.items()},
         "execution_statuses": statuses,
         "action_calls_recorded": calls,
         "goal": {"metric": "opened_to_started.p99_ms", "at_most": GOAL_P99_MS,
