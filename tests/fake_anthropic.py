@@ -255,8 +255,8 @@ class GoodSre:
         for source, data in untrusted_blocks(body):
             if source == "recent_observations":
                 ups = [p for p in data.get("points", []) if p.get("up") and p.get("metrics")]
-                if ups:  # the freshest view of the subject wins over the snapshot
-                    symptoms.update(ups[-1]["metrics"])
+                if ups:  # fills gaps only: the snapshot at detection is the evidence
+                    symptoms = {**ups[-1]["metrics"], **symptoms}
             elif source == "recent_logs":
                 logs += data.get("lines", [])
             elif source == "similar_incidents":
