@@ -43,7 +43,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     from actors.registry import actor_class
-    from actors.runtime import Runtime
+    from actors.runtime import MetricsPortError, Runtime
 
     config = _load(args)
     logs.setup(args.actor, config.runtime.log_level)
@@ -56,6 +56,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         await rt.run(cls)
     except credentials.CredentialsError as exc:
         raise CliError(str(exc), EXIT_NATS) from None
+    except MetricsPortError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 

@@ -91,7 +91,7 @@ class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class LlmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The Claude diagnoser (used only when ANTHROPIC_API_KEY is set)."""
 
-    model: str = "claude-sonnet-4-5"
+    model: str = "claude-sonnet-4-6"
     summary_model: str = "claude-haiku-4-5"
     base_url: str = ""  # empty: the SDK's default (or ANTHROPIC_BASE_URL)
     max_turns: int = 6  # model calls per investigation; the last one must diagnose

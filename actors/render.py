@@ -40,6 +40,8 @@ def summary(event: m.Event) -> str:
             return f"{xid[:8]} {action} {status.upper()} {d}".rstrip()
         case m.Verdict(invariant=inv, passed=ok, reason=reason):
             return f"{'PASS' if ok else 'FAIL'} {inv}: {reason}"
+        case m.IncidentSummary(outcome=outcome, summary=text):
+            return f"[{outcome}] {text}"
         case m.HumanApproval(execution_id=xid, approved=ok, by=by):
             return f"{xid[:8]} {'approved' if ok else 'denied'} by {by}"
         case m.ControlCommand(command=cmd, mode=mode, execution_id=xid, by=by):

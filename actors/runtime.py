@@ -40,6 +40,10 @@ from bus_schemas.natsconf import inbox_prefix
 log = get_logger("menders.runtime")
 
 
+class MetricsPortError(RuntimeError):
+    """The actor's metrics port cannot be served (in use, or not allowed)."""
+
+
 class Reject(Exception):
     """Raised by a handler for input that can never succeed: dead-lettered at once."""
 
@@ -357,7 +361,13 @@ class Runtime:
             return
         port = rc.metrics_base_port + catalog.ACTORS.index(self.name)
         port = int(os.environ.get("MENDERS_METRICS_PORT", port))
-        self.metrics_port = self.metrics.serve(rc.metrics_host, port)
+        try:
+            self.metrics_port = self.metrics.serve(rc.metrics_host, port)
+        except OSError as exc:
+            raise MetricsPortError(
+                f"cannot serve metrics on {rc.metrics_host}:{port}: {exc.strerror}; set "
+                "[runtime] metrics_base_port or MENDERS_METRICS_PORT (0 picks a free port)"
+            ) from None
         log.info("metrics", extra={"port": self.metrics_port})
 
     def stop(self) -> None:
@@ -369,6 +379,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        # Fail fast on what a human must fix: credentials, then the metrics port.
+        credentials.password_for(self.name, self.config.home_dir)
         self.serve_metrics()
         await self.connect()
         actor = actor_cls(self)

@@ -130,7 +130,7 @@ async def test_investigation_asks_monitor_and_auditor_over_the_bus(
     assert '"ok":true' in logs["content"]  # no log file configured: no lines, no error
     assert "leak-before" in similar["content"] and "scale_pool" in similar["content"]
     assert all(r["content"].startswith('<untrusted-data source="') for r in (obs, logs, similar))
-    usage = next(e for e in d.evidence if e.startswith("claude claude-sonnet-4-5"))
+    usage = next(e for e in d.evidence if e.startswith("claude claude-sonnet-4-6"))
     assert "2 turn(s)" in usage
 
 

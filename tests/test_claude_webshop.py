@@ -61,12 +61,12 @@ async def test_webshop_fault_is_remediated_with_the_claude_diagnoser(
     async with fake_anthropic(sre) as fake:
         code, out = await run_demo(tmp_path, fake.url, "--fault", fault, "--llm")
     assert code == 0, out[-4000:]
-    assert "--llm: diagnosing with Claude (claude-sonnet-4-5 at http://127.0.0.1:" in out
+    assert "--llm: diagnosing with Claude (claude-sonnet-4-6 at http://127.0.0.1:" in out
     assert "[claude " in out, out[-4000:]  # a diagnosis with source claude on the timeline
     assert f"{action}:succeeded" in out
     assert "diagnoses by source: claude 1" in out
     investigations = [b for b in fake.requests if not is_summary(b)]
-    assert investigations and all(b["model"] == "claude-sonnet-4-5" for b in investigations)
+    assert investigations and all(b["model"] == "claude-sonnet-4-6" for b in investigations)
     # It investigated over the bus: the monitor answered the observation query.
     assert any('"points":[' in str(b["messages"]) for b in investigations)
 

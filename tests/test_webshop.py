@@ -243,7 +243,7 @@ async def test_upstream_down_is_cured_by_no_action(shop: Shop) -> None:
 
 
 @pytest.mark.parametrize(("action", "params", "needle"), [
-    ("scale_pool", {"size": 0}, "1..64"),
+    ("scale_pool", {"size": 0}, ">= 1"),  # the schema itself bounds it
     ("scale_pool", {"size": "big"}, "size"),
     ("scale_pool", {}, "size"),
     ("recycle_pool", {"force": True}, "force"),

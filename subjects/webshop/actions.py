@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from subjects.base import ActionSpec, NoParams
 
+MIN_POOL_SIZE = 1
+MAX_POOL_SIZE = 64
+
 
 class ScalePoolParams(msgspec.Struct, forbid_unknown_fields=True):
-    size: int
+    # Bounded in the schema itself, so no proposal (an LLM's included) can ask for more.
+    size: Annotated[int, msgspec.Meta(ge=MIN_POOL_SIZE, le=MAX_POOL_SIZE)]
 
 
 class RollbackConfigParams(msgspec.Struct, forbid_unknown_fields=True):
     version: str = "last_good"
 
 
-MIN_POOL_SIZE = 1
-MAX_POOL_SIZE = 64
 CONFIG_VERSIONS = ("last_good", "v1", "v2")
 
 ACTIONS: dict[str, ActionSpec] = {
