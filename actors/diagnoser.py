@@ -16,14 +16,12 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import nats.errors
 
 import subjects
-from actors.llm.client import LlmClient, LlmUnavailable
-from actors.llm.summary import Summarizer
 from actors.memory import PastIncident, SimilarQuery
 from actors.runbook import RunbookDiagnoser, check_rules, no_match
 from actors.runtime import Actor, Delivery, Reject, Runtime
@@ -36,6 +34,9 @@ from bus_schemas.messages import (
     IncidentResolved,
 )
 from subjects.base import SubjectDefinition
+
+if TYPE_CHECKING:  # the anthropic SDK is imported only when a key is set: ~50 MB RSS
+    from actors.llm.summary import Summarizer
 
 log = logging.getLogger("menders.diagnoser")
 
@@ -87,6 +88,8 @@ def make_diagnoser(rt: Runtime | None = None) -> tuple[Diagnoser, Summarizer | N
     if rt is None or not key:
         return runbooks, None
     from actors.llm.claude import ClaudeDiagnoser
+    from actors.llm.client import LlmClient
+    from actors.llm.summary import Summarizer
     from actors.llm.usage import LlmMetrics
 
     cfg = rt.config.llm
@@ -149,6 +152,8 @@ class DiagnoserActor(Actor):
     async def _summarize(self, event: IncidentResolved | IncidentEscalated) -> Sequence[Event]:
         if self.summarizer is None or not event.incident_id:
             return ()  # no key: the record has no summaries, nothing else changes
+        from actors.llm.client import LlmUnavailable
+
         try:
             summary = await self.summarizer.summarize(event)
         except LlmUnavailable as exc:
@@ -159,7 +164,7 @@ class DiagnoserActor(Actor):
 
     async def teardown(self) -> None:
         client = getattr(self.diagnoser, "client", None)
-        if isinstance(client, LlmClient):
+        if client is not None:
             await client.close()
 
 
