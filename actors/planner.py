@@ -16,7 +16,12 @@ under way for another open incident of the same subject *follows* that
 leader: it gets a Plan with no steps and `follows` set, and runs nothing. If
 the leader escalates, its followers escalate with it; if the leader's fix
 verifies, each follower has `follow_grace_s` to resolve by itself and is then
-planned on its own, without the action that already ran. The per-subject
+planned on its own, without the action that already ran. Likewise, an
+incident diagnosed while another fix of the subject is being verified, whose
+diagnosis names a different fix or asks for a human, waits for that change
+to settle (symptoms just after a fix often still carry the fault it fixed):
+it is judged on its own after the grace, or at once if the change failed.
+The per-subject
 record of leaders and followers lives in the same bucket (key
 `subject.<name>`), and a background loop plans the followers whose grace
 ran out.
@@ -82,6 +87,7 @@ class IncidentState(msgspec.Struct, frozen=True, kw_only=True):
     alternatives: list[RecommendedAction] = []  # not tried yet, best first
     closed: str = ""  # "" while open; resolved | verified | escalated
     follows: str = ""  # the leader incident whose remediation this one waits on
+    wants_human: str = ""  # the diagnosis asked for a human: the escalation reason, kept
     reason: str = ""  # why it closed
     seen: list[str] = []  # ids of the inputs already applied
     last_input: str = ""
@@ -96,6 +102,9 @@ class SubjectIndex(msgspec.Struct, kw_only=True):
     followers: dict[str, str] = {}  # follower incident id -> leader incident id
     waiting: dict[str, float] = {}  # follower whose leader verified -> plan it after this
     done_action: dict[str, str] = {}  # waiting follower -> the action that already ran
+    # Followers that wait for a *different* remediation to settle (their own diagnosis
+    # named another fix, or none): they do not escalate with the leader.
+    settling: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -220,17 +229,17 @@ def _plan(state: IncidentState, cause: Event, rec: RecommendedAction, spec: Acti
     return Step(new, [plan])
 
 
-def follow(state: IncidentState, diagnosis: Diagnosis, first: Plan, leader: str) -> Step:
-    """Turn a would-be first plan into one that follows `leader`'s remediation."""
-    action = first.steps[0].action
+def follow(state: IncidentState, diagnosis: Diagnosis, leader: str, why: str) -> Step:
+    """Instead of planning now, wait on `leader`'s remediation of the same subject."""
     plan_id = derive_id("follows", state.incident_id, leader)
     plan = Plan(id=plan_id, incident_id=state.incident_id, causation_id=diagnosis.id,
                 subject=state.subject, plan_id=plan_id, invariant=state.invariant, attempt=0,
-                steps=[], follows=leader,
-                rationale=f"{action} is already under way for incident {leader}: "
-                          "one cause, one fix")
+                steps=[], follows=leader, rationale=why)
+    wants_human = (f"the diagnosis asks for a human: {diagnosis.hypothesis}"
+                   if diagnosis.escalate else "")
     new = msgspec.structs.replace(state, follows=leader, attempt=0, plan_id="", action="",
-                                  alternatives=list(diagnosis.actions))
+                                  alternatives=list(diagnosis.actions), closed="", reason="",
+                                  wants_human=wants_human)
     return Step(new, [plan])
 
 
@@ -243,8 +252,11 @@ def plan_on_own(state: IncidentState, done_action: str, cause: Event, rules: Rul
     """A follower whose leader's fix verified but which did not resolve: its own plan."""
     rest = [a for a in state.alternatives if a.action != done_action]
     state = msgspec.structs.replace(state, follows="", alternatives=rest)
-    return _next(state, cause, f"{done_action} fixed incident {cause.incident_id} "
-                 "but not this one", rules)
+    if state.wants_human:
+        return _escalate(state, cause, "diagnosis", state.wants_human)
+    why = (f"{done_action} settled on incident {cause.incident_id} but this one stayed broken"
+           if done_action else f"incident {cause.incident_id}'s remediation did not settle")
+    return _next(state, cause, why, rules)
 
 
 def _escalate(state: IncidentState, cause: Event, category: str, reason: str) -> Step:
@@ -338,14 +350,24 @@ class Planner(Actor):
         others: list[Output] = []
         incident = st.incident_id
         plan = next((e for e in step.events if isinstance(e, Plan)), None)
-        if plan is not None and isinstance(event, Diagnosis) and plan.attempt == 1:
-            action = plan.steps[0].action
-            leader = next((i for i, a in index.leaders.items()
-                           if a == action and i != incident), None)
-            if leader is not None:
-                step = follow(st, event, plan, leader)
+        if isinstance(event, Diagnosis) and (plan is not None or step.state.closed):
+            action = plan.steps[0].action if plan is not None else ""
+            others_active = {i: a for i, a in index.leaders.items() if i != incident}
+            same = next((i for i, a in others_active.items() if a == action), None)
+            if same is not None:
+                step = follow(st, event, same, f"{action} is already under way for incident "
+                                               f"{same}: one cause, one fix")
+                index.followers[incident] = same
+            elif others_active:
+                # A change is being verified on this subject: symptoms seen now may be its
+                # tail. Let it settle before piling a second change (or a page) on top.
+                leader, running = next(iter(others_active.items()))
+                what = f"{action}" if action else "a human"
+                step = follow(st, event, leader, f"{running} on incident {leader} is settling; "
+                                                 f"{what} waits for it")
                 index.followers[incident] = leader
-            else:
+                index.settling.append(incident)
+            elif plan is not None:
                 index.leaders[incident] = action
         elif plan is not None and incident in index.leaders:
             index.leaders[incident] = plan.steps[0].action
@@ -353,13 +375,19 @@ class Planner(Actor):
             index.followers.pop(incident, None)
             index.waiting.pop(incident, None)
             index.done_action.pop(incident, None)
+            if incident in index.settling:
+                index.settling.remove(incident)
             if index.leaders.pop(incident, None) is not None:
                 mine = [f for f, lead in index.followers.items() if lead == incident]
                 for f in mine:
                     del index.followers[f]
-                    if step.state.closed == "escalated":
+                    settling = f in index.settling
+                    if step.state.closed == "escalated" and not settling:
                         esc = next(e for e in step.events if isinstance(e, IncidentEscalated))
                         others += await self._escalate_follower(f, esc)
+                    elif step.state.closed == "escalated":
+                        index.waiting[f] = time.time()  # the change settled badly: own plan now
+                        index.done_action[f] = ""
                     else:
                         index.waiting[f] = time.time() + self.config.planner.follow_grace_s
                         index.done_action[f] = st.action
@@ -397,6 +425,8 @@ class Planner(Actor):
         for f in due:
             done = index.done_action.pop(f, "")
             del index.waiting[f]
+            if f in index.settling:
+                index.settling.remove(f)
             key = state_key(f)
             state, srev = await self._load(key)
             if state is None or state.closed:
