@@ -237,6 +237,11 @@ def apply_memory(d: Diagnosis, incident: IncidentOpened, past: Sequence[PastInci
     if d.escalate and d.confidence > 0:
         return d  # a rule that asks for a human (no action restores it) wins
     for p in verified_before(past, incident.invariant, incident.symptoms):
+        if d.actions and p.hypothesis != d.hypothesis:
+            # Similar numbers, another diagnosis (slow replica vs cache off both raise
+            # latency): experience reorders the fixes of the same cause, never overrides
+            # the evidence that names a different one.
+            continue
         kept, _ = vet_actions([RecommendedAction(
             action=p.verified_action, params=p.verified_params,
             rationale=f"verified fix of similar incident {p.incident_id[:8]}")], actions)
