@@ -106,7 +106,6 @@ class DiagnoserActor(Actor):
         self.diagnoser, self.summarizer = make_diagnoser(self.rt)
         log.info("diagnoser ready", extra={"source": self.diagnoser.source,
                                            "summaries": self.summarizer is not None})
-        self._definitions: dict[str, SubjectDefinition] = {}
         metrics = self.rt.metrics
         self.diagnoses = metrics.counter(
             "menders_diagnoses", "Diagnoses made, by source and outcome "
@@ -119,14 +118,7 @@ class DiagnoserActor(Actor):
                     log.error("bad runbook rule", extra={"subject": name, "problem": problem})
 
     def _definition(self, subject: str) -> SubjectDefinition | None:
-        cfg = self.config.subjects.get(subject)
-        kind = cfg.kind if cfg is not None else subject
-        if kind not in self._definitions:
-            try:
-                self._definitions[kind] = subjects.load(kind)
-            except KeyError:
-                return None
-        return self._definitions[kind]
+        return subjects.definition_for(self.config, subject)
 
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
         if isinstance(event, IncidentResolved | IncidentEscalated):

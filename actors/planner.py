@@ -63,7 +63,7 @@ from bus_schemas.messages import (
     RecommendedAction,
     Verdict,
 )
-from subjects.base import ActionError, ActionSpec, SubjectDefinition
+from subjects.base import ActionError, ActionSpec
 
 log = logging.getLogger("menders.planner")
 
@@ -281,7 +281,6 @@ class Planner(Actor):
     async def setup(self) -> None:
         assert self.rt.js is not None
         self.kv: KeyValue = await self.rt.js.key_value(catalog.PLANNER_BUCKET)
-        self._definitions: dict[str, SubjectDefinition | None] = {}
         self.rules = Rules(self.config.planner.max_attempts, self._spec)
         self.lock = asyncio.Lock()  # the consumer and the grace loop share the index
         metrics = self.rt.metrics
@@ -298,14 +297,7 @@ class Planner(Actor):
         await self.webhook.close()
 
     def _spec(self, subject: str, action: str) -> ActionSpec | None:
-        cfg = self.config.subjects.get(subject)
-        kind = cfg.kind if cfg is not None else subject
-        if kind not in self._definitions:
-            try:
-                self._definitions[kind] = subjects.load(kind)
-            except KeyError:
-                self._definitions[kind] = None
-        definition = self._definitions[kind]
+        definition = subjects.definition_for(self.config, subject)
         return definition.actions.get(action) if definition is not None else None
 
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:

@@ -169,8 +169,7 @@ class Verifier(Actor):
         self.kv = await self.rt.js.key_value(catalog.VERIFIER_BUCKET)
 
     def _definition(self, subject: str) -> SubjectDefinition | None:
-        cfg = self.config.subjects.get(subject)
-        return subjects.load(cfg.kind) if cfg is not None else None
+        return subjects.definition_for(self.config, subject)
 
     def _window(self, subject: str) -> SubjectWindow:
         return self.windows.setdefault(subject, SubjectWindow())

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from subjects.base import SubjectDefinition
+
+if TYPE_CHECKING:
+    from actors.config import Config
 
 
 def load(kind: str) -> SubjectDefinition:
@@ -12,3 +17,18 @@ def load(kind: str) -> SubjectDefinition:
 
         return DEFINITION
     raise KeyError(f"unknown subject kind {kind!r}; known: webshop")
+
+
+def definition_for(config: Config, subject: str) -> SubjectDefinition | None:
+    """The definition of a configured managed subject; None for one not configured.
+
+    Actors act only on the subjects in their config: an event about any other
+    is not theirs to judge (fail closed), whatever its name suggests.
+    """
+    cfg = config.subjects.get(subject)
+    if cfg is None:
+        return None
+    try:
+        return load(cfg.kind)
+    except KeyError:
+        return None
