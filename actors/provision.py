@@ -76,36 +76,16 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> ProvisionReport:
             existed = False
         await js.add_consumer(c.stream, consumer_config(c))
         (report.updated if existed else report.created).append(f"consumer {c.stream}/{c.durable}")
-    buckets = {
-        catalog.GOVERNOR_BUCKET: api.KeyValueConfig(
-            bucket=catalog.GOVERNOR_BUCKET, history=10, storage=api.StorageType.FILE,
-            replicas=replicas, description="Governor state: mode, kill switch, revocations",
-        ),
-        catalog.EXEC_LEDGER_BUCKET: api.KeyValueConfig(
-            bucket=catalog.EXEC_LEDGER_BUCKET, history=5, storage=api.StorageType.FILE,
-            replicas=replicas, ttl=30 * 24 * 3600,
-            description="Executor claims: each execution's effect at most once",
-        ),
-        catalog.PLANNER_BUCKET: api.KeyValueConfig(
-            bucket=catalog.PLANNER_BUCKET, history=5, storage=api.StorageType.FILE,
-            replicas=replicas, ttl=30 * 24 * 3600,
-            description="Planner state: plan attempts and alternatives per incident",
-        ),
-        catalog.DETECTOR_BUCKET: api.KeyValueConfig(
-            bucket=catalog.DETECTOR_BUCKET, history=5, storage=api.StorageType.FILE,
-            replicas=replicas, description="Detector state: open incidents, invariant timers",
-        ),
-        catalog.VERIFIER_BUCKET: api.KeyValueConfig(
-            bucket=catalog.VERIFIER_BUCKET, history=1, storage=api.StorageType.FILE,
-            replicas=replicas, ttl=7 * 24 * 3600,
-            description="Verifier: each incident's subject and invariant",
-        ),
-    }
-    for name, kv_cfg in buckets.items():
+    for b in catalog.KV_BUCKETS:
         try:
-            await js.key_value(name)
-            report.updated.append(f"kv {name} (kept)")
+            await js.key_value(b.name)
+            report.updated.append(f"kv {b.name} (kept)")
         except BucketNotFoundError:
-            await js.create_key_value(kv_cfg)
-            report.created.append(f"kv {name}")
+            await js.create_key_value(kv_config(b, replicas))
+            report.created.append(f"kv {b.name}")
     return report
+
+
+def kv_config(b: catalog.KvBucket, replicas: int = 1) -> api.KeyValueConfig:
+    return api.KeyValueConfig(bucket=b.name, history=b.history, storage=api.StorageType.FILE,
+                              replicas=replicas, ttl=b.ttl_s or None, description=b.description)

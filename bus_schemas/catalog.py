@@ -44,6 +44,14 @@ class Stream:
 
 
 @dataclass(frozen=True)
+class KvBucket:
+    name: str
+    history: int
+    description: str
+    ttl_s: float = 0.0  # 0: entries never expire
+
+
+@dataclass(frozen=True)
 class BusSubject:
     pattern: str  # with {subject}/{actor}/{outcome}/... placeholders
     schema: type[m.Event]
@@ -115,6 +123,17 @@ STREAMS: tuple[Stream, ...] = (
         description="The last heartbeat of each actor, for `menders status`.",
         duplicate_window_s=1.0,
     ),
+)
+
+KV_BUCKETS: tuple[KvBucket, ...] = (
+    KvBucket(GOVERNOR_BUCKET, 10, "Governor state: mode, kill switch, revocations"),
+    KvBucket(EXEC_LEDGER_BUCKET, 5, "Executor claims: each execution's effect at most once",
+             ttl_s=30 * 24 * 3600),
+    KvBucket(PLANNER_BUCKET, 5, "Planner state: plan attempts and alternatives per incident",
+             ttl_s=30 * 24 * 3600),
+    KvBucket(DETECTOR_BUCKET, 5, "Detector state: open incidents, invariant timers"),
+    KvBucket(VERIFIER_BUCKET, 1, "Verifier: each incident's subject and invariant",
+             ttl_s=7 * 24 * 3600),
 )
 
 BUS_SUBJECTS: tuple[BusSubject, ...] = (

@@ -136,3 +136,10 @@ def test_admin_is_the_only_unrestricted_user() -> None:
     text = natsconf.render()
     admin_block = text[text.index(f"user: {catalog.ADMIN}\n"):]
     assert "permissions" not in admin_block.split("}")[0]
+
+
+def test_every_kv_bucket_with_rights_is_provisioned_and_has_a_writer() -> None:
+    provisioned = {b.name for b in catalog.KV_BUCKETS}
+    with_rights = set(catalog.KV_WRITERS) | set(catalog.KV_READERS) | set(catalog.KV_WATCHERS)
+    assert with_rights == provisioned
+    assert all(catalog.KV_WRITERS.get(b) for b in provisioned)
