@@ -138,7 +138,8 @@ def demo_config(home: Path, service_port: int, nats_port: int, metrics_base: int
         "\n" + llm_section(llm) if llm is not None else "")
 
 
-def demo_body(home: Path, service_port: int, nats_port: int, metrics_base: int) -> str:
+def demo_body(home: Path, service_port: int, nats_port: int, metrics_base: int,
+              mode: str = "execute") -> str:
     return f"""\
 home = "{home}"
 
@@ -149,7 +150,7 @@ port = {nats_port}
 metrics_base_port = {metrics_base}
 
 [governor]
-mode = "execute"
+mode = "{mode}"
 max_per_subject_per_minute = 20
 max_per_minute = 40
 

@@ -27,7 +27,7 @@ import pytest
 from nats.aio.client import Client
 
 from actors.config import load
-from actors.demo import FAULTS
+from actors.demo import FAULTS, demo_body
 from actors.natsserver import free_port
 from actors.stack import Stack
 from bus_schemas import catalog
@@ -165,28 +165,8 @@ class Running:
 
 
 def stack_config(home: Path, mode: str) -> str:
-    return f"""\
-home = "{home}"
-
-[nats]
-port = {free_port()}
-
-[runtime]
-metrics_base_port = 0
-
-[governor]
-mode = "{mode}"
-max_per_subject_per_minute = 20
-max_per_minute = 40
-
-[verifier]
-stable_window_s = 3.0
-deadline_s = 20.0
-
-[subjects.{SUBJECT}]
-url = "http://127.0.0.1:{free_port()}"
-scrape_interval_s = 1.0
-"""
+    """The demo's own config, in the given governor mode, metrics ports picked freely."""
+    return demo_body(home, free_port(), free_port(), 0, mode=mode)
 
 
 @contextlib.asynccontextmanager
