@@ -22,6 +22,7 @@ from pathlib import Path
 import nats
 import nats.errors
 
+from actors.supervisor import die_with_parent
 from bus_schemas import catalog, natsconf
 
 MIN_VERSION = (2, 10, 0)
@@ -123,8 +124,12 @@ class EmbeddedNats:
         log = open(self.log_path, "ab")  # noqa: ASYNC230
         cmd = [self.binary, "-c", str(conf), "-a", self.host, "-p", str(self.port),
                "-sd", str(self.store_dir), "-js"]
+        # Its own session (Ctrl-C reaches only its owner, which stops it in order), and it
+        # dies with its owner (PR_SET_PDEATHSIG): a killed owner leaves no orphan server.
+        on_linux = sys.platform == "linux"
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=log,  # noqa: ASYNC220
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=die_with_parent if on_linux else None)
         log.close()
         await self.wait_ready(timeout)
 
