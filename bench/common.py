@@ -46,6 +46,18 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "loadavg_at_start": load}
 
 
+def subject_config(subject: str, url: str, *, embedded: bool = False, extra: str = "") -> str:
+    """A bench's TOML config: quiet logs, no metrics ports, one webshop-kind subject at `url`.
+
+    `extra` is inserted as whole sections (e.g. a [governor] block); for an embedded
+    subject the scrape runs every second, as in the demo.
+    """
+    scrape = "scrape_interval_s = 1.0\n" if embedded else ""
+    return (f'[runtime]\nmetrics_base_port = 0\nlog_level = "WARNING"\n\n{extra}'
+            f'[subjects.{subject}]\nkind = "webshop"\nurl = "{url}"\n{scrape}'
+            f"embedded = {'true' if embedded else 'false'}\n")
+
+
 def pct(xs: list[float], p: float) -> float:
     """Nearest-rank percentile of an unsorted list (the same rule as runtime_vs_raw)."""
     s = sorted(xs)

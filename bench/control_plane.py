@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import itertools
 
-from common import Recorder, bench_bus, machine, summary_ms, write_result
+from common import Recorder, bench_bus, machine, subject_config, summary_ms, write_result
 
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
@@ -54,11 +54,8 @@ PER_INCIDENT_TIMEOUT_S = 15.0
 
 
 def config(recorder_url: str) -> str:
-    return f"""\
-[runtime]
-metrics_base_port = 0
-log_level = "WARNING"
-
+    # Limits out of the way: the bench measures latency, not the governor's vetoes.
+    return subject_config(SUBJECT, recorder_url, extra="""\
 [governor]
 mode = "execute"
 max_per_subject_per_minute = 1000000
@@ -66,11 +63,7 @@ max_per_minute = 1000000
 action_cooldown_s = 0.0
 max_concurrent = 1000
 
-[subjects.{SUBJECT}]
-kind = "webshop"
-url = "{recorder_url}"
-embedded = false
-"""
+""")
 
 
 class Tracker:

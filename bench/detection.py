@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
-from common import REPO, bench_bus, machine, summary_ms, write_result
+from common import REPO, bench_bus, machine, subject_config, summary_ms, write_result
 
 from actors.natsserver import free_port
 from bus_schemas import catalog, codec
@@ -57,17 +57,7 @@ SPEC = {i.name: i for i in INVARIANTS}
 
 
 def config(url: str) -> str:
-    return f"""\
-[runtime]
-metrics_base_port = 0
-log_level = "WARNING"
-
-[subjects.{SUBJECT}]
-kind = "webshop"
-url = "{url}"
-scrape_interval_s = 1.0
-embedded = true
-"""
+    return subject_config(SUBJECT, url, embedded=True)
 
 
 class Watch:

@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
-from common import Recorder, bench_bus, machine, summary_ms, write_result
+from common import Recorder, bench_bus, machine, subject_config, summary_ms, write_result
 
 from actors import operator
 from actors.governor_state import KILL_KEY, MODE_KEY, KillFlag, read_kill
@@ -52,16 +52,7 @@ MAX_APPROVALS_PER_ROUND = 8
 
 
 def config(recorder_url: str) -> str:
-    return f"""\
-[runtime]
-metrics_base_port = 0
-log_level = "WARNING"
-
-[subjects.{SUBJECT}]
-kind = "webshop"
-url = "{recorder_url}"
-embedded = false
-"""
+    return subject_config(SUBJECT, recorder_url)
 
 
 class Results:
