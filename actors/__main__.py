@@ -1,3 +1,3 @@
-from actors.cli import main
+from actors.cli.main import main
 
 raise SystemExit(main())

@@ -30,8 +30,9 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from actors import credentials, provision  # noqa: E402
-from actors.natsserver import EmbeddedNats  # noqa: E402
+from actors.runtime import credentials  # noqa: E402
+from actors.stack import provision  # noqa: E402
+from actors.stack.natsserver import EmbeddedNats  # noqa: E402
 from bus_schemas import catalog, codec  # noqa: E402
 from bus_schemas import messages as m  # noqa: E402
 from bus_schemas.natsconf import inbox_prefix, password_env  # noqa: E402

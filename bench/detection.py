@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp
 from common import REPO, bench_bus, machine, subject_config, summary_ms, write_result
 
-from actors.natsserver import free_port
+from actors.stack.natsserver import free_port
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from subjects.webshop.invariants import INVARIANTS

@@ -13,7 +13,7 @@ Each round:
    until every executor process holds at least one running execution. Which
    process holds which is read from the executor ledger (its `owner`); an
    execution counts as running once the blocking endpoint has its request.
-2. It engages the kill switch as the operator does (`actors.operator.engage_kill`:
+2. It engages the kill switch as the operator does (`actors.cli.operator.engage_kill`:
    the KV flag, written directly, stamped `at`).
 3. It waits for every execution's ExecutionResult (status `cancelled`) and
    takes `finished_at - at` for each: the time for the flag to reach that
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import msgspec
 from common import Recorder, bench_bus, machine, subject_config, summary_ms, write_result
 
-from actors import operator
-from actors.governor_state import KILL_KEY, MODE_KEY, KillFlag, read_kill
-from actors.ledger import LedgerEntry
+from actors.cli import operator
+from actors.executor.ledger import LedgerEntry
+from actors.runtime.governor_kv import KILL_KEY, MODE_KEY, KillFlag, read_kill
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 
@@ -158,7 +158,7 @@ async def bench(executors: int, rounds: int) -> dict[str, Any]:
         "machine": machine(),
         "setup": {"executors": executors, "rounds": rounds,
                   "running_executions_per_round": summary_counts(approvals_needed),
-                  "kill_by": "actors.operator.engage_kill (the operator writes the KV flag)"},
+                  "kill_by": "actors.cli.operator.engage_kill (the operator writes the KV flag)"},
         "every_executor_stopped": rnd,
         "per_execution": summary_ms(per_exec),
         "result_statuses": statuses,

@@ -6,7 +6,7 @@ One nats-server (started here, loopback, temp dir, the generated nats.conf),
 one publisher (this process) and, in turn, two consumer processes:
 
 raw      nats-py only: pull_subscribe_bind, fetch(64), ack; the admin user, its own stream.
-runtime  the real actors.runtime.Runtime under the diagnoser's name and credentials, its
+runtime  the real actors.runtime.process.Runtime under the diagnoser's name and credentials, its
          real durable, typed msgspec decode of IncidentOpened, the real handler path.
 
 Throughput: N messages are queued first, then the consumer starts; the rate is
@@ -105,8 +105,7 @@ async def raw_consumer(url: str, password: str, n: int, k: int, out: str) -> Non
 
 
 def runtime_consumer(n: int, k: int, out: str) -> None:
-    from actors import config, logs
-    from actors.runtime import Actor, Delivery, Runtime, follow_id
+    from actors.runtime import Actor, Delivery, Runtime, config, follow_id, logs
     from bus_schemas import messages as m
 
     res = Results(n, k, out)
@@ -210,8 +209,9 @@ def _pct(xs: list[float], p: float) -> float:
 
 async def bench(n: int, k: int) -> dict[str, Any]:
     sys.path.insert(0, str(REPO))
-    from actors import credentials, provision
-    from actors.natsserver import EmbeddedNats
+    from actors.runtime import credentials
+    from actors.stack import provision
+    from actors.stack.natsserver import EmbeddedNats
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="menders-bench-") as tmp:

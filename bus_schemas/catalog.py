@@ -1,6 +1,6 @@
 """The one catalog of bus subjects, streams, consumers and KV buckets.
 
-nats.conf permissions (bus_schemas.natsconf), provisioning (actors.provision),
+nats.conf permissions (bus_schemas.natsconf), provisioning (actors.stack.provision),
 decoders (bus_schemas.codec) and docs all follow from these tables; nothing
 else spells a bus subject string.
 """

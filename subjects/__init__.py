@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from subjects.base import SubjectDefinition
 
 if TYPE_CHECKING:
-    from actors.config import Config
+    from actors.runtime.config import Config
 
 
 def load(kind: str) -> SubjectDefinition:

@@ -15,8 +15,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-from actors import config, logs
-from actors.runtime import Actor, Delivery, Runtime
+from actors.runtime import Actor, Delivery, Runtime, config, logs
 from bus_schemas.messages import Event
 
 NAME = os.environ.get("FIXTURE_ACTOR", "diagnoser")

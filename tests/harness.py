@@ -24,8 +24,9 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
-from actors import credentials, provision
-from actors.natsserver import EmbeddedNats, NatsServerError, find_binary
+from actors.runtime import credentials
+from actors.stack import provision
+from actors.stack.natsserver import EmbeddedNats, NatsServerError, find_binary
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix, password_env

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors.audit_store import GENESIS, AuditError, AuditStore, row_hash
+from actors.auditor.store import GENESIS, AuditError, AuditStore, row_hash
 from bus_schemas import codec
 from bus_schemas import messages as m
 

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from actors.audit_store import AuditStore
+from actors.auditor.store import AuditStore
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.harness import REPO, ActorProc, Bus

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from actors.config import LlmConfig
-from actors.llm.claude import ClaudeDiagnoser
-from actors.llm.client import LlmClient
-from actors.llm.prompt import OPEN
-from actors.llm.usage import LlmMetrics
-from actors.metrics import ActorMetrics
-from actors.runbook import RunbookDiagnoser
+from actors.diagnoser.llm.claude import ClaudeDiagnoser
+from actors.diagnoser.llm.client import LlmClient
+from actors.diagnoser.llm.prompt import OPEN
+from actors.diagnoser.llm.usage import LlmMetrics
+from actors.diagnoser.runbook import RunbookDiagnoser
+from actors.runtime.config import LlmConfig
+from actors.runtime.metrics import ActorMetrics
 from bus_schemas import messages as m
 from subjects import load
 from tests.fake_anthropic import (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.natsserver import free_port
+from actors.stack.natsserver import free_port
 from bus_schemas import catalog
 from bus_schemas.natsconf import password_env
 from tests.harness import REPO, Bus

@@ -29,8 +29,9 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from actors import credentials, provision
-from actors.natsserver import free_port
+from actors.runtime import credentials
+from actors.stack import provision
+from actors.stack.natsserver import free_port
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix, password_env

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors import config as cfg
+from actors.runtime import config as cfg
 
 
 def test_no_file_gives_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,8 +33,8 @@ from typing import Any
 
 import pytest
 
-from actors import config as config_mod
-from actors.natsserver import free_port
+from actors.runtime import config as config_mod
+from actors.stack.natsserver import free_port
 from bus_schemas import catalog
 from bus_schemas.natsconf import password_env
 from tests.harness import REPO, Bus
@@ -249,7 +249,7 @@ _SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",),
 def defined_metrics() -> dict[str, set[str]]:
     """Every exposed series name defined with prometheus-client in the code -> its labels."""
     out: dict[str, set[str]] = {}
-    sources = [*REPO.glob("actors/*.py"), *REPO.glob("subjects/**/*.py")]
+    sources = [*REPO.glob("actors/**/*.py"), *REPO.glob("subjects/**/*.py")]
     for path in sources:
         text = path.read_text()
         for kind, name, _doc, labels in _DEFINE.findall(text):

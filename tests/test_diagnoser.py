@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from actors import runbook
+from actors.diagnoser import runbook
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from subjects.base import RunbookRule, SubjectDefinition

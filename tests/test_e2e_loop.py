@@ -26,10 +26,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from actors.config import load
-from actors.demo import FAULTS, demo_body
-from actors.natsserver import free_port
-from actors.stack import Stack
+from actors.cli.demo import FAULTS, demo_body
+from actors.runtime.config import load
+from actors.stack.natsserver import free_port
+from actors.stack.up import Stack
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix

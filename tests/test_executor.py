@@ -16,8 +16,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from actors import operator
-from actors.ledger import Ledger, LedgerConflict, LedgerEntry
+from actors.cli import operator
+from actors.executor.ledger import Ledger, LedgerConflict, LedgerEntry
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.harness import Bus, Collector

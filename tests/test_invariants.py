@@ -1,4 +1,4 @@
-"""Unit tests of the pure invariant evaluation (actors.invariants)."""
+"""Unit tests of the pure invariant evaluation (subjects.invariants)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import invariants as inv
+from subjects import invariants as inv
 from subjects.base import InvariantSpec
 
 P99 = InvariantSpec(name="latency_p99", metric="p99_ms", description="p99 < 250 ms",

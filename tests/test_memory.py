@@ -9,8 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors import runbook
-from actors.memory import (
+from actors.auditor.memory import (
     IncidentMemory,
     PastIncident,
     SimilarQuery,
@@ -19,6 +18,7 @@ from actors.memory import (
     match_expression,
     symptom_similarity,
 )
+from actors.diagnoser import runbook
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from subjects import load

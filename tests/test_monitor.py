@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from actors.monitor import sanitize
+from actors.monitor.actor import sanitize
 from bus_schemas import messages as m
 from tests.harness import REPO, Bus
 from tests.test_detector import webshop

@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from actors import policy
-from actors.config import GovernorConfig
+from actors.governor import policy
+from actors.runtime.config import GovernorConfig
 from bus_schemas.messages import Mode, PlanStep
 from subjects.base import ActionSpec, NoParams
 

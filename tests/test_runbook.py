@@ -7,7 +7,7 @@ import math
 import msgspec
 import pytest
 
-from actors.runbook import (
+from actors.diagnoser.runbook import (
     ConditionError,
     RunbookDiagnoser,
     check_rules,

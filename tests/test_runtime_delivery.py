@@ -23,8 +23,8 @@ import pytest
 from nats.js import api
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.config import RuntimeConfig
-from actors.provision import consumer_config
+from actors.runtime.config import RuntimeConfig
+from actors.stack.provision import consumer_config
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.harness import REPO, ActorProc, Bus

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.config import SupervisorConfig
-from actors.natsserver import free_port
-from actors.supervisor import ChildSpec, GaveUp, Supervisor, child_env
+from actors.runtime.config import SupervisorConfig
+from actors.stack.natsserver import free_port
+from actors.stack.supervisor import ChildSpec, GaveUp, Supervisor, child_env
 from bus_schemas import catalog
 from tests.harness import REPO, require_nats_server
 

@@ -1,0 +1,326 @@
+"""The `menders` command line.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad usage or config,
+3 NATS unreachable or refused us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from actors.cli import operator
+from actors.runtime import config as config_mod
+from actors.runtime import credentials, logs
+from actors.runtime.config import Config, ConfigError
+from bus_schemas import catalog, codec, render
+from bus_schemas import messages as m
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NATS = 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return config_mod.load(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from actors.runtime import MetricsPortError, Runtime
+    from actors.runtime.registry import actor_class
+
+    config = _load(args)
+    logs.setup(args.actor, config.runtime.log_level)
+    try:
+        cls = actor_class(args.actor)
+    except KeyError as exc:
+        raise CliError(str(exc.args[0]), EXIT_USAGE) from None
+    rt = Runtime(args.actor, config)
+    try:
+        await rt.run(cls)
+    except credentials.CredentialsError as exc:
+        raise CliError(str(exc), EXIT_NATS) from None
+    except MetricsPortError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    from actors.stack.up import Stack, StackError
+
+    config = _load(args)
+    logs.setup("supervisor", config.runtime.log_level)
+    started = time.monotonic()
+    stack = Stack(config, args.config, nats_url=args.nats_url,
+                  embedded_subjects=not args.no_subjects, child_logs=args.child_logs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stack.start()
+        await stack.wait_ready()
+        assert stack.supervisor is not None
+        ready = time.monotonic() - started
+        pids = stack.supervisor.pids()
+        print(f"menders up: ready in {ready:.2f}s; NATS {stack.url}; "
+              f"{len(stack.actors)} actors: "
+              + ", ".join(f"{n}={p}" for n, p in pids.items() if n in stack.actors)
+              + "".join(f"; {n} pid {p}" for n, p in pids.items() if n not in stack.actors),
+              flush=True)
+        if args.ready_only:
+            return 0
+        watch = asyncio.ensure_future(stack.supervisor.watch())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if watch.done() and watch.exception():
+            raise CliError(str(watch.exception()))
+        watch.cancel()
+        return 0
+    except StackError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        print("menders up: stopping", file=sys.stderr, flush=True)
+        await stack.stop()
+
+
+async def cmd_provision(args: argparse.Namespace) -> int:
+    from actors.stack import provision
+
+    config = _load(args)
+    async with operator.connect(config, user=catalog.ADMIN) as nc:
+        report = await provision.provision(nc.jetstream(timeout=10), replicas=args.replicas)
+    for item in report.created:
+        print(f"created {item}")
+    for item in report.updated:
+        print(f"ok      {item}")
+    return 0
+
+
+async def cmd_tail(args: argparse.Namespace) -> int:
+    config = _load(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    count = 0
+    async with operator.connect(config) as nc:
+
+        async def on_msg(msg: Any) -> None:
+            nonlocal count
+            if args.json:
+                print(msg.data.decode(errors="replace"), flush=True)
+            else:
+                try:
+                    print(render.line(codec.decode(msg.data), msg.subject), flush=True)
+                except codec.DecodeError as exc:
+                    print(f"?? {msg.subject}: undecodable ({exc})", flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                stop.set()
+
+        await nc.subscribe(args.pattern, cb=on_msg)
+        if args.seconds:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.seconds)
+        else:
+            await stop.wait()
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    async with operator.connect(config) as nc:
+        st = await operator.status(nc, config.runtime.heartbeat_s)
+    if args.json:
+        print(json.dumps(st.__dict__, indent=2, default=str))
+        return 0 if st.all_alive else EXIT_FAILED
+    print(f"mode: {st.mode}")
+    kill = st.kill
+    print("kill switch: " + (f"ENGAGED by {kill['by']}: {kill['reason']}"
+                             if kill.get("engaged") else "released"))
+    print("actors:")
+    for name, a in st.actors.items():
+        if a["alive"]:
+            state = (f"alive  pid={a['pid']} last beat {a['age_s']}s ago "
+                     f"handled={a['handled']} metrics=:{a['metrics_port']}")
+        elif a.get("age_s") is not None:
+            state = f"DEAD   (last beat {a['age_s']}s ago)"
+        else:
+            state = "DEAD   (never seen)"
+        print(f"  {name:<10} {state}")
+    print(f"open incidents: {len(st.open_incidents)}")
+    for inc in st.open_incidents:
+        print(f"  {inc['incident_id'][:8]} {inc['subject']} {inc['invariant']}: {inc['summary']}")
+    print("consumer lag (pending / awaiting ack):")
+    for name, c in st.consumers.items():
+        print(f"  {name:<14} {c['pending']:>6} / {c['ack_pending']}")
+    return 0 if st.all_alive else EXIT_FAILED
+
+
+async def _control(args: argparse.Namespace, event: m.Event, confirm: Callable[[bytes], bool],
+                   key: str, done: str) -> int:
+    config = _load(args)
+    async with operator.connect(config) as nc:
+        await operator.publish(nc, event)
+        if await operator.wait_for(nc, key, confirm, args.wait):
+            print(done)
+            return 0
+    print(f"published, but the governor has not confirmed within {args.wait:g}s "
+          "(is it running? `menders status`)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+async def cmd_mode(args: argparse.Namespace) -> int:
+    event = m.ControlCommand(command="mode", mode=args.mode, by=args.by, reason=args.reason)
+    return await _control(args, event, lambda v: v.decode() == args.mode, "mode",
+                          f"mode is now {args.mode}")
+
+
+async def cmd_kill(args: argparse.Namespace) -> int:
+    config = _load(args)
+    async with operator.connect(config) as nc:
+        await operator.engage_kill(nc, args.by, args.reason)
+    print("kill switch ENGAGED: no execution starts, running ones are cancelled")
+    return 0
+
+
+async def cmd_resume(args: argparse.Namespace) -> int:
+    event = m.ControlCommand(command="resume", by=args.by, reason=args.reason)
+    return await _control(args, event, lambda v: b'"engaged":false' in v, "kill",
+                          "kill switch released")
+
+
+async def cmd_revoke(args: argparse.Namespace) -> int:
+    event = m.ControlCommand(command="revoke", execution_id=args.execution_id, by=args.by,
+                             reason=args.reason)
+    return await _control(args, event, lambda v: True, f"revoked.{args.execution_id}",
+                          f"execution {args.execution_id} revoked")
+
+
+async def _approval(args: argparse.Namespace, approved: bool) -> int:
+    config = _load(args)
+    event = m.HumanApproval(execution_id=args.execution_id, approved=approved, by=args.by,
+                            reason=args.reason)
+    async with operator.connect(config) as nc:
+        await operator.publish(nc, event)
+    print(f"{'approval' if approved else 'denial'} of {args.execution_id} sent to the governor")
+    return 0
+
+
+async def cmd_approve(args: argparse.Namespace) -> int:
+    return await _approval(args, True)
+
+
+async def cmd_deny(args: argparse.Namespace) -> int:
+    return await _approval(args, False)
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    from actors.cli.audit import run_audit
+
+    return await run_audit(_load(args), args)
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from actors.cli.demo import run_demo
+
+    return await run_demo(_load(args), args)
+
+
+# --- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="menders", description="An autonomous SRE crew on NATS.")
+    p.add_argument("--config", help="TOML config file (default: $MENDERS_CONFIG, else defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+            help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    up = add("up", cmd_up, "start NATS, provision, and supervise every actor")
+    up.add_argument("--nats-url", help="use this NATS server instead of the bundled one")
+    up.add_argument("--no-subjects", action="store_true",
+                    help="do not start the embedded demo subject(s)")
+    up.add_argument("--child-logs", action="store_true",
+                    help="write each actor's log to <home>/logs/<actor>.log")
+    up.add_argument("--ready-only", action="store_true", help="exit once everything is ready")
+    run = add("run", cmd_run, "run one actor in this process")
+    run.add_argument("actor", choices=catalog.ACTORS)
+    prov = add("provision", cmd_provision, "create or update streams, consumers and KV buckets")
+    prov.add_argument("--replicas", type=int, default=1, choices=(1, 3, 5),
+                      help="JetStream replicas per stream and bucket (3 on a 3-node cluster)")
+    tail = add("tail", cmd_tail, "print one line per bus event")
+    tail.add_argument("pattern", nargs="?", default="menders.>",
+                      help="bus subject pattern (default menders.>)")
+    tail.add_argument("--json", action="store_true", help="print the raw JSON payloads")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many events")
+    tail.add_argument("--seconds", type=float, default=0, help="stop after this long")
+    st = add("status", cmd_status, "actors, mode, kill switch, open incidents, consumer lag")
+    st.add_argument("--json", action="store_true")
+    mode = add("mode", cmd_mode, "set the governor's mode")
+    mode.add_argument("mode", choices=("observe", "approve", "execute"))
+    kill = add("kill", cmd_kill, "engage the kill switch: stop every execution now")
+    resume = add("resume", cmd_resume, "release the kill switch (through the governor)")
+    revoke = add("revoke", cmd_revoke, "revoke one queued or running execution")
+    revoke.add_argument("execution_id")
+    approve = add("approve", cmd_approve, "approve an execution awaiting a human")
+    approve.add_argument("execution_id")
+    deny = add("deny", cmd_deny, "deny an execution awaiting a human")
+    deny.add_argument("execution_id")
+    for sp in (mode, kill, resume, revoke, approve, deny):
+        sp.add_argument("--by", default="operator", help="who you are, for the record")
+        sp.add_argument("--reason", default="", help="why, for the record")
+        sp.add_argument("--wait", type=float, default=5.0,
+                        help="seconds to wait for the governor to confirm")
+    audit = add("audit", cmd_audit, "print an incident's timeline, or verify the audit chain")
+    audit.add_argument("incident", nargs="?", help="incident id (or a unique prefix)")
+    audit.add_argument("--verify", action="store_true", help="check the hash chain")
+    audit.add_argument("--db", help="audit database (default <home>/audit.db)")
+    audit.add_argument("--json", action="store_true")
+    demo = add("demo", cmd_demo, "run the whole crew against the demo subject's faults")
+    demo.add_argument("--fault", action="append", help="run only this fault (repeatable)")
+    demo.add_argument("--llm", action="store_true", help="diagnose with Claude (needs a key)")
+    demo.add_argument("--quiet", action="store_true", help="no live timeline, only the table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(args.fn(args))
+    except CliError as exc:
+        print(f"menders {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except operator.OperatorError as exc:
+        print(f"menders {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NATS
+    except credentials.CredentialsError as exc:
+        print(f"menders {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NATS
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["main"]

@@ -1,0 +1,160 @@
+"""The operator's view of the bus: what `menders status|mode|kill|approve|tail` use.
+
+The operator is a NATS user that reads everything and writes only approvals,
+control commands and the kill flag (nats.conf).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from actors.runtime import credentials
+from actors.runtime.config import Config
+from actors.runtime.governor_kv import KILL_KEY, MODE_KEY, KillFlag, read_kill, read_mode
+from bus_schemas import catalog, codec
+from bus_schemas import messages as m
+from bus_schemas.natsconf import inbox_prefix
+
+
+class OperatorError(RuntimeError):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def connect(config: Config, user: str = catalog.OPERATOR) -> AsyncIterator[Client]:
+    url = credentials.url_from(config.home_dir, config.nats_url)
+    password = credentials.password_for(user, config.home_dir)
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    try:
+        nc = await nats.connect(
+            url, user=user, password=password, connect_timeout=2, allow_reconnect=False,
+            # nats-py retries the first connect max_reconnect_attempts times (default 60,
+            # 2 s apart): a CLI with no server must fail in about a second, not two minutes.
+            max_reconnect_attempts=1, reconnect_time_wait=1,
+            inbox_prefix=inbox_prefix(user), error_cb=on_error, name=f"menders-cli-{user}",
+        )
+    except Exception as exc:
+        raise OperatorError(f"cannot connect to NATS at {url} as {user}: {exc!r}") from None
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def publish(nc: Client, event: m.Event) -> None:
+    js = nc.jetstream(timeout=5)
+    if not event.producer:
+        event = msgspec.structs.replace(event, producer=catalog.OPERATOR)
+    await js.publish(catalog.bus_subject_of(event), codec.encode(event),
+                     headers={"Nats-Msg-Id": event.id})
+
+
+async def engage_kill(nc: Client, by: str, reason: str) -> None:
+    """Write the kill flag directly: a kill must not depend on the governor being up."""
+    js = nc.jetstream(timeout=5)
+    kv = await js.key_value(catalog.GOVERNOR_BUCKET)
+    flag = KillFlag(engaged=True, by=by, reason=reason, at=time.time())
+    await kv.put(KILL_KEY, msgspec.json.encode(flag))
+    await publish(nc, m.ControlCommand(command="kill", by=by, reason=reason))
+
+
+async def wait_for(nc: Client, key: str, predicate: Any, timeout: float) -> bool:
+    js = nc.jetstream(timeout=5)
+    kv = await js.key_value(catalog.GOVERNOR_BUCKET)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(KeyNotFoundError):
+            entry = await kv.get(key)
+            if predicate(entry.value or b""):
+                return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@dataclass
+class Status:
+    actors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mode: str = "unknown"
+    kill: dict[str, Any] = field(default_factory=dict)
+    open_incidents: list[dict[str, Any]] = field(default_factory=list)
+    consumers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def all_alive(self) -> bool:
+        return all(a.get("alive") for a in self.actors.values())
+
+
+async def status(nc: Client, heartbeat_s: float) -> Status:
+    js = nc.jetstream(timeout=5)
+    out = Status()
+    now = time.time()
+    for actor in catalog.ACTORS:
+        subject = f"menders.heartbeat.{actor}"
+        try:
+            raw = await js.get_last_msg("MENDERS_HEARTBEAT", subject, direct=True)
+            beat = codec.decode(raw.data or b"", (m.Heartbeat,))
+            assert isinstance(beat, m.Heartbeat)
+            age = now - beat.ts
+            out.actors[actor] = {"alive": age < 3 * heartbeat_s + 1, "age_s": round(age, 2),
+                                 "pid": beat.pid, "handled": beat.handled,
+                                 "in_flight": beat.in_flight, "metrics_port": beat.metrics_port}
+        except (NotFoundError, codec.DecodeError):
+            out.actors[actor] = {"alive": False, "age_s": None}
+    kv = await js.key_value(catalog.GOVERNOR_BUCKET)
+    out.mode = await read_mode(kv) or "unset (governor not started)"
+    out.kill = msgspec.structs.asdict(await read_kill(kv))
+    for c in catalog.CONSUMERS:
+        info = await js.consumer_info(c.stream, c.durable)
+        out.consumers[c.durable] = {"pending": info.num_pending or 0,
+                                    "ack_pending": info.num_ack_pending or 0,
+                                    "redelivered": info.num_redelivered or 0}
+    out.open_incidents = await open_incidents(js)
+    return out
+
+
+async def open_incidents(js: JetStreamContext) -> list[dict[str, Any]]:
+    """Fold the incident lifecycle: opened minus resolved and escalated."""
+    opened: dict[str, dict[str, Any]] = {}
+    info = await js.stream_info("MENDERS_EVENTS")
+    if not info.state.messages:
+        return []
+    sub = await js.subscribe("menders.incident.>", ordered_consumer=True,
+                             deliver_policy=nats.js.api.DeliverPolicy.ALL)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                break
+            event = codec.decode(msg.data)
+            if isinstance(event, m.IncidentOpened):
+                opened[event.incident_id] = {"incident_id": event.incident_id,
+                                             "subject": event.subject,
+                                             "invariant": event.invariant,
+                                             "opened_at": event.ts, "summary": event.summary}
+            elif isinstance(event, m.IncidentResolved | m.IncidentEscalated):
+                opened.pop(event.incident_id, None)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return list(opened.values())
+
+
+__all__ = ["MODE_KEY", "OperatorError", "Status", "connect", "engage_kill", "publish", "status"]

@@ -1,0 +1,166 @@
+"""The Claude diagnoser: a bounded, read-only investigation, then a forced diagnosis.
+
+Each turn the model may call the investigation tools (actors/diagnoser/investigation.py)
+or submit its diagnosis. The loop is bounded three ways: `max_turns` model
+calls, `max_total_tokens` over all of them and `max_wall_s` for everything;
+the last turn forces the diagnosis tool (tool_choice). A tool call with bad
+input, or a diagnosis that does not match its schema, goes back to the model
+as an error tool_result and costs it a turn.
+
+Whenever no valid diagnosis comes out (the API misbehaved past both retry
+layers, the budget ran out, the model never submitted), the runbook
+diagnoser answers instead and the diagnosis says so: source "claude->runbook"
+and the reason first in its evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from anthropic.types import Message
+from nats.aio.client import Client
+
+from actors.diagnoser.investigation import Investigator, ToolError, tool_definitions
+from actors.diagnoser.llm.client import LlmClient, LlmUnavailable
+from actors.diagnoser.llm.prompt import DIAGNOSIS_TOOL, SYSTEM_PROMPT, incident_message, untrusted
+from actors.diagnoser.llm.schema import Final, InvalidDiagnosis, diagnosis_tool, parse_final
+from actors.diagnoser.llm.usage import LlmMetrics, Tally
+from actors.diagnoser.runbook import RunbookDiagnoser, _diagnosis, _observed
+from actors.runtime.config import LlmConfig
+from bus_schemas.messages import Diagnosis, IncidentOpened
+from subjects.base import SubjectDefinition
+
+log = logging.getLogger("menders.claude")
+
+SOURCE = "claude"
+FALLBACK_SOURCE = "claude->runbook"
+CACHE = {"type": "ephemeral"}
+MAX_TOOL_ANSWER_CHARS = 20_000
+
+
+class BudgetSpent(Exception):
+    """The investigation ended without a valid diagnosis."""
+
+
+@dataclass
+class Investigation:
+    final: Final
+    turns: int
+    tally: Tally
+
+
+def _block_param(block: Any) -> dict[str, Any] | None:
+    """A response content block as a request param (only text and tool_use go back)."""
+    if block.type == "text":
+        return {"type": "text", "text": block.text}
+    if block.type == "tool_use":
+        return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+    return None
+
+
+def _result(tool_use_id: str, text: str, error: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id, "content": text}
+    if error:
+        out["is_error"] = True
+    return out
+
+
+class ClaudeDiagnoser:
+    source = SOURCE
+
+    def __init__(self, cfg: LlmConfig, client: LlmClient, metrics: LlmMetrics,
+                 fallback: RunbookDiagnoser, nc: Client | None) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.metrics = metrics
+        self.fallback = fallback
+        self.nc = nc
+
+    async def diagnose(self, incident: IncidentOpened,
+                       definition: SubjectDefinition) -> Diagnosis:
+        try:
+            inv = await self.investigate(incident, definition)
+        except LlmUnavailable as exc:
+            return await self._fall_back(incident, definition, "api", f"Claude unavailable: {exc}")
+        except BudgetSpent as exc:
+            return await self._fall_back(incident, definition, "budget", str(exc))
+        f, t = inv.final, inv.tally
+        usage = (f"claude {self.cfg.model}: {inv.turns} turn(s), {t.total} tokens "
+                 f"({t.cache_read} from cache), est. ${t.cost_usd:.4f}")
+        evidence = [_observed(incident), *f.evidence, *f.refusals, usage]
+        if not f.actions and not f.escalate:
+            evidence.append("no valid registered action left: a human must decide")
+        return _diagnosis(incident, hypothesis=f.hypothesis, evidence=evidence,
+                          confidence=f.confidence, actions=f.actions,
+                          escalate=f.escalate or not f.actions, source=SOURCE)
+
+    async def _fall_back(self, incident: IncidentOpened, definition: SubjectDefinition,
+                         category: str, reason: str) -> Diagnosis:
+        self.metrics.fallbacks.labels(reason=category).inc()
+        log.warning("claude fallback to runbooks", extra={"reason": reason[:300]})
+        d = await self.fallback.diagnose(incident, definition)
+        return msgspec.structs.replace(d, source=FALLBACK_SOURCE,
+                                       evidence=[f"{reason}; the runbooks answered", *d.evidence])
+
+    async def investigate(self, incident: IncidentOpened,
+                          definition: SubjectDefinition) -> Investigation:
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.max_wall_s
+        tools = [*tool_definitions(), diagnosis_tool(definition)]
+        tools[-1] = {**tools[-1], "cache_control": CACHE}  # caches every tool definition
+        system = [{"type": "text", "text": SYSTEM_PROMPT, "cache_control": CACHE}]
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": incident_message(incident, definition)}]
+        tools_by_bus = Investigator(self.nc, incident, definition, cfg.tool_timeout_s)
+        tally = Tally()
+        for turn in range(1, cfg.max_turns + 1):
+            last = (turn == cfg.max_turns or tally.total >= 0.8 * cfg.max_total_tokens
+                    or deadline - time.monotonic() < 0.25 * cfg.max_wall_s)
+            choice = {"type": "tool", "name": DIAGNOSIS_TOOL} if last else {"type": "auto"}
+            resp = await self.client.create(
+                model=cfg.model, deadline=deadline, tally=tally, max_tokens=cfg.max_tokens,
+                system=system, tools=tools, tool_choice=choice, messages=messages)
+            final, answers = await self._turn(resp, tools_by_bus, definition)
+            if final is not None:
+                self.metrics.turns.labels().observe(turn)
+                return Investigation(final, turn, tally)
+            messages.append({"role": "assistant", "content": [
+                p for b in resp.content if (p := _block_param(b)) is not None]})
+            messages.append({"role": "user", "content": answers or
+                             f"Call {DIAGNOSIS_TOOL} now with your diagnosis."})
+            if tally.total >= cfg.max_total_tokens:
+                break
+        self.metrics.turns.labels().observe(cfg.max_turns)
+        raise BudgetSpent(f"Claude gave no valid diagnosis within the budget "
+                          f"({tally.calls} call(s), {tally.total} tokens; limits "
+                          f"{cfg.max_turns} turns, {cfg.max_total_tokens} tokens, "
+                          f"{cfg.max_wall_s:g}s)")
+
+    async def _turn(self, resp: Message, tools: Investigator, definition: SubjectDefinition
+                    ) -> tuple[Final | None, list[dict[str, Any]]]:
+        """A valid final diagnosis, or the tool_results to send back."""
+        answers: list[dict[str, Any]] = []
+        for block in resp.content:
+            if block.type != "tool_use":
+                continue
+            if block.name == DIAGNOSIS_TOOL:
+                try:
+                    return parse_final(block.input, definition), []
+                except InvalidDiagnosis as exc:
+                    answers.append(_result(block.id, f"{exc}. Call {DIAGNOSIS_TOOL} again "
+                                           "with input matching its schema.", error=True))
+                continue
+            try:
+                data = await tools.call(block.name, block.input)
+            except ToolError as exc:
+                answers.append(_result(block.id, str(exc), error=True))
+                continue
+            text = untrusted(block.name, data)
+            if len(text) > MAX_TOOL_ANSWER_CHARS:
+                text = untrusted(block.name, {"error": "answer too large: narrow the query"})
+            answers.append(_result(block.id, text))
+        return None, answers

@@ -1,0 +1,281 @@
+"""Runbook diagnosis: match a subject's runbook rules against an incident's symptoms.
+
+Pure and subject-agnostic. A rule matches when its invariant is the broken one
+(or any, when it names none), every `when` condition holds on the incident's
+symptoms and every `log_contains` needle occurs in some recent log line. Log
+lines and metrics are untrusted data: they are only compared (plain,
+case-insensitive substring search on bounded text), never interpreted.
+
+The best match is the highest confidence, then the most specific (most
+conditions); the other matches' actions follow the best rule's as further
+alternatives for the planner.
+
+With an incident memory (`recall`), an action that verified before for the
+same invariant and nearly the same symptoms is ranked first: experience
+beats the rule's static order. A rule that asks for a human still wins.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from actors.auditor.memory import PastIncident, verified_before
+from actors.runtime import follow_id
+from bus_schemas.messages import Diagnosis, IncidentOpened, RecommendedAction
+from subjects.base import ActionError, ActionSpec, RunbookRule, SubjectDefinition
+
+SOURCE = "runbook"
+# Bounds on untrusted input: a flood of huge log lines must not stall a diagnosis.
+MAX_LOG_LINES = 200
+MAX_LINE_CHARS = 2000
+EXCERPT_CHARS = 160
+
+# Two-character operators first, so ">=0.5" is not read as ">" "=0.5".
+_OPS: tuple[tuple[str, Callable[[float, float], bool]], ...] = (
+    (">=", operator.ge),
+    ("<=", operator.le),
+    ("==", lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)),
+    ("!=", lambda a, b: not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)),
+    (">", operator.gt),
+    ("<", operator.lt),
+)
+
+
+class ConditionError(ValueError):
+    """A runbook condition string that is not `<op><number>`."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    op: str
+    threshold: float
+    test: Callable[[float, float], bool]
+
+    def holds(self, value: float) -> bool:
+        return not math.isnan(value) and self.test(value, self.threshold)
+
+
+def parse_condition(cond: str) -> Condition:
+    """Parse ">0.9", "<=10", "==0", ... ; raises ConditionError naming the bad text."""
+    text = cond.strip()
+    for op, test in _OPS:
+        if text.startswith(op):
+            try:
+                threshold = float(text[len(op):].strip())
+            except ValueError:
+                break
+            if math.isnan(threshold):
+                break
+            return Condition(op, threshold, test)
+    raise ConditionError(f"bad condition {cond!r}: expected one of >, <, >=, <=, ==, != "
+                         "followed by a number")
+
+
+def match_condition(value: float, cond: str) -> bool:
+    """Whether `value` satisfies `cond`; raises ConditionError for a malformed condition."""
+    return parse_condition(cond).holds(float(value))
+
+
+def check_rules(rules: Iterable[RunbookRule]) -> list[str]:
+    """Problems in a subject's runbooks (bad conditions, confidence outside 0..1)."""
+    problems = []
+    for rule in rules:
+        for metric, cond in rule.when.items():
+            try:
+                parse_condition(cond)
+            except ConditionError as exc:
+                problems.append(f"rule {rule.name}: {metric}: {exc}")
+        if not 0.0 <= rule.confidence <= 1.0:
+            problems.append(f"rule {rule.name}: confidence {rule.confidence} outside 0..1")
+    return problems
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    rule: RunbookRule
+    evidence: tuple[str, ...]
+    order: int  # position in the subject's runbooks: the last tie-break, for stability
+
+    @property
+    def specificity(self) -> int:
+        return len(self.rule.when) + len(self.rule.log_contains)
+
+    def rank_key(self) -> tuple[float, int, int]:
+        return (-self.rule.confidence, -self.specificity, self.order)
+
+
+def _bounded_logs(lines: Sequence[str]) -> list[str]:
+    return [line[:MAX_LINE_CHARS] for line in lines[-MAX_LOG_LINES:]]
+
+
+def _excerpt(line: str) -> str:
+    # repr() quotes and escapes control characters: the excerpt stays inert data.
+    text = line if len(line) <= EXCERPT_CHARS else line[:EXCERPT_CHARS] + "..."
+    return repr(text)
+
+
+def match_rule(rule: RunbookRule, invariant: str, symptoms: Mapping[str, float],
+               logs: Sequence[str], order: int = 0) -> RuleMatch | None:
+    """The rule's match with its evidence, or None. `logs` must already be bounded."""
+    if rule.invariant is not None and rule.invariant != invariant:
+        return None
+    evidence = []
+    for metric, cond in rule.when.items():
+        value = symptoms.get(metric)
+        try:
+            if value is None or not match_condition(value, cond):
+                return None
+        except ConditionError:
+            return None  # a broken rule never matches; check_rules reports it
+        evidence.append(f"{metric}={value:g} (rule: {cond.strip()})")
+    folded = [line.casefold() for line in logs]
+    for needle in rule.log_contains:
+        key = needle.casefold()
+        hit = next((i for i, line in enumerate(folded) if key in line), None)
+        if hit is None:
+            return None
+        evidence.append(f"log contains {needle!r}: {_excerpt(logs[hit])}")
+    return RuleMatch(rule, tuple(evidence), order)
+
+
+def rank(rules: Sequence[RunbookRule], invariant: str, symptoms: Mapping[str, float],
+         logs: Sequence[str]) -> list[RuleMatch]:
+    """Every matching rule, best first."""
+    bounded = _bounded_logs(logs)
+    matches = [m for i, rule in enumerate(rules)
+               if (m := match_rule(rule, invariant, symptoms, bounded, i)) is not None]
+    return sorted(matches, key=RuleMatch.rank_key)
+
+
+def _canonical(params: dict[str, Any]) -> bytes:
+    return msgspec.json.encode(params, order="sorted")
+
+
+def vet_actions(candidates: Iterable[RecommendedAction],
+                actions: Mapping[str, ActionSpec]) -> tuple[list[RecommendedAction], list[str]]:
+    """Keep registered actions with valid params (normalised), drop duplicates; note the rest."""
+    kept: list[RecommendedAction] = []
+    notes: list[str] = []
+    seen: set[tuple[str, bytes]] = set()
+    for rec in candidates:
+        spec = actions.get(rec.action)
+        if spec is None:
+            notes.append(f"dropped action {rec.action!r}: not registered for this subject")
+            continue
+        try:
+            params = msgspec.to_builtins(spec.validate(rec.params))
+        except ActionError as exc:
+            notes.append(f"dropped action {rec.action!r}: {exc}")
+            continue
+        key = (rec.action, _canonical(params))
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append(RecommendedAction(action=rec.action, params=params, rationale=rec.rationale))
+    return kept, notes
+
+
+def _observed(incident: IncidentOpened) -> str:
+    return (f"invariant {incident.invariant} broken: {incident.value:g} "
+            f"(threshold {incident.threshold:g})")
+
+
+def no_match(incident: IncidentOpened, why: str, evidence: Sequence[str] = (),
+             source: str = SOURCE) -> Diagnosis:
+    """A diagnosis that hands the incident to a human: nothing the crew knows applies."""
+    return _diagnosis(incident, hypothesis=why, evidence=[_observed(incident), *evidence],
+                      confidence=0.0, actions=[], escalate=True, source=source)
+
+
+def _diagnosis(incident: IncidentOpened, **fields: Any) -> Diagnosis:
+    # One deterministic id per incident event: a redelivered incident dedups in the stream.
+    return Diagnosis(
+        id=follow_id(incident, "diagnosis"),
+        incident_id=incident.incident_id or incident.id,
+        causation_id=incident.id,
+        subject=incident.subject,
+        invariant=incident.invariant,
+        **fields,
+    )
+
+
+def diagnose(incident: IncidentOpened, definition: SubjectDefinition) -> Diagnosis:
+    matches = rank(definition.runbooks, incident.invariant, incident.symptoms,
+                   incident.recent_logs)
+    if not matches:
+        return no_match(incident, f"no runbook rule of {definition.kind} matched the broken "
+                                  f"invariant {incident.invariant} and its symptoms")
+    best = matches[0]
+    evidence = [_observed(incident),
+                f"runbook rule {best.rule.name} matched (confidence {best.rule.confidence:g})",
+                *best.evidence]
+    evidence += [f"also matched: rule {m.rule.name} (confidence {m.rule.confidence:g})"
+                 for m in matches[1:]]
+    confidence = min(max(best.rule.confidence, 0.0), 1.0)
+    if best.rule.escalate:
+        return _diagnosis(incident, hypothesis=best.rule.hypothesis, evidence=evidence,
+                          confidence=confidence, actions=[], escalate=True, source=SOURCE)
+    candidates = [a for m in matches if not m.rule.escalate for a in m.rule.actions]
+    actions, notes = vet_actions(candidates, definition.actions)
+    evidence += notes
+    if not actions:
+        evidence.append("no valid registered action left: a human must decide")
+    return _diagnosis(incident, hypothesis=best.rule.hypothesis, evidence=evidence,
+                      confidence=confidence, actions=actions,
+                      escalate=not actions, source=SOURCE)
+
+
+def apply_memory(d: Diagnosis, incident: IncidentOpened, past: Sequence[PastIncident],
+                 actions: Mapping[str, ActionSpec]) -> Diagnosis:
+    """Rank first the action that verified for similar symptoms before."""
+    if d.escalate and d.confidence > 0:
+        return d  # a rule that asks for a human (no action restores it) wins
+    for p in verified_before(past, incident.invariant, incident.symptoms):
+        if d.actions and p.hypothesis != d.hypothesis:
+            # Similar numbers, another diagnosis (slow replica vs cache off both raise
+            # latency): experience reorders the fixes of the same cause, never overrides
+            # the evidence that names a different one.
+            continue
+        kept, _ = vet_actions([RecommendedAction(
+            action=p.verified_action, params=p.verified_params,
+            rationale=f"verified fix of similar incident {p.incident_id[:8]}")], actions)
+        if not kept:
+            continue  # the registry changed since: not usable any more
+        first = kept[0]
+        key = (first.action, _canonical(first.params))
+        rest = [a for a in d.actions if (a.action, _canonical(a.params)) != key]
+        note = (f"memory: incident {p.incident_id[:8]} of {p.invariant} with similar symptoms "
+                f"was fixed by {first.action} (verified); ranked first")
+        fields: dict[str, Any] = {"actions": [first, *rest], "evidence": [*d.evidence, note]}
+        if not d.actions:  # no rule matched: experience is all there is
+            fields.update(escalate=False, confidence=0.5,
+                          hypothesis=f"like past incident {p.incident_id[:8]}: "
+                                     f"{p.hypothesis or 'cause not recorded'}")
+        return msgspec.structs.replace(d, **fields)
+    return d
+
+
+Recall = Callable[[IncidentOpened], Awaitable[Sequence[PastIncident]]]
+
+
+class RunbookDiagnoser:
+    """The `Diagnoser` that needs no network: the subject's own runbook rules,
+    reordered by the incident memory when one is reachable (`recall`)."""
+
+    source = SOURCE
+
+    def __init__(self, recall: Recall | None = None) -> None:
+        self.recall = recall
+
+    async def diagnose(self, incident: IncidentOpened,
+                       definition: SubjectDefinition) -> Diagnosis:
+        d = diagnose(incident, definition)
+        if self.recall is None:
+            return d
+        return apply_memory(d, incident, await self.recall(incident), definition.actions)

@@ -1,0 +1,239 @@
+"""The governor's policy, as pure functions: no bus, no clock, no I/O.
+
+`judge` decides one plan step against the mode, the kill switch, the action
+registry, the allow-list and the usage windows; the DAG helpers order a plan's
+steps. The governor feeds them state read from its KV bucket and `now`, so
+every rule here is unit-testable without a nats-server.
+
+Choices worth knowing:
+- Rate limits, cooldowns and concurrency *veto* (they never defer): the
+  reason says which limit, and the planner, which hears every Decision, can
+  move on to its next alternative or try again later. A deferred step would
+  hold a plan open invisibly.
+- The registry, not the plan, is the authority on risk, idempotency and
+  timeout: a plan may claim a *higher* risk (we take the maximum) or that an
+  idempotent action is not idempotent (we take the conservative AND), never less.
+- Limits are checked when an execution is released (on a human approval too),
+  not when it starts to wait for a human: that is when they matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from actors.runtime.config import GovernorConfig
+from bus_schemas.messages import Mode, PlanStep, Risk
+from subjects.base import ActionError, ActionSpec
+
+RISK_ORDER: dict[Risk, int] = {"low": 0, "medium": 1, "high": 2}
+RATE_WINDOW_S = 60.0
+
+
+class Grant(msgspec.Struct, frozen=True, kw_only=True):
+    """One released execution, counted against the per-minute windows."""
+
+    execution_id: str
+    subject: str
+    action: str
+    at: float
+
+
+class Slot(msgspec.Struct, frozen=True, kw_only=True):
+    """An execution in flight: freed by its ExecutionResult or, if that never
+    comes (no executor picked it up), at `until`, after which no executor may
+    still be acting on it (it refuses approvals past not_after)."""
+
+    subject: str
+    action: str
+    plan_id: str = ""
+    incident_id: str = ""
+    until: float
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    """Rate windows, in-flight slots and cooldowns (KV key `limits`)."""
+
+    grants: list[Grant] = []
+    in_flight: dict[str, Slot] = {}
+    last_run: dict[str, float] = {}  # "<subject>/<action>" -> time of the last release
+
+
+def cooldown_key(subject: str, action: str) -> str:
+    return f"{subject}/{action}"
+
+
+def prune(usage: Usage, now: float, keep_s: float) -> Usage:
+    """Forget what can no longer matter (old grants, expired slots and cooldowns)."""
+    return Usage(
+        grants=[g for g in usage.grants if g.at > now - RATE_WINDOW_S],
+        in_flight={k: s for k, s in usage.in_flight.items() if s.until > now},
+        last_run={k: t for k, t in usage.last_run.items() if t > now - keep_s},
+    )
+
+
+def record_release(usage: Usage, execution_id: str, step: PlanStep, subject: str,
+                   now: float, slot: Slot) -> Usage:
+    grants = [g for g in usage.grants if g.execution_id != execution_id]
+    grants.append(Grant(execution_id=execution_id, subject=subject, action=step.action, at=now))
+    return Usage(
+        grants=grants,
+        in_flight={**usage.in_flight, execution_id: slot},
+        last_run={**usage.last_run, cooldown_key(subject, step.action): now},
+    )
+
+
+def free_slot(usage: Usage, execution_id: str) -> Usage:
+    in_flight = {k: s for k, s in usage.in_flight.items() if k != execution_id}
+    return Usage(grants=usage.grants, in_flight=in_flight, last_run=usage.last_run)
+
+
+Outcome = Literal["approve", "await_human", "veto"]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    outcome: Outcome
+    reason: str
+    step: PlanStep  # normalised by the registry when the action is registered
+
+
+def normalise(step: PlanStep, spec: ActionSpec) -> PlanStep:
+    risk = step.risk if RISK_ORDER[step.risk] > RISK_ORDER[spec.risk] else spec.risk
+    return msgspec.structs.replace(
+        step, risk=risk, idempotent=spec.idempotent and step.idempotent, timeout_s=spec.timeout_s
+    )
+
+
+def judge(
+    step: PlanStep,
+    *,
+    subject: str,
+    kind: str,
+    actions: Mapping[str, ActionSpec],
+    cfg: GovernorConfig,
+    mode: Mode,
+    kill_engaged: bool,
+    usage: Usage,
+    now: float,
+    execution_id: str,
+    human_approved: bool = False,
+) -> Judgement:
+    """One step's fate. Checks run cheapest-to-explain first; the first failing one wins."""
+
+    def veto(reason: str, s: PlanStep = step) -> Judgement:
+        return Judgement("veto", reason, s)
+
+    if kill_engaged:
+        return veto("kill switch engaged")
+    if mode == "observe":
+        return veto("observe mode: nothing executes")
+    spec = actions.get(step.action)
+    if spec is None:
+        known = ", ".join(sorted(actions)) or "none"
+        return veto(f"action {step.action!r} is not registered for subject kind {kind!r} "
+                    f"(registered: {known})")
+    try:
+        spec.validate(step.params)
+    except ActionError as exc:
+        return veto(str(exc))
+    allowed = cfg.allow.get(subject)
+    if allowed is not None and step.action not in allowed:
+        return veto(f"action {step.action!r} is not in the allow-list of {subject!r}")
+    norm = normalise(step, spec)
+    if not human_approved:
+        if mode == "approve":
+            return Judgement("await_human", "approve mode: a human must approve", norm)
+        if RISK_ORDER[norm.risk] > RISK_ORDER[cfg.approval_above]:
+            return Judgement("await_human", f"risk {norm.risk} is above "
+                             f"{cfg.approval_above}: a human must approve", norm)
+    limit = limit_breached(usage, subject, step.action, cfg, now, execution_id)
+    if limit:
+        return veto(limit, norm)
+    who = "a human" if human_approved else "policy"
+    why = f"approved by {who} in {mode} mode, risk {norm.risk}"
+    return Judgement("approve", why, norm)
+
+
+def limit_breached(usage: Usage, subject: str, action: str, cfg: GovernorConfig, now: float,
+                   execution_id: str) -> str:
+    """The reason a release would break a limit, or "".
+
+    `execution_id`'s own entries are ignored, so judging a step again (a
+    redelivered plan after a crash) does not count it against itself.
+    """
+    flying = [k for k, s in usage.in_flight.items() if s.until > now and k != execution_id]
+    if len(flying) >= cfg.max_concurrent:
+        return f"concurrency limit: {len(flying)} executions in flight (max {cfg.max_concurrent})"
+    recent = [g for g in usage.grants
+              if g.at > now - RATE_WINDOW_S and g.execution_id != execution_id]
+    per_subject = sum(1 for g in recent if g.subject == subject)
+    if per_subject >= cfg.max_per_subject_per_minute:
+        return (f"rate limit: {per_subject} executions on {subject!r} in the last minute "
+                f"(max {cfg.max_per_subject_per_minute})")
+    if len(recent) >= cfg.max_per_minute:
+        return f"rate limit: {len(recent)} executions in the last minute (max {cfg.max_per_minute})"
+    last = usage.last_run.get(cooldown_key(subject, action))
+    own = any(g.execution_id == execution_id for g in usage.grants)
+    if last is not None and not own and now - last < cfg.action_cooldown_s:
+        return (f"cooldown: {action!r} on {subject!r} ran {now - last:.1f}s ago "
+                f"(cooldown {cfg.action_cooldown_s:g}s)")
+    return ""
+
+
+# --- plan DAG -----------------------------------------------------------------------
+
+
+def dag_problems(steps: Sequence[PlanStep]) -> dict[str, str]:
+    """Steps that can never run, with why: duplicate ids, unknown dependencies, cycles."""
+    problems: dict[str, str] = {}
+    ids = [s.step_id for s in steps]
+    for sid in {i for i in ids if ids.count(i) > 1}:
+        problems[sid] = f"duplicate step id {sid!r}"
+    by_id = {s.step_id: s for s in steps}
+    for s in steps:
+        missing = [d for d in s.depends_on if d not in by_id]
+        if missing and s.step_id not in problems:
+            problems[s.step_id] = f"depends on unknown step(s) {', '.join(missing)}"
+    # Kahn's algorithm: whatever is never freed sits on (or behind) a cycle.
+    remaining = {s.step_id: set(s.depends_on) for s in steps if s.step_id not in problems}
+    done: set[str] = set()
+    while True:
+        free = [sid for sid, deps in remaining.items() if deps <= done]
+        if not free:
+            break
+        for sid in free:
+            done.add(sid)
+            del remaining[sid]
+    for sid in remaining:
+        problems[sid] = "dependency cycle"
+    return problems
+
+
+def ready(steps: Sequence[PlanStep], succeeded: set[str], decided: set[str]) -> list[PlanStep]:
+    """Undecided steps whose dependencies all succeeded, in plan order."""
+    return [s for s in steps
+            if s.step_id not in decided and all(d in succeeded for d in s.depends_on)]
+
+
+def blocked(steps: Sequence[PlanStep], ended: Mapping[str, str],
+            decided: set[str]) -> dict[str, str]:
+    """Undecided steps that can never run because a dependency (transitively) did not
+    succeed; `ended` maps each such dependency to how it ended (failed, vetoed, ...)."""
+    out: dict[str, str] = {}
+    dead = dict(ended)
+    changed = True
+    while changed:
+        changed = False
+        for s in steps:
+            if s.step_id in decided or s.step_id in out:
+                continue
+            bad = [d for d in s.depends_on if d in dead]
+            if bad:
+                out[s.step_id] = f"dependency {bad[0]!r} did not succeed ({dead[bad[0]]})"
+                dead[s.step_id] = "vetoed"
+                changed = True
+    return out

@@ -1,0 +1,201 @@
+"""The monitor: scrapes every configured subject and publishes observations.
+
+It consumes nothing from the bus. Each subject gets its own background loop
+with a fixed-rate ticker: tick k is due at start + k * scrape_interval_s, so
+the schedule never drifts with scrape time. Every tick starts its scrape as
+a task, so a slow scrape delays neither the next tick nor any other subject;
+at most `MAX_IN_FLIGHT` scrapes of one subject run at once and a tick that
+finds them all busy is skipped (counted), which bounds the load a hung
+subject can cause. A scrape that times out or fails is itself a symptom:
+it is published as an observation with up=False and the error.
+
+The observer (the subject definition's `make_observer`) does the protocol
+work; the monitor only schedules, bounds and sanitises its output: metrics
+must be finite floats (JSON has no NaN) and log lines are capped, because
+they are untrusted data travelling on to the detector and the diagnoser.
+
+It also keeps what it published lately (actors.diagnoser.investigation.History) and
+answers read-only queries for it on `menders.query.obs.<method>`: the Claude
+diagnoser's recent_observations and recent_logs tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+import subjects
+from actors.diagnoser.investigation import History, ObsReply, answer_obs_query
+from actors.runtime import Actor, Delivery, Runtime
+from actors.runtime.logs import get_logger
+from bus_schemas import catalog
+from bus_schemas.messages import Event, Observation
+from subjects.base import ObserverProtocol
+
+log = get_logger("menders.monitor")
+
+MAX_IN_FLIGHT = 3
+MIN_TIMEOUT_S = 2.0
+MAX_LOG_LINES = 50
+MAX_LOG_LINE_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an observer is built from: where the subject answers and logs."""
+
+    name: str
+    url: str
+    log_file: Path | None
+    scrape_interval_s: float
+
+    @property
+    def timeout_s(self) -> float:
+        # Longer than one interval, so a slow but alive subject is not called down.
+        return max(2 * self.scrape_interval_s, MIN_TIMEOUT_S)
+
+
+def sanitize(subject: str, ts: float, fields: dict[str, Any], scrape_ms: float) -> Observation:
+    metrics: dict[str, float] = {}
+    raw = fields.get("metrics")
+    for key, value in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            metrics[str(key)] = f
+    raw_lines = fields.get("log_lines")
+    lines = [str(line)[:MAX_LOG_LINE_CHARS]
+             for line in (list(raw_lines) if isinstance(raw_lines, list | tuple) else [])
+             [-MAX_LOG_LINES:]]
+    return Observation(subject=subject, ts=ts, up=bool(fields.get("up")), metrics=metrics,
+                       log_lines=lines, error=str(fields.get("error") or "")[:2000],
+                       scrape_ms=scrape_ms)
+
+
+class Monitor(Actor):
+    name = "monitor"
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(rt)
+        self.targets: dict[str, Target] = {}
+        self.observers: dict[str, ObserverProtocol] = {}
+        self.history: dict[str, History] = {}
+        self.query_sub: Subscription | None = None
+        self.scrapes = rt.metrics.counter(
+            "menders_monitor_scrapes",
+            "Scrapes by subject and outcome (up, down, timeout, error, skipped, "
+            "publish_failed)", ["subject", "outcome"])
+        self.duration = rt.metrics.histogram(
+            "menders_monitor_scrape_seconds", "Scrape duration", ["subject"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+
+    async def setup(self) -> None:
+        for name, cfg in self.config.subjects.items():
+            target = Target(name, cfg.url, cfg.log_file(self.config.home_dir, name),
+                            cfg.scrape_interval_s)
+            self.targets[name] = target
+            self.observers[name] = subjects.load(cfg.kind).make_observer(target)
+            self.history[name] = History()
+            log.info("watching", extra={"subject": name, "url": cfg.url,
+                                        "interval_s": cfg.scrape_interval_s})
+
+        self.query_sub = await self.rt.nc.subscribe(
+            catalog.service_subject("monitor", ">"), cb=self._on_query)
+
+    async def _on_query(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        method = msg.subject.rsplit(".", 1)[-1]
+        if method not in ("observations", "logs"):
+            reply = ObsReply(ok=False, error=f"unknown query {method!r}; known: "
+                                             "observations, logs")
+        else:
+            try:
+                reply = answer_obs_query(self.history, msg.data, time.time())
+            except Exception as exc:  # a bad query must never take the monitor down
+                reply = ObsReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+        await msg.respond(msgspec.json.encode(reply))
+
+    def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
+        return [functools.partial(self._schedule, name) for name in self.targets]
+
+    async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
+        return ()  # consumes nothing
+
+    async def teardown(self) -> None:
+        if self.query_sub is not None:
+            await self.query_sub.unsubscribe()
+        for observer in self.observers.values():
+            try:
+                await observer.close()
+            except Exception as exc:
+                log.warning("observer close failed", extra={"err": repr(exc)})
+
+    async def _schedule(self, name: str) -> None:
+        target = self.targets[name]
+        interval = target.scrape_interval_s
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        running: set[asyncio.Task[None]] = set()
+        tick = 0
+        try:
+            while True:
+                delay = start + tick * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif -delay >= interval:
+                    # The loop itself was starved: skip the missed ticks, no burst.
+                    missed = int(-delay // interval)
+                    self.scrapes.labels(subject=name, outcome="skipped").inc(missed)
+                    tick += missed
+                tick += 1
+                if len(running) >= MAX_IN_FLIGHT:
+                    self.scrapes.labels(subject=name, outcome="skipped").inc()
+                    continue
+                task = asyncio.create_task(self._scrape(target))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _scrape(self, target: Target) -> None:
+        observer = self.observers[target.name]
+        ts = time.time()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(target.timeout_s):
+                fields = await observer.scrape()
+            outcome = "up" if fields.get("up") else "down"
+        except TimeoutError:
+            fields = {"up": False, "error": f"scrape timed out after {target.timeout_s:g}s"}
+            outcome = "timeout"
+        except Exception as exc:  # an observer bug must not stop the schedule
+            fields = {"up": False, "error": f"scrape failed: {exc!r}"}
+            outcome = "error"
+        elapsed = time.perf_counter() - started
+        self.duration.labels(subject=target.name).observe(elapsed)
+        obs = sanitize(target.name, ts, fields, elapsed * 1000)
+        self.history[target.name].add(obs)
+        try:
+            await self.rt.publish(obs)
+        except Exception as exc:
+            outcome = "publish_failed"
+            log.warning("observation not published", extra={"subject": target.name,
+                                                            "err": repr(exc)})
+        self.scrapes.labels(subject=target.name, outcome=outcome).inc()
+
+
+ACTOR = Monitor

@@ -1,0 +1,157 @@
+"""menders configuration: one TOML file decoded by msgspec into typed Structs.
+
+Every field has a default that runs the demo, so an empty file (or none) is
+valid. A bad key or value fails with an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from bus_schemas.messages import Mode, Risk
+
+
+class NatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str = ""  # empty: `menders up` starts the bundled nats-server on loopback
+    host: str = "127.0.0.1"
+    port: int = 4222
+    store_dir: str = ""  # default: <home>/nats
+    sync_always: bool = False  # fsync every write: survives OS crashes, much slower
+    binary: str = ""  # default: $MENDERS_NATS_SERVER, beside python, then PATH
+
+
+class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    fetch_batch: int = 64
+    fetch_timeout_s: float = 0.5
+    heartbeat_s: float = 1.0
+    max_message_bytes: int = 256 * 1024
+    nak_backoff_s: list[float] = msgspec.field(default_factory=lambda: [0.2, 1.0, 3.0, 10.0])
+    publish_timeout_s: float = 5.0
+    metrics_host: str = "127.0.0.1"
+    metrics_base_port: int = 9464  # actor i in catalog.ACTORS serves base + i; 0 disables
+    log_level: str = "INFO"
+
+
+class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_restarts: int = 5  # within max_seconds, then `menders up` stops loudly
+    max_seconds: float = 60.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 10.0
+    stop_timeout_s: float = 10.0
+
+
+class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    mode: Mode = "execute"  # the initial mode; `menders mode` changes it at run time
+    # Per managed subject, the actions the crew may run; absent: every registered action.
+    allow: dict[str, list[str]] = {}
+    max_per_subject_per_minute: int = 6
+    max_per_minute: int = 20
+    action_cooldown_s: float = 5.0
+    max_concurrent: int = 2
+    approval_above: Risk = "medium"  # risk strictly above this needs `menders approve`
+    approval_timeout_s: float = 600.0
+    # An approved execution that no executor has started by then is refused (not_after).
+    approval_ttl_s: float = 60.0
+
+
+class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_attempts: int = 3
+    escalation_webhook: str = ""
+    # An incident that followed another's remediation gets this long, after that
+    # remediation verified, to resolve by itself before it is planned on its own.
+    follow_grace_s: float = 10.0
+
+
+class VerifierConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    stable_window_s: float = 3.0
+    deadline_s: float = 30.0
+
+
+class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    default_timeout_s: float = 10.0
+
+
+class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    kind: Literal["webshop"] = "webshop"
+    url: str = "http://127.0.0.1:8080"  # the service; the chaos port is never given here
+    log_path: str = ""  # default for an embedded subject: <home>/subjects/<name>/logs/app.log
+    scrape_interval_s: float = 1.0
+    embedded: bool = True  # `menders up` runs the service itself (the demo subject)
+
+    def log_file(self, home: Path, name: str) -> Path | None:
+        if self.log_path:
+            return Path(self.log_path)
+        return home / "subjects" / name / "logs" / "app.log" if self.embedded else None
+
+
+class LlmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The Claude diagnoser (used only when ANTHROPIC_API_KEY is set)."""
+
+    model: str = "claude-sonnet-4-6"
+    summary_model: str = "claude-haiku-4-5"
+    base_url: str = ""  # empty: the SDK's default (or ANTHROPIC_BASE_URL)
+    max_turns: int = 6  # model calls per investigation; the last one must diagnose
+    max_tokens: int = 2048  # per response
+    timeout_s: float = 30.0  # per request
+    max_total_tokens: int = 60_000  # input + output over one investigation
+    max_wall_s: float = 60.0  # one investigation, model calls and tools together
+    max_retries: int = 2  # the SDK's own retries with backoff (the first layer)
+    retry_attempts: int = 1  # whole-call retries after the SDK gave up, then runbooks
+    retry_backoff_s: float = 2.0
+    tool_timeout_s: float = 3.0  # one investigation query over the bus
+    summaries: bool = True  # a one-paragraph summary of each closed incident
+    summary_max_tokens: int = 400
+    # USD per million tokens; 0: the built-in price of a known model
+    # (actors/diagnoser/llm/usage.py).
+    input_usd_per_mtok: float = 0.0
+    output_usd_per_mtok: float = 0.0
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    home: str = ""  # state directory; default $MENDERS_HOME or ~/.menders
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    governor: GovernorConfig = msgspec.field(default_factory=GovernorConfig)
+    planner: PlannerConfig = msgspec.field(default_factory=PlannerConfig)
+    verifier: VerifierConfig = msgspec.field(default_factory=VerifierConfig)
+    executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
+    llm: LlmConfig = msgspec.field(default_factory=LlmConfig)
+    subjects: dict[str, SubjectConfig] = msgspec.field(
+        default_factory=lambda: {"webshop": SubjectConfig()}
+    )
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home or os.environ.get("MENDERS_HOME") or Path.home() / ".menders")
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url or f"nats://{self.nats.host}:{self.nats.port}"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config file: the given path, $MENDERS_CONFIG, or defaults."""
+    path = path or os.environ.get("MENDERS_CONFIG")
+    if not path:
+        return Config()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        return msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        # msgspec names the key: "Expected `int`, got `str` - at `$.nats.port`"
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+

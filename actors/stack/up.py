@@ -1,0 +1,173 @@
+"""The whole stack as `menders up` and `menders demo` run it.
+
+NATS (the embedded server, or an existing one given by URL), provisioning,
+the embedded demo subject (when configured), and one supervised process per
+actor, each with only its own credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import nats
+import nats.errors
+from nats.aio.msg import Msg
+
+from actors.runtime import credentials
+from actors.runtime.config import Config
+from actors.runtime.logs import get_logger
+from actors.stack import provision
+from actors.stack.natsserver import EmbeddedNats, free_port
+from actors.stack.supervisor import ChildSpec, Supervisor, child_env, python_argv
+from bus_schemas import catalog, codec
+from bus_schemas import messages as m
+from bus_schemas.natsconf import inbox_prefix, password_env
+
+log = get_logger("menders.stack")
+
+CHAOS_FILE = "chaos.json"  # read by `menders demo` only; no actor is given it
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class Stack:
+    def __init__(self, config: Config, config_path: str | None, *, nats_url: str | None = None,
+                 actors: tuple[str, ...] = catalog.ACTORS, embedded_subjects: bool = True,
+                 child_logs: bool = False) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.home = config.home_dir
+        self.nats_url = nats_url or config.nats.url or None
+        self.actors = actors
+        self.embedded_subjects = embedded_subjects
+        self.child_logs = child_logs
+        self.server: EmbeddedNats | None = None
+        self.supervisor: Supervisor | None = None
+        self.passwords: dict[str, str] = {}
+        self.url = ""
+        self.chaos: dict[str, str] = {}
+
+    async def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.nats_url:
+            self.url = self.nats_url
+            self.passwords = _passwords_from_env()
+        else:
+            self.passwords = credentials.generate()
+            self.server = EmbeddedNats(
+                Path(self.config.nats.store_dir or self.home / "nats"),
+                self.passwords,
+                host=self.config.nats.host,
+                port=self.config.nats.port,
+                binary=self.config.nats.binary,
+                sync_always=self.config.nats.sync_always,
+            )
+            await self.server.start()
+            self.url = self.server.url
+        credentials.write(self.home, self.passwords, self.url)
+        await self._provision()
+        self.supervisor = Supervisor(self._specs(), self.config.supervisor)
+        await self.supervisor.start()
+
+    async def _provision(self) -> None:
+        nc = await nats.connect(self.url, user=catalog.ADMIN,
+                                password=self.passwords[catalog.ADMIN], connect_timeout=3)
+        try:
+            await provision.provision(nc.jetstream(timeout=10))
+        finally:
+            await nc.close()
+
+    def _specs(self) -> list[ChildSpec]:
+        specs: list[ChildSpec] = []
+        base = {"MENDERS_NATS_URL": self.url, "MENDERS_HOME": str(self.home),
+                "MENDERS_SUPERVISED": "1"}
+        if self.config_path:
+            base["MENDERS_CONFIG"] = str(Path(self.config_path).resolve())
+        logs = self.home / "logs"
+        logs.mkdir(exist_ok=True)
+        if self.embedded_subjects:
+            specs += self._subject_specs(base, logs)
+        # Consumers before producers: the auditor first, the monitor last.
+        order = ("auditor", "governor", "executor", "verifier", "planner", "diagnoser",
+                 "detector", "monitor")
+        for actor in sorted(self.actors, key=order.index):
+            env = child_env(**base, **{password_env(actor): self.passwords[actor]})
+            specs.append(ChildSpec(actor, python_argv("-m", "actors", "run", actor), env,
+                                   str(logs / f"{actor}.log") if self.child_logs else None))
+        return specs
+
+    def _subject_specs(self, base: dict[str, str], logs: Path) -> list[ChildSpec]:
+        specs = []
+        chaos: dict[str, str] = {}
+        for name, sc in self.config.subjects.items():
+            if not sc.embedded:
+                continue
+            parsed = urlparse(sc.url)
+            chaos_port = free_port()
+            data_dir = self.home / "subjects" / name
+            argv = python_argv("-m", f"subjects.{sc.kind}", "serve",
+                               "--host", parsed.hostname or "127.0.0.1",
+                               "--port", str(parsed.port or 80),
+                               "--chaos-port", str(chaos_port),
+                               "--data-dir", str(data_dir))
+            chaos[name] = f"http://127.0.0.1:{chaos_port}"
+            specs.append(ChildSpec(f"subject:{name}", argv, child_env(**base),
+                                   str(logs / f"subject-{name}.log")))
+        self.chaos = chaos
+        (self.home / CHAOS_FILE).write_text(json.dumps(chaos))
+        return specs
+
+    async def wait_ready(self, timeout: float = 30.0) -> float:
+        """Seconds until every actor has sent a heartbeat."""
+        started = time.monotonic()
+        nc = await nats.connect(self.url, user=catalog.OPERATOR,
+                                password=self.passwords[catalog.OPERATOR],
+                                inbox_prefix=inbox_prefix(catalog.OPERATOR))
+        seen: set[str] = set()
+        done = asyncio.Event()
+
+        async def on_beat(msg: Msg) -> None:
+            with contextlib.suppress(codec.DecodeError):
+                beat = codec.decode(msg.data, (m.Heartbeat,))
+                if isinstance(beat, m.Heartbeat) and beat.ts > time.time() - 5:
+                    seen.add(beat.actor)
+                    if seen >= set(self.actors):
+                        done.set()
+
+        sub = await nc.subscribe("menders.heartbeat.>", cb=on_beat)
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            missing = sorted(set(self.actors) - seen)
+            raise StackError(f"not ready after {timeout:g}s: no heartbeat from {missing}") from None
+        finally:
+            await sub.unsubscribe()
+            await nc.close()
+        return time.monotonic() - started
+
+    async def stop(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.server is not None:
+            self.server.stop()
+            with contextlib.suppress(OSError):
+                (self.home / credentials.FILE_NAME).unlink()
+
+
+def _passwords_from_env() -> dict[str, str]:
+    users = [*catalog.ACTORS, catalog.OPERATOR, catalog.ADMIN]
+    missing = [password_env(u) for u in users if not os.environ.get(password_env(u))]
+    if missing:
+        raise StackError(
+            "with --nats-url, every user's password must come from the environment; "
+            f"missing: {', '.join(missing)}"
+        )
+    return {u: os.environ[password_env(u)] for u in users}
