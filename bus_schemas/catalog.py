@@ -25,6 +25,12 @@ OPERATOR = "operator"  # the human CLI
 ADMIN = "admin"  # provisioning only
 
 PREFIX = "menders"
+EVERYTHING = f"{PREFIX}.>"  # what `nats sub 'menders.>'` and `menders tail` show by default
+
+OBS_STREAM = "MENDERS_OBS"
+EVENTS_STREAM = "MENDERS_EVENTS"
+DLQ_STREAM = "MENDERS_DLQ"
+HEARTBEAT_STREAM = "MENDERS_HEARTBEAT"
 GOVERNOR_BUCKET = "menders_governor"  # mode, kill switch, revocations, rate windows
 EXEC_LEDGER_BUCKET = "menders_exec_ledger"  # the executor's at-most-once claims
 PLANNER_BUCKET = "menders_planner"  # plan attempts per incident, survives a planner restart
@@ -84,7 +90,7 @@ class Consumer:
 
 STREAMS: tuple[Stream, ...] = (
     Stream(
-        "MENDERS_OBS",
+        OBS_STREAM,
         ("menders.obs.>",),
         max_age_s=15 * 60,
         max_bytes=512 * 1024 * 1024,
@@ -92,7 +98,7 @@ STREAMS: tuple[Stream, ...] = (
         duplicate_window_s=30.0,
     ),
     Stream(
-        "MENDERS_EVENTS",
+        EVENTS_STREAM,
         (
             "menders.incident.>",
             "menders.diagnosis.>",
@@ -108,14 +114,14 @@ STREAMS: tuple[Stream, ...] = (
         description="The incident lifecycle: kept, it is the history operators read.",
     ),
     Stream(
-        "MENDERS_DLQ",
+        DLQ_STREAM,
         ("menders.dlq.>",),
         max_age_s=30 * 24 * 3600,
         max_bytes=1024 * 1024 * 1024,
         description="Dead letters: what an actor could not handle, and why.",
     ),
     Stream(
-        "MENDERS_HEARTBEAT",
+        HEARTBEAT_STREAM,
         ("menders.heartbeat.>",),
         max_age_s=300,
         max_bytes=64 * 1024 * 1024,
@@ -137,45 +143,45 @@ KV_BUCKETS: tuple[KvBucket, ...] = (
 )
 
 BUS_SUBJECTS: tuple[BusSubject, ...] = (
-    BusSubject("menders.obs.{subject}", m.Observation, "MENDERS_OBS",
+    BusSubject("menders.obs.{subject}", m.Observation, OBS_STREAM,
                ("monitor",), ("detector", "verifier"), "One snapshot of a subject's symptoms."),
-    BusSubject("menders.incident.{subject}.opened", m.IncidentOpened, "MENDERS_EVENTS",
+    BusSubject("menders.incident.{subject}.opened", m.IncidentOpened, EVENTS_STREAM,
                ("detector",), ("diagnoser", "verifier", "auditor"),
                "An invariant broke."),
-    BusSubject("menders.incident.{subject}.updated", m.IncidentUpdated, "MENDERS_EVENTS",
+    BusSubject("menders.incident.{subject}.updated", m.IncidentUpdated, EVENTS_STREAM,
                ("detector",), ("auditor",), "An open incident's value moved."),
-    BusSubject("menders.incident.{subject}.resolved", m.IncidentResolved, "MENDERS_EVENTS",
+    BusSubject("menders.incident.{subject}.resolved", m.IncidentResolved, EVENTS_STREAM,
                ("detector",), ("planner", "verifier", "auditor", "diagnoser"),
                "The invariant holds again."),
-    BusSubject("menders.incident.{subject}.escalated", m.IncidentEscalated, "MENDERS_EVENTS",
+    BusSubject("menders.incident.{subject}.escalated", m.IncidentEscalated, EVENTS_STREAM,
                ("planner",), ("auditor", "diagnoser"), "Handed to a human."),
-    BusSubject("menders.incident.{subject}.summary", m.IncidentSummary, "MENDERS_EVENTS",
+    BusSubject("menders.incident.{subject}.summary", m.IncidentSummary, EVENTS_STREAM,
                ("diagnoser",), ("auditor",),
                "A closed incident told in one paragraph (with an LLM key only)."),
-    BusSubject("menders.diagnosis.{subject}", m.Diagnosis, "MENDERS_EVENTS",
+    BusSubject("menders.diagnosis.{subject}", m.Diagnosis, EVENTS_STREAM,
                ("diagnoser",), ("planner", "auditor"), "A hypothesis with ranked actions."),
-    BusSubject("menders.plan.{subject}", m.Plan, "MENDERS_EVENTS",
+    BusSubject("menders.plan.{subject}", m.Plan, EVENTS_STREAM,
                ("planner",), ("governor", "auditor"), "Steps meant to resolve one incident."),
-    BusSubject("menders.exec.approved.{subject}", m.ExecutionApproved, "MENDERS_EVENTS",
+    BusSubject("menders.exec.approved.{subject}", m.ExecutionApproved, EVENTS_STREAM,
                ("governor",), ("executor", "auditor"),
                "An approved execution: only the governor may publish it."),
-    BusSubject("menders.decision.{subject}.{outcome}", m.Decision, "MENDERS_EVENTS",
+    BusSubject("menders.decision.{subject}.{outcome}", m.Decision, EVENTS_STREAM,
                ("governor",), ("planner", "auditor"),
                "A veto, a wait for a human, a denial, a revocation or a kill, with its reason."),
-    BusSubject("menders.exec.started.{subject}", m.ExecutionStarted, "MENDERS_EVENTS",
+    BusSubject("menders.exec.started.{subject}", m.ExecutionStarted, EVENTS_STREAM,
                ("executor",), ("auditor",), "An execution's effect is about to happen."),
-    BusSubject("menders.exec.result.{subject}", m.ExecutionResult, "MENDERS_EVENTS",
+    BusSubject("menders.exec.result.{subject}", m.ExecutionResult, EVENTS_STREAM,
                ("executor",), ("governor", "planner", "verifier", "auditor"),
                "How an execution ended."),
-    BusSubject("menders.verdict.{subject}", m.Verdict, "MENDERS_EVENTS",
+    BusSubject("menders.verdict.{subject}", m.Verdict, EVENTS_STREAM,
                ("verifier",), ("planner", "auditor"), "Whether the invariant holds again."),
-    BusSubject("menders.approval", m.HumanApproval, "MENDERS_EVENTS",
+    BusSubject("menders.approval", m.HumanApproval, EVENTS_STREAM,
                (OPERATOR,), ("governor", "auditor"), "A human's approve or deny."),
-    BusSubject("menders.control", m.ControlCommand, "MENDERS_EVENTS",
+    BusSubject("menders.control", m.ControlCommand, EVENTS_STREAM,
                (OPERATOR,), ("governor", "auditor"), "Mode, kill switch, resume, revoke."),
-    BusSubject("menders.heartbeat.{actor}", m.Heartbeat, "MENDERS_HEARTBEAT",
+    BusSubject("menders.heartbeat.{actor}", m.Heartbeat, HEARTBEAT_STREAM,
                ACTORS, (OPERATOR,), "An actor is alive."),
-    BusSubject("menders.dlq.{actor}", m.DeadLetter, "MENDERS_DLQ",
+    BusSubject("menders.dlq.{actor}", m.DeadLetter, DLQ_STREAM,
                ACTORS, ("auditor", OPERATOR), "A message an actor could not handle, and why."),
 )
 
@@ -189,21 +195,40 @@ _SUBJECT_OF = _by_kind()
 
 def bus_subject_of(event: m.Event) -> str:
     """The concrete bus subject an event is published on."""
-    spec = _SUBJECT_OF[type(event)]
-    values = {
+    return _fill(_SUBJECT_OF[type(event)], {
         "subject": event.subject,
         "actor": getattr(event, "actor", ""),
         "outcome": getattr(event, "outcome", ""),
-    }
+    })
+
+
+def subject_for(schema: type[m.Event], **tokens: str) -> str:
+    """The concrete bus subject of `schema` for the given placeholder values.
+
+    `subject_for(m.IncidentOpened, subject="webshop")` is
+    "menders.incident.webshop.opened"; a missing value is an error, not a wildcard.
+    """
+    return _fill(_SUBJECT_OF[schema], tokens)
+
+
+def _fill(spec: BusSubject, values: dict[str, str]) -> str:
     tokens = []
     for token in spec.pattern.split("."):
         if token.startswith("{"):
-            value = values[token[1:-1]]
+            value = values.get(token[1:-1], "")
             if not m.SUBJECT_NAME.match(value):
-                raise ValueError(f"{type(event).__name__}: bad {token} token {value!r}")
+                raise ValueError(f"{spec.schema.__name__}: bad {token} token {value!r}")
             token = value
         tokens.append(token)
     return ".".join(tokens)
+
+
+def under(stage: str) -> str:
+    """Every bus subject of one stage ("incident", "exec", ...), for tails and subscriptions."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(sorted(STAGES))}")
+    bare = f"{PREFIX}.{stage}"
+    return bare if any(b.pattern == bare for b in BUS_SUBJECTS) else f"{bare}.>"
 
 
 def spec_of(schema: type[m.Event]) -> BusSubject:
@@ -219,33 +244,33 @@ def _consumer(actor: str, durable: str, stream: str, schemas: tuple[type[m.Event
 
 
 CONSUMERS: tuple[Consumer, ...] = (
-    _consumer("detector", "detector", "MENDERS_OBS", (m.Observation,), max_deliver=3,
+    _consumer("detector", "detector", OBS_STREAM, (m.Observation,), max_deliver=3,
               ack_wait_s=10, description="Checks invariants on every observation."),
-    _consumer("verifier", "verifier_obs", "MENDERS_OBS", (m.Observation,), max_deliver=3,
+    _consumer("verifier", "verifier_obs", OBS_STREAM, (m.Observation,), max_deliver=3,
               ack_wait_s=10, description="Fresh observations for checks in flight."),
-    _consumer("verifier", "verifier", "MENDERS_EVENTS",
+    _consumer("verifier", "verifier", EVENTS_STREAM,
               (m.IncidentOpened, m.IncidentResolved, m.ExecutionResult),
               # A check awaits its verdict inside the handler: concurrency lets other
               # checks and the IncidentResolved that may pass them run meanwhile.
               concurrency=32, description="Starts a check when an execution ends."),
-    _consumer("diagnoser", "diagnoser", "MENDERS_EVENTS", (m.IncidentOpened,),
+    _consumer("diagnoser", "diagnoser", EVENTS_STREAM, (m.IncidentOpened,),
               ack_wait_s=15, concurrency=4, description="Diagnoses each opened incident."),
-    _consumer("diagnoser", "diagnoser_closed", "MENDERS_EVENTS",
+    _consumer("diagnoser", "diagnoser_closed", EVENTS_STREAM,
               (m.IncidentResolved, m.IncidentEscalated), ack_wait_s=15, concurrency=2,
               description="Summarises each closed incident (with an LLM key only)."),
-    _consumer("planner", "planner", "MENDERS_EVENTS",
+    _consumer("planner", "planner", EVENTS_STREAM,
               (m.IncidentResolved, m.Diagnosis, m.Decision, m.ExecutionResult, m.Verdict),
               description="Plans, re-plans on failure, escalates."),
-    _consumer("governor", "governor", "MENDERS_EVENTS",
+    _consumer("governor", "governor", EVENTS_STREAM,
               (m.Plan, m.HumanApproval, m.ControlCommand, m.ExecutionResult),
               description="Judges every plan step against policy."),
-    _consumer("executor", "executor", "MENDERS_EVENTS", (m.ExecutionApproved,),
+    _consumer("executor", "executor", EVENTS_STREAM, (m.ExecutionApproved,),
               concurrency=8, description="Carries out approved executions."),
-    _consumer("auditor", "auditor", "MENDERS_EVENTS",
+    _consumer("auditor", "auditor", EVENTS_STREAM,
               tuple(b.schema for b in BUS_SUBJECTS
-                    if b.stream == "MENDERS_EVENTS" and "auditor" in b.consumers),
+                    if b.stream == EVENTS_STREAM and "auditor" in b.consumers),
               ack_wait_s=5, max_ack_pending=5000, description="Records the whole lifecycle."),
-    _consumer("auditor", "auditor_dlq", "MENDERS_DLQ", (m.DeadLetter,), ack_wait_s=5,
+    _consumer("auditor", "auditor_dlq", DLQ_STREAM, (m.DeadLetter,), ack_wait_s=5,
               description="Records dead letters."),
 )
 
@@ -289,7 +314,27 @@ SERVICES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# The methods of each query service; the reply Structs are in bus_schemas.queries.
+QUERY_METHODS: dict[str, tuple[str, ...]] = {
+    "auditor": ("timeline", "incidents", "similar"),
+    "monitor": ("observations", "logs"),
+}
+
+
 def service_subject(responder: str, method: str) -> str:
     """The concrete bus subject of one method of `responder`'s query service."""
-    pattern = next(p for p, (who, _) in SERVICES.items() if who == responder)
-    return pattern.removesuffix(">") + method
+    if method not in QUERY_METHODS[responder]:
+        raise ValueError(f"unknown {responder} query {method!r}; "
+                         f"known: {', '.join(QUERY_METHODS[responder])}")
+    return service_wildcard(responder).removesuffix(">") + method
+
+
+def service_wildcard(responder: str) -> str:
+    """Every method of `responder`'s query service: what the responder subscribes to."""
+    return next(p for p, (who, _) in SERVICES.items() if who == responder)
+
+
+# The first token after the prefix of every bus subject: what `under()` accepts.
+STAGES: frozenset[str] = frozenset(
+    [b.pattern.split(".")[1] for b in BUS_SUBJECTS]
+    + [p.split(".")[1] for p in SERVICES])

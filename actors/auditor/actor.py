@@ -31,7 +31,7 @@ from bus_schemas.messages import Event
 
 log = get_logger("menders.auditor")
 
-QUERY_SUBJECT = next(p for p, (who, _) in catalog.SERVICES.items() if who == "auditor")
+QUERY_SUBJECT = catalog.service_wildcard("auditor")
 MAX_REPLY_EVENTS = 500  # keeps a reply well under the server's 1 MB max_payload
 
 

@@ -112,7 +112,7 @@ class Monitor(Actor):
                                         "interval_s": cfg.scrape_interval_s})
 
         self.query_sub = await self.rt.nc.subscribe(
-            catalog.service_subject("monitor", ">"), cb=self._on_query)
+            catalog.service_wildcard("monitor"), cb=self._on_query)
 
     async def _on_query(self, msg: Msg) -> None:
         if not msg.reply:
