@@ -17,7 +17,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from actors.auditor.memory import SimilarQuery
+from bus_schemas.queries import SimilarQuery
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.fake_anthropic import (

@@ -9,18 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors.auditor.memory import (
-    IncidentMemory,
-    PastIncident,
-    SimilarQuery,
-    bucket,
-    fold,
-    match_expression,
-    symptom_similarity,
-)
+from actors.auditor.memory import IncidentMemory, fold, match_expression
 from actors.diagnoser import runbook
 from bus_schemas import catalog
 from bus_schemas import messages as m
+from bus_schemas.queries import PastIncident, SimilarQuery, bucket, symptom_similarity
 from subjects import load
 from tests.harness import Bus
 

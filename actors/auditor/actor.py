@@ -21,30 +21,26 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from actors.auditor.memory import IncidentMemory, PastIncident, SimilarQuery, fold
+from actors.auditor.memory import IncidentMemory, fold
 from actors.auditor.memory import default_path as memory_path
 from actors.auditor.store import AuditError, AuditStore, default_path
 from actors.runtime import Actor, Delivery
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
 from bus_schemas.messages import Event
+from bus_schemas.queries import (
+    MAX_REPLY_EVENTS,
+    AuditReply,
+    IncidentRow,
+    IncidentsReply,
+    SimilarQuery,
+    SimilarReply,
+    TimelineReply,
+)
 
 log = get_logger("menders.auditor")
 
 QUERY_SUBJECT = catalog.service_wildcard("auditor")
-MAX_REPLY_EVENTS = 500  # keeps a reply well under the server's 1 MB max_payload
-
-
-class QueryReply(msgspec.Struct, omit_defaults=True):
-    ok: bool
-    error: str = ""
-    incident_id: str = ""
-    events: list[msgspec.Raw] = []
-    truncated: bool = False
-    incidents: list[dict[str, object]] = []
-    similar: list[PastIncident] = []
-
-
 _reply = msgspec.json.Encoder()
 # Events after which an incident's memory entry is (re)built.
 MEMORY_TRIGGERS = frozenset({"incident.resolved", "incident.escalated", "verdict",
@@ -136,33 +132,36 @@ class Auditor(Actor):
             return
         method = msg.subject.rsplit(".", 1)[-1]
         arg = msg.data.decode(errors="replace").strip()
+        reply: AuditReply
         try:
             reply = await self._answer(method, arg)
         except AuditError as exc:
-            reply = QueryReply(ok=False, error=str(exc))
+            reply = TimelineReply(ok=False, error=str(exc))  # every reply reads an error
         except Exception as exc:  # a bad query must never take the auditor down
             log.error("audit query failed", extra={"method": method, "err": repr(exc)})
-            reply = QueryReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+            reply = TimelineReply(ok=False, error=f"{type(exc).__name__}: {exc}")
         await msg.respond(_reply.encode(reply))
 
-    async def _answer(self, method: str, arg: str) -> QueryReply:
+    async def _answer(self, method: str, arg: str) -> AuditReply:
         if method == "timeline":
             incident_id, records = await self.reader.timeline(arg)
-            return QueryReply(
+            return TimelineReply(
                 ok=True, incident_id=incident_id,
                 events=[msgspec.Raw(r.payload) for r in records[:MAX_REPLY_EVENTS]],
                 truncated=len(records) > MAX_REPLY_EVENTS)
         if method == "incidents":
             only_open = arg == "open"
             found = await self.reader.incidents(50, only_open=only_open)
-            return QueryReply(ok=True, incidents=[dataclasses.asdict(i) for i in found])
+            return IncidentsReply(ok=True, incidents=[IncidentRow(**dataclasses.asdict(i))
+                                                      for i in found])
         if method == "similar":
             try:
                 q = msgspec.json.decode(arg, type=SimilarQuery)
-                return QueryReply(ok=True, similar=await self.memory.similar(q))
+                return SimilarReply(ok=True, similar=await self.memory.similar(q))
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
                 raise AuditError(f"bad similar query: {exc}") from None
-        raise AuditError(f"unknown audit query {method!r}; known: timeline, incidents, similar")
+        known = ", ".join(catalog.QUERY_METHODS["auditor"])
+        raise AuditError(f"unknown audit query {method!r}; known: {known}")
 
 
 ACTOR = Auditor

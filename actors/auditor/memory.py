@@ -16,10 +16,9 @@ highest. Log words and hypotheses add context. No model, no embeddings.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import aiosqlite
 import msgspec
 
 from bus_schemas import messages as m
+from bus_schemas.queries import PastIncident, SimilarQuery, symptom_tokens
 
 DEFAULT_NAME = "memory.db"
 MAX_QUERY_TERMS = 48
@@ -49,53 +49,8 @@ CREATE VIRTUAL TABLE IF NOT EXISTS incidents_fts USING fts5(
 _WEIGHTS = (0.0, 6.0, 2.0, 0.5)
 
 
-class PastIncident(msgspec.Struct, frozen=True, kw_only=True):
-    incident_id: str
-    subject: str
-    invariant: str
-    opened_at: float = 0.0
-    closed_at: float = 0.0
-    outcome: str = ""  # resolved | escalated
-    symptoms: dict[str, float] = {}
-    hypothesis: str = ""
-    source: str = ""  # the diagnoser that made the diagnosis
-    tried: list[str] = []  # "action:status", in order
-    verified_action: str = ""  # the action whose plan passed its verdict
-    verified_params: dict[str, Any] = {}
-    escalation: str = ""
-    summary: str = ""
-    score: float = 0.0  # in query answers: bm25, lower is more similar
-
-
-class SimilarQuery(msgspec.Struct, frozen=True, kw_only=True):
-    subject: str
-    invariant: str = ""
-    symptoms: dict[str, float] = {}
-    text: str = ""  # free words (log lines, a hypothesis): untrusted, only tokenised
-    exclude: str = ""  # an incident id to leave out: the one being diagnosed
-    limit: int = 5
-
-
 def default_path(home: Path) -> Path:
     return home / DEFAULT_NAME
-
-
-def bucket(value: float) -> str:
-    """A coarse, order-of-magnitude bucket: r0..r4 for ratios, e<n> above 1."""
-    if not math.isfinite(value):
-        return "nan"
-    if value == 0:
-        return "zero"
-    if value < 0:
-        return "neg"
-    if value <= 1.0:
-        return f"r{min(int(value * 5), 4)}"
-    return f"e{int(math.log10(value))}"
-
-
-def symptom_tokens(symptoms: Mapping[str, float]) -> list[str]:
-    return [f"{name}_{bucket(float(v))}" for name, v in sorted(symptoms.items())
-            if re.fullmatch(r"[A-Za-z0-9_]{1,64}", name)]
 
 
 def words(text: str) -> list[str]:
@@ -226,18 +181,3 @@ class IncidentMemory:
                 return list(await cur.fetchall())
         except sqlite3.OperationalError as exc:
             raise ValueError(f"bad similarity query: {exc}") from None
-
-
-def symptom_similarity(a: Mapping[str, float], b: Mapping[str, float]) -> float:
-    """Jaccard similarity of the bucketed symptoms: 1.0 for the same shape."""
-    ta, tb = set(symptom_tokens(a)), set(symptom_tokens(b))
-    return len(ta & tb) / len(ta | tb) if ta | tb else 0.0
-
-
-def verified_before(past: Iterable[PastIncident], invariant: str,
-                    symptoms: Mapping[str, float], min_similarity: float = 0.7
-                    ) -> list[PastIncident]:
-    """Past incidents of the same invariant, with nearly the same symptoms, whose fix
-    verified; in the order given (most similar first)."""
-    return [p for p in past if p.invariant == invariant and p.verified_action
-            and symptom_similarity(p.symptoms, symptoms) >= min_similarity]

@@ -22,7 +22,6 @@ import msgspec
 import nats.errors
 
 import subjects
-from actors.auditor.memory import PastIncident, SimilarQuery
 from actors.diagnoser.runbook import RunbookDiagnoser, check_rules, no_match
 from actors.runtime import Actor, Delivery, Reject, Runtime
 from bus_schemas import catalog
@@ -33,6 +32,7 @@ from bus_schemas.messages import (
     IncidentOpened,
     IncidentResolved,
 )
+from bus_schemas.queries import PastIncident, SimilarQuery, SimilarReply
 from subjects.base import SubjectDefinition
 
 if TYPE_CHECKING:  # the anthropic SDK is imported only when a key is set: ~50 MB RSS
@@ -65,16 +65,11 @@ class _Memory:
         try:
             msg = await self.rt.nc.request(catalog.service_subject("auditor", "similar"),
                                            msgspec.json.encode(q), timeout=RECALL_TIMEOUT_S)
-            reply = msgspec.json.decode(msg.data, type=_SimilarReply)
+            reply = msgspec.json.decode(msg.data, type=SimilarReply)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
             log.warning("incident memory not reachable", extra={"err": repr(exc)})
             return []
         return reply.similar
-
-
-class _SimilarReply(msgspec.Struct):
-    ok: bool
-    similar: list[PastIncident] = []
 
 
 def make_diagnoser(rt: Runtime | None = None) -> tuple[Diagnoser, Summarizer | None]:

@@ -9,14 +9,13 @@ reach a subject's endpoints):
   action_registry      the subject's registered actions (from its definition)
 
 The managed subject is fixed by the diagnoser, never chosen by the model, so
-an investigation cannot wander to other subjects. The query Structs below are
-the wire format of the monitor's `menders.query.obs.*` service and the tools'
-input schemas at once (msgspec.json.schema), so there is one source.
+an investigation cannot wander to other subjects. The monitor's query Structs
+(bus_schemas.queries) are its service's wire format and the tools' input
+schemas at once (msgspec.json.schema), so there is one source.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -24,36 +23,20 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from actors.auditor.memory import PastIncident, SimilarQuery
 from bus_schemas import catalog
-from bus_schemas.messages import IncidentOpened, Observation
+from bus_schemas.messages import IncidentOpened
+from bus_schemas.queries import (
+    LogsInput,
+    ObservationsInput,
+    ObsQuery,
+    ObsReply,
+    PastIncident,
+    SimilarQuery,
+    SimilarReply,
+)
 from subjects.base import SubjectDefinition
 
 QUERY_TIMEOUT_S = 3.0
-MAX_POINTS = 120
-MAX_LINES = 200
-HISTORY_S = 15 * 60  # the monitor keeps this much (the observation stream's max age)
-
-
-class ObservationsInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Recent observations of the incident's subject, oldest first."""
-
-    since_s: Annotated[float, msgspec.Meta(ge=1, le=HISTORY_S,
-                                           description="how far back, in seconds")] = 300
-    until_s: Annotated[float, msgspec.Meta(ge=0, le=HISTORY_S,
-                                           description="stop this many seconds ago")] = 0
-    metrics: Annotated[list[str], msgspec.Meta(
-        max_length=32, description="only these metrics (all when empty)")] = []
-    max_points: Annotated[int, msgspec.Meta(ge=1, le=MAX_POINTS)] = 30
-
-
-class LogsInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Recent log lines of the incident's subject, oldest first."""
-
-    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LINES)] = 50
-    contains: Annotated[str, msgspec.Meta(max_length=200, description=
-                                          "only lines containing this text (any case)")] = ""
-    since_s: Annotated[float, msgspec.Meta(ge=1, le=HISTORY_S)] = 600
 
 
 class SimilarInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -66,86 +49,6 @@ class SimilarInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 class RegistryInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The subject's registered actions: names, parameter schemas, risk, idempotency."""
-
-
-class ObsQuery(msgspec.Struct, frozen=True, kw_only=True):
-    """The monitor's query: a tool input plus the subject the diagnoser fixed."""
-
-    subject: str
-    observations: ObservationsInput | None = None
-    logs: LogsInput | None = None
-
-
-class ObsPoint(msgspec.Struct, frozen=True, kw_only=True):
-    ts: float
-    up: bool
-    metrics: dict[str, float] = {}
-    error: str = ""
-
-
-class ObsReply(msgspec.Struct, kw_only=True, omit_defaults=True):
-    ok: bool
-    error: str = ""
-    points: list[ObsPoint] = []
-    lines: list[str] = []
-    truncated: bool = False
-
-
-class SimilarReply(msgspec.Struct, kw_only=True):
-    ok: bool
-    error: str = ""
-    similar: list[PastIncident] = []
-
-
-# --- the monitor's side -----------------------------------------------------------
-
-
-class History:
-    """What the monitor saw of one subject lately: observations and log lines."""
-
-    def __init__(self, max_obs: int = 900, max_lines: int = 2000) -> None:
-        self.obs: deque[Observation] = deque(maxlen=max_obs)
-        self.lines: deque[tuple[float, str]] = deque(maxlen=max_lines)
-
-    def add(self, obs: Observation) -> None:
-        self.obs.append(obs)
-        self.lines.extend((obs.ts, line) for line in obs.log_lines)
-
-    def observations(self, q: ObservationsInput, now: float) -> ObsReply:
-        lo, hi = now - q.since_s, now - q.until_s
-        chosen = [o for o in self.obs if lo <= o.ts <= hi]
-        step = max(1, -(-len(chosen) // q.max_points))  # ceil: evenly spaced, newest kept
-        picked = chosen[::-1][::step][::-1]
-        wanted = set(q.metrics)
-        points = [ObsPoint(ts=round(o.ts, 3), up=o.up, error=o.error,
-                           metrics={k: v for k, v in o.metrics.items()
-                                    if not wanted or k in wanted})
-                  for o in picked]
-        return ObsReply(ok=True, points=points, truncated=step > 1)
-
-    def logs(self, q: LogsInput, now: float) -> ObsReply:
-        needle = q.contains.casefold()
-        found = [line for ts, line in self.lines
-                 if ts >= now - q.since_s and needle in line.casefold()]
-        return ObsReply(ok=True, lines=found[-q.limit:], truncated=len(found) > q.limit)
-
-
-def answer_obs_query(histories: dict[str, History], data: bytes, now: float) -> ObsReply:
-    try:
-        q = msgspec.json.decode(data, type=ObsQuery)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return ObsReply(ok=False, error=f"bad query: {exc}")
-    history = histories.get(q.subject)
-    if history is None:
-        return ObsReply(ok=False, error=f"subject {q.subject!r} is not watched by this monitor")
-    if q.observations is not None:
-        return history.observations(q.observations, now)
-    if q.logs is not None:
-        return history.logs(q.logs, now)
-    return ObsReply(ok=False, error="the query asks for neither observations nor logs")
-
-
-# --- the diagnoser's side ----------------------------------------------------------
 
 
 class ToolError(Exception):

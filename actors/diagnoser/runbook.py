@@ -25,9 +25,9 @@ from typing import Any
 
 import msgspec
 
-from actors.auditor.memory import PastIncident, verified_before
 from actors.runtime import follow_id
 from bus_schemas.messages import Diagnosis, IncidentOpened, RecommendedAction
+from bus_schemas.queries import PastIncident, verified_before
 from subjects.base import ActionError, ActionSpec, RunbookRule, SubjectDefinition
 
 SOURCE = "runbook"

@@ -14,7 +14,7 @@ work; the monitor only schedules, bounds and sanitises its output: metrics
 must be finite floats (JSON has no NaN) and log lines are capped, because
 they are untrusted data travelling on to the detector and the diagnoser.
 
-It also keeps what it published lately (actors.diagnoser.investigation.History) and
+It also keeps what it published lately (actors.monitor.history.History) and
 answers read-only queries for it on `menders.query.obs.<method>`: the Claude
 diagnoser's recent_observations and recent_logs tools.
 """
@@ -35,11 +35,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 import subjects
-from actors.diagnoser.investigation import History, ObsReply, answer_obs_query
+from actors.monitor.history import History, answer_obs_query
 from actors.runtime import Actor, Delivery, Runtime
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
 from bus_schemas.messages import Event, Observation
+from bus_schemas.queries import ObsReply
 from subjects.base import ObserverProtocol
 
 log = get_logger("menders.monitor")
