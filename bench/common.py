@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from actors.runtime import credentials  # noqa: E402
+from actors.runtime.publish import publish_event  # noqa: E402
 from actors.stack import provision  # noqa: E402
 from actors.stack.natsserver import EmbeddedNats  # noqa: E402
 from bus_schemas import catalog, codec  # noqa: E402
@@ -143,13 +144,7 @@ class BenchBus:
             await sub.unsubscribe()
 
     async def publish(self, nc: Client, event: m.Event, user: str) -> None:
-        import msgspec
-
-        if not event.producer:
-            event = msgspec.structs.replace(event, producer=user)
-        await nc.jetstream(timeout=10).publish(catalog.bus_subject_of(event),
-                                               codec.encode(event),
-                                               headers={"Nats-Msg-Id": event.id})
+        await publish_event(nc.jetstream(timeout=10), event, user)
 
     async def close(self) -> None:
         for p in self.procs:

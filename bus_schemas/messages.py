@@ -238,7 +238,9 @@ ALL_MESSAGES: tuple[type[Event], ...] = (
 )
 
 
-def kind_of(cls: type[Event]) -> str:
+def kind_of(event: Event | type[Event]) -> str:
+    """The `kind` tag of an event or an event class: the one way to name a kind."""
+    cls = event if isinstance(event, type) else type(event)
     tag = cls.__struct_config__.tag
     assert isinstance(tag, str)
     return tag

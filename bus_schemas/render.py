@@ -62,7 +62,7 @@ def _params(params: dict[str, object]) -> str:
 
 def line(event: m.Event, bus_subject: str = "") -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event.ts)) + f".{int(event.ts % 1 * 1000):03d}"
-    kind = type(event).__struct_config__.tag
+    kind = m.kind_of(event)
     incident = f" [{event.incident_id[:8]}]" if event.incident_id else ""
     where = bus_subject or event.subject
     return f"{stamp} {kind:<17} {where:<32}{incident} {summary(event)}"

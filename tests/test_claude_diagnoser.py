@@ -17,9 +17,9 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from bus_schemas.queries import SimilarQuery
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from bus_schemas.queries import SimilarQuery
 from tests.fake_anthropic import (
     Body,
     FakeAnthropic,

@@ -27,7 +27,7 @@ from actors.auditor.store import AuditError, AuditStore, default_path
 from actors.runtime import Actor, Delivery
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
-from bus_schemas.messages import Event
+from bus_schemas.messages import Event, kind_of
 from bus_schemas.queries import (
     MAX_REPLY_EVENTS,
     AuditReply,
@@ -99,7 +99,7 @@ class Auditor(Actor):
             self.head_seq.labels().set(result.seq)
         else:
             self.duplicates.labels(stream=stream).inc()
-        kind = str(type(event).__struct_config__.tag)
+        kind = kind_of(event)
         if kind in MEMORY_TRIGGERS and event.incident_id:
             await self._remember(event.incident_id)
         return ()

@@ -198,7 +198,7 @@ class AuditStore:
                      stream_seq: int) -> Appended:
         """Record one event; a second append of the same event id adds nothing."""
         event_id = event.id or f"{stream}:{stream_seq}"  # an id-less event keys on its position
-        kind = str(type(event).__struct_config__.tag)
+        kind = m.kind_of(event)
         async with self._lock:
             # IMMEDIATE takes the write lock before the head is read, so even a
             # second writer process could not fork the chain.

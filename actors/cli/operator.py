@@ -23,6 +23,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from actors.runtime import credentials
 from actors.runtime.config import Config
 from actors.runtime.governor_kv import KILL_KEY, MODE_KEY, KillFlag, read_kill, read_mode
+from actors.runtime.publish import publish_event
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix
@@ -58,11 +59,7 @@ async def connect(config: Config, user: str = catalog.OPERATOR) -> AsyncIterator
 
 
 async def publish(nc: Client, event: m.Event) -> None:
-    js = nc.jetstream(timeout=5)
-    if not event.producer:
-        event = msgspec.structs.replace(event, producer=catalog.OPERATOR)
-    await js.publish(catalog.bus_subject_of(event), codec.encode(event),
-                     headers={"Nats-Msg-Id": event.id})
+    await publish_event(nc.jetstream(timeout=5), event, catalog.OPERATOR, retry_for_s=10.0)
 
 
 async def engage_kill(nc: Client, by: str, reason: str) -> None:

@@ -181,7 +181,7 @@ def vet_actions(candidates: Iterable[RecommendedAction],
     return kept, notes
 
 
-def _observed(incident: IncidentOpened) -> str:
+def observed_evidence(incident: IncidentOpened) -> str:
     return (f"invariant {incident.invariant} broken: {incident.value:g} "
             f"(threshold {incident.threshold:g})")
 
@@ -189,11 +189,11 @@ def _observed(incident: IncidentOpened) -> str:
 def no_match(incident: IncidentOpened, why: str, evidence: Sequence[str] = (),
              source: str = SOURCE) -> Diagnosis:
     """A diagnosis that hands the incident to a human: nothing the crew knows applies."""
-    return _diagnosis(incident, hypothesis=why, evidence=[_observed(incident), *evidence],
+    return diagnosis_of(incident, hypothesis=why, evidence=[observed_evidence(incident), *evidence],
                       confidence=0.0, actions=[], escalate=True, source=source)
 
 
-def _diagnosis(incident: IncidentOpened, **fields: Any) -> Diagnosis:
+def diagnosis_of(incident: IncidentOpened, **fields: Any) -> Diagnosis:
     # One deterministic id per incident event: a redelivered incident dedups in the stream.
     return Diagnosis(
         id=follow_id(incident, "diagnosis"),
@@ -212,21 +212,21 @@ def diagnose(incident: IncidentOpened, definition: SubjectDefinition) -> Diagnos
         return no_match(incident, f"no runbook rule of {definition.kind} matched the broken "
                                   f"invariant {incident.invariant} and its symptoms")
     best = matches[0]
-    evidence = [_observed(incident),
+    evidence = [observed_evidence(incident),
                 f"runbook rule {best.rule.name} matched (confidence {best.rule.confidence:g})",
                 *best.evidence]
     evidence += [f"also matched: rule {m.rule.name} (confidence {m.rule.confidence:g})"
                  for m in matches[1:]]
     confidence = min(max(best.rule.confidence, 0.0), 1.0)
     if best.rule.escalate:
-        return _diagnosis(incident, hypothesis=best.rule.hypothesis, evidence=evidence,
+        return diagnosis_of(incident, hypothesis=best.rule.hypothesis, evidence=evidence,
                           confidence=confidence, actions=[], escalate=True, source=SOURCE)
     candidates = [a for m in matches if not m.rule.escalate for a in m.rule.actions]
     actions, notes = vet_actions(candidates, definition.actions)
     evidence += notes
     if not actions:
         evidence.append("no valid registered action left: a human must decide")
-    return _diagnosis(incident, hypothesis=best.rule.hypothesis, evidence=evidence,
+    return diagnosis_of(incident, hypothesis=best.rule.hypothesis, evidence=evidence,
                       confidence=confidence, actions=actions,
                       escalate=not actions, source=SOURCE)
 

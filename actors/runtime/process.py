@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -33,8 +32,9 @@ from actors.runtime.actor import Actor, Delivery, Reject, derive_id
 from actors.runtime.config import Config
 from actors.runtime.logs import bind_incident, get_logger
 from actors.runtime.metrics import ActorMetrics, Bound
+from actors.runtime.publish import publish_event, stamped
 from bus_schemas import catalog, codec
-from bus_schemas.messages import DeadLetter, Event, Heartbeat
+from bus_schemas.messages import DeadLetter, Event, Heartbeat, kind_of
 from bus_schemas.natsconf import inbox_prefix
 
 log = get_logger("menders.runtime")
@@ -108,35 +108,14 @@ class Runtime:
     # --- publishing -------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        """Publish to JetStream and wait for the stream's ack.
-
-        A publish that timed out has an unknown outcome, so it is retried with
-        the same Nats-Msg-Id: the stream drops the copy if the first one landed.
-        """
+        """Publish to JetStream and wait for the stream's ack (actors.runtime.publish)."""
         assert self.js is not None
-        if not event.producer:
-            event = msgspec.structs.replace(event, producer=self.name)
-        subject = catalog.bus_subject_of(event)
-        payload = codec.encode(event)
-        headers = {"Nats-Msg-Id": event.id}
-        delay = 0.05
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                await self.js.publish(subject, payload, headers=headers)
-                break
-            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("publish retry", extra={"subject": subject, "err": repr(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        self.metrics.published.labels(kind=_kind(event)).inc()
+        await publish_event(self.js, event, self.name)
+        self.metrics.published.labels(kind=kind_of(event)).inc()
 
     async def publish_core(self, event: Event) -> None:
         """Fire-and-forget publish, for heartbeats that the next one replaces."""
-        if not event.producer:
-            event = msgspec.structs.replace(event, producer=self.name)
+        event = stamped(event, self.name)
         await self.nc.publish(catalog.bus_subject_of(event), codec.encode(event))
 
     # --- consuming --------------------------------------------------------------
@@ -204,10 +183,10 @@ class Runtime:
             return
         if expected != msg.subject:
             await self._dead_letter(
-                msg, delivery, f"a {_kind(event)} does not belong on {msg.subject}"
+                msg, delivery, f"a {kind_of(event)} does not belong on {msg.subject}"
             )
             return
-        kind = _kind(event)
+        kind = kind_of(event)
         self.in_flight += 1
         keepalive = _KeepAlive(msg, consumer.ack_wait_s)
         started = time.perf_counter()
@@ -397,7 +376,3 @@ class _KeepAlive:
         for task in self.tasks:
             task.cancel()
 
-
-def _kind(event: Event) -> str:
-    tag = type(event).__struct_config__.tag
-    return str(tag)

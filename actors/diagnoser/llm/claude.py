@@ -29,7 +29,7 @@ from actors.diagnoser.llm.client import LlmClient, LlmUnavailable
 from actors.diagnoser.llm.prompt import DIAGNOSIS_TOOL, SYSTEM_PROMPT, incident_message, untrusted
 from actors.diagnoser.llm.schema import Final, InvalidDiagnosis, diagnosis_tool, parse_final
 from actors.diagnoser.llm.usage import LlmMetrics, Tally
-from actors.diagnoser.runbook import RunbookDiagnoser, _diagnosis, _observed
+from actors.diagnoser.runbook import RunbookDiagnoser, diagnosis_of, observed_evidence
 from actors.runtime.config import LlmConfig
 from bus_schemas.messages import Diagnosis, IncidentOpened
 from subjects.base import SubjectDefinition
@@ -91,10 +91,10 @@ class ClaudeDiagnoser:
         f, t = inv.final, inv.tally
         usage = (f"claude {self.cfg.model}: {inv.turns} turn(s), {t.total} tokens "
                  f"({t.cache_read} from cache), est. ${t.cost_usd:.4f}")
-        evidence = [_observed(incident), *f.evidence, *f.refusals, usage]
+        evidence = [observed_evidence(incident), *f.evidence, *f.refusals, usage]
         if not f.actions and not f.escalate:
             evidence.append("no valid registered action left: a human must decide")
-        return _diagnosis(incident, hypothesis=f.hypothesis, evidence=evidence,
+        return diagnosis_of(incident, hypothesis=f.hypothesis, evidence=evidence,
                           confidence=f.confidence, actions=f.actions,
                           escalate=f.escalate or not f.actions, source=SOURCE)
 
