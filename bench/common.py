@@ -135,7 +135,7 @@ class BenchBus:
                 if all(len(seen[a]) >= n for a, n in actors.items()):
                     done.set()
 
-        sub = await nc.subscribe("menders.heartbeat.>", cb=on_beat)
+        sub = await nc.subscribe(catalog.under("heartbeat"), cb=on_beat)
         try:
             await asyncio.wait_for(done.wait(), timeout)
         except TimeoutError:

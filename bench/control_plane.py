@@ -124,7 +124,7 @@ async def bench(n: int, warmup: int) -> dict[str, Any]:
                 await bus.wait_heartbeats(dict.fromkeys(actors, 1))
                 tracker = Tracker()
                 op = await bus.connect(catalog.OPERATOR)
-                await op.subscribe("menders.>", cb=tracker.on_msg)
+                await op.subscribe(catalog.EVERYTHING, cb=tracker.on_msg)
                 det = await bus.connect("detector")
                 ids: list[str] = []
                 for i in range(n + warmup):

@@ -157,7 +157,7 @@ async def bench(faults: list[str], rounds: int) -> dict[str, Any]:
             await bus.wait_heartbeats({"detector": 1, "monitor": 1})
             watch = Watch()
             op = await bus.connect(catalog.OPERATOR)
-            await op.subscribe("menders.>", cb=watch.on_msg)
+            await op.subscribe(catalog.EVERYTHING, cb=watch.on_msg)
             if not await watch.healthy(3.0, 40):
                 raise RuntimeError(f"no healthy baseline; logs in {bus.home}")
             async with aiohttp.ClientSession() as session:

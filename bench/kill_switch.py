@@ -116,7 +116,7 @@ async def bench(executors: int, rounds: int) -> dict[str, Any]:
                 op = await bus.connect(catalog.OPERATOR)
                 okv = await op.jetstream(timeout=10).key_value(catalog.GOVERNOR_BUCKET)
                 res = Results()
-                await op.subscribe("menders.exec.>", cb=res.on_msg)
+                await op.subscribe(catalog.under("exec"), cb=res.on_msg)
                 gov = await bus.connect("governor")
                 for r in range(rounds):
                     await okv.put(KILL_KEY, msgspec.json.encode(

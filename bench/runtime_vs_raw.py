@@ -147,11 +147,15 @@ async def preload(js: Any, subject: str, n: int) -> None:
 
 async def run_one(kind: str, nc: Any, url: str, passwords: dict[str, str], home: Path,
                   n: int, k: int) -> dict[str, Any]:
+    from bus_schemas import catalog
+    from bus_schemas import messages as m
     from bus_schemas.natsconf import password_env
 
     js = nc.jetstream(timeout=10)
-    subject = RAW_SUBJECT if kind == "raw" else f"menders.incident.{BENCH_SUBJECT}.opened"
-    pong_subject = PONG if kind == "raw" else f"menders.diagnosis.{BENCH_SUBJECT}"
+    menders_in = catalog.subject_for(m.IncidentOpened, subject=BENCH_SUBJECT)
+    subject = RAW_SUBJECT if kind == "raw" else menders_in
+    pong_subject = PONG if kind == "raw" else catalog.subject_for(m.Diagnosis,
+                                                                  subject=BENCH_SUBJECT)
     await preload(js, subject, n)
     out = home / f"{kind}.json"
     env = {k_: v for k_, v in os.environ.items() if not k_.startswith("MENDERS_")}
@@ -174,7 +178,7 @@ async def run_one(kind: str, nc: Any, url: str, passwords: dict[str, str], home:
         # Wait for the backlog to drain before pinging, so pings never queue behind it.
         info_deadline = time.monotonic() + 60
         durable = RAW_DURABLE if kind == "raw" else "diagnoser"
-        stream = RAW_STREAM if kind == "raw" else "MENDERS_EVENTS"
+        stream = RAW_STREAM if kind == "raw" else catalog.EVENTS_STREAM
         while (await js.consumer_info(stream, durable)).ack_floor.stream_seq < n:
             if time.monotonic() > info_deadline or proc.poll() is not None:
                 raise RuntimeError(f"{kind} consumer did not drain: see {home / kind}.log")

@@ -364,7 +364,7 @@ async def _drive(stack: Stack, faults: tuple[DemoFault, ...], quiet: bool) -> li
                             password=stack.passwords[catalog.OPERATOR],
                             inbox_prefix=inbox_prefix(catalog.OPERATOR))
     try:
-        await nc.subscribe("menders.>", cb=tl.on_msg)
+        await nc.subscribe(catalog.EVERYTHING, cb=tl.on_msg)
         if not await _wait_baseline(tl, 30.0):
             raise StackError("the demo subject never reached a healthy baseline")
         print("menders demo: healthy baseline", flush=True)

@@ -102,9 +102,9 @@ async def status(nc: Client, heartbeat_s: float) -> Status:
     out = Status()
     now = time.time()
     for actor in catalog.ACTORS:
-        subject = f"menders.heartbeat.{actor}"
+        subject = catalog.subject_for(m.Heartbeat, actor=actor)
         try:
-            raw = await js.get_last_msg("MENDERS_HEARTBEAT", subject, direct=True)
+            raw = await js.get_last_msg(catalog.HEARTBEAT_STREAM, subject, direct=True)
             beat = codec.decode(raw.data or b"", (m.Heartbeat,))
             assert isinstance(beat, m.Heartbeat)
             age = now - beat.ts
@@ -128,10 +128,10 @@ async def status(nc: Client, heartbeat_s: float) -> Status:
 async def open_incidents(js: JetStreamContext) -> list[dict[str, Any]]:
     """Fold the incident lifecycle: opened minus resolved and escalated."""
     opened: dict[str, dict[str, Any]] = {}
-    info = await js.stream_info("MENDERS_EVENTS")
+    info = await js.stream_info(catalog.EVENTS_STREAM)
     if not info.state.messages:
         return []
-    sub = await js.subscribe("menders.incident.>", ordered_consumer=True,
+    sub = await js.subscribe(catalog.under("incident"), ordered_consumer=True,
                              deliver_policy=nats.js.api.DeliverPolicy.ALL)
     try:
         while True:

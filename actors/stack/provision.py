@@ -14,7 +14,6 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from bus_schemas import catalog
 
-OBS_STREAM = "MENDERS_OBS"
 
 
 @dataclass
@@ -42,7 +41,7 @@ def stream_config(s: catalog.Stream) -> api.StreamConfig:
 
 def consumer_config(c: catalog.Consumer) -> api.ConsumerConfig:
     # Observations are only worth acting on while fresh: a new durable starts at now.
-    deliver = api.DeliverPolicy.NEW if c.stream == OBS_STREAM else api.DeliverPolicy.ALL
+    deliver = api.DeliverPolicy.NEW if c.stream == catalog.OBS_STREAM else api.DeliverPolicy.ALL
     return api.ConsumerConfig(
         durable_name=c.durable,
         description=c.description or None,

@@ -142,7 +142,7 @@ class Stack:
                     if seen >= set(self.actors):
                         done.set()
 
-        sub = await nc.subscribe("menders.heartbeat.>", cb=on_beat)
+        sub = await nc.subscribe(catalog.under("heartbeat"), cb=on_beat)
         try:
             await asyncio.wait_for(done.wait(), timeout)
         except TimeoutError:
