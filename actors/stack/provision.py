@@ -15,7 +15,6 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from bus_schemas import catalog
 
 
-
 @dataclass
 class ProvisionReport:
     created: list[str]
