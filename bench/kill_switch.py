@@ -42,9 +42,10 @@ from common import Recorder, bench_bus, machine, subject_config, summary_ms, wri
 
 from actors.cli import operator
 from actors.executor.ledger import LedgerEntry
-from actors.runtime.governor_kv import KILL_KEY, MODE_KEY, KillFlag, read_kill
+from actors.runtime.kv import Bucket
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, parse_kill
 
 SUBJECT = "bench"
 GOAL_P99_MS = 20.0
@@ -139,7 +140,7 @@ async def bench(executors: int, rounds: int) -> dict[str, Any]:
                         holders.add(int(entry.owner.partition("@")[0]))
                     approvals_needed.append(len(eids))
                     await operator.engage_kill(op, "bench", f"round {r}")
-                    flag = await read_kill(okv)
+                    flag = parse_kill(await Bucket(okv).get_bytes(KILL_KEY))
                     await res.until(lambda ids=eids: all(e in res.results for e in ids), 15,
                                     f"round {r}: every execution's result")
                     lat = []

@@ -20,9 +20,9 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from actors.runtime.governor_kv import KILL_KEY, MODE_KEY, KillFlag, revoked_key
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, revoked_key
 from bus_schemas.natsconf import inbox_prefix
 from tests.harness import Bus
 

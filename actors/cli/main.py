@@ -22,6 +22,7 @@ from actors.runtime import credentials, logs
 from actors.runtime.config import Config, ConfigError
 from bus_schemas import catalog, codec, render
 from bus_schemas import messages as m
+from bus_schemas.governor import KILL_KEY, MODE_KEY, parse_kill, parse_mode, revoked_key
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NATS = 1, 2, 3
 
@@ -190,7 +191,7 @@ async def _control(args: argparse.Namespace, event: m.Event, confirm: Callable[[
 
 async def cmd_mode(args: argparse.Namespace) -> int:
     event = m.ControlCommand(command="mode", mode=args.mode, by=args.by, reason=args.reason)
-    return await _control(args, event, lambda v: v.decode() == args.mode, "mode",
+    return await _control(args, event, lambda v: parse_mode(v) == args.mode, MODE_KEY,
                           f"mode is now {args.mode}")
 
 
@@ -204,14 +205,14 @@ async def cmd_kill(args: argparse.Namespace) -> int:
 
 async def cmd_resume(args: argparse.Namespace) -> int:
     event = m.ControlCommand(command="resume", by=args.by, reason=args.reason)
-    return await _control(args, event, lambda v: b'"engaged":false' in v, "kill",
+    return await _control(args, event, lambda v: not parse_kill(v).engaged, KILL_KEY,
                           "kill switch released")
 
 
 async def cmd_revoke(args: argparse.Namespace) -> int:
     event = m.ControlCommand(command="revoke", execution_id=args.execution_id, by=args.by,
                              reason=args.reason)
-    return await _control(args, event, lambda v: True, f"revoked.{args.execution_id}",
+    return await _control(args, event, lambda v: True, revoked_key(args.execution_id),
                           f"execution {args.execution_id} revoked")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,14 +18,15 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from actors.runtime import credentials
 from actors.runtime.config import Config
-from actors.runtime.governor_kv import KILL_KEY, MODE_KEY, KillFlag, read_kill, read_mode
+from actors.runtime.kv import Bucket
 from actors.runtime.publish import publish_event
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, encode_kill, parse_kill, parse_mode
 from bus_schemas.natsconf import inbox_prefix
 
 
@@ -64,24 +65,27 @@ async def publish(nc: Client, event: m.Event) -> None:
 
 async def engage_kill(nc: Client, by: str, reason: str) -> None:
     """Write the kill flag directly: a kill must not depend on the governor being up."""
-    js = nc.jetstream(timeout=5)
-    kv = await js.key_value(catalog.GOVERNOR_BUCKET)
+    gkv = await _governor_bucket(nc)
     flag = KillFlag(engaged=True, by=by, reason=reason, at=time.time())
-    await kv.put(KILL_KEY, msgspec.json.encode(flag))
+    await gkv.put(KILL_KEY, encode_kill(flag))
     await publish(nc, m.ControlCommand(command="kill", by=by, reason=reason))
 
 
-async def wait_for(nc: Client, key: str, predicate: Any, timeout: float) -> bool:
-    js = nc.jetstream(timeout=5)
-    kv = await js.key_value(catalog.GOVERNOR_BUCKET)
+async def wait_for(nc: Client, key: str, predicate: Callable[[bytes], bool],
+                   timeout: float) -> bool:
+    """Poll a governor key until it exists and `predicate(its value)` holds."""
+    gkv = await _governor_bucket(nc)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(KeyNotFoundError):
-            entry = await kv.get(key)
-            if predicate(entry.value or b""):
-                return True
+        raw = await gkv.get_bytes(key)
+        if raw is not None and predicate(raw):
+            return True
         await asyncio.sleep(0.05)
     return False
+
+
+async def _governor_bucket(nc: Client) -> Bucket:
+    return Bucket(await nc.jetstream(timeout=5).key_value(catalog.GOVERNOR_BUCKET))
 
 
 @dataclass
@@ -113,9 +117,9 @@ async def status(nc: Client, heartbeat_s: float) -> Status:
                                  "in_flight": beat.in_flight, "metrics_port": beat.metrics_port}
         except (NotFoundError, codec.DecodeError):
             out.actors[actor] = {"alive": False, "age_s": None}
-    kv = await js.key_value(catalog.GOVERNOR_BUCKET)
-    out.mode = await read_mode(kv) or "unset (governor not started)"
-    out.kill = msgspec.structs.asdict(await read_kill(kv))
+    gkv = Bucket(await js.key_value(catalog.GOVERNOR_BUCKET))
+    out.mode = parse_mode(await gkv.get_bytes(MODE_KEY)) or "unset (governor not started)"
+    out.kill = msgspec.structs.asdict(parse_kill(await gkv.get_bytes(KILL_KEY)))
     for c in catalog.CONSUMERS:
         info = await js.consumer_info(c.stream, c.durable)
         out.consumers[c.durable] = {"pending": info.num_pending or 0,

@@ -36,11 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 
 import subjects
 from actors.runtime import Actor, Delivery, Runtime, derive_id, follow_id
+from actors.runtime.kv import KvConflict, Records, Unreadable
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
 from bus_schemas.messages import (
@@ -70,10 +69,6 @@ class SubjectState(msgspec.Struct, kw_only=True):
     outbox: list[IncidentEvent] = []
 
 
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(SubjectState)
-
-
 @dataclass
 class _Slot:
     state: SubjectState
@@ -89,7 +84,7 @@ class Detector(Actor):
 
     def __init__(self, rt: Runtime) -> None:
         super().__init__(rt)
-        self.kv: KeyValue | None = None
+        self.kv: Records[SubjectState] | None = None
         self.slots: dict[str, _Slot] = {}
         self._ignored: set[str] = set()
         m = rt.metrics
@@ -110,7 +105,7 @@ class Detector(Actor):
 
     async def setup(self) -> None:
         assert self.rt.js is not None
-        self.kv = await self.rt.js.key_value(catalog.DETECTOR_BUCKET)
+        self.kv = Records(await self.rt.js.key_value(catalog.DETECTOR_BUCKET), SubjectState)
         # Flush any outbox a crashed predecessor left behind, before new input.
         for name in self.config.subjects:
             await self._slot(name)
@@ -131,34 +126,26 @@ class Detector(Actor):
     async def _load(self, subject: str) -> _Slot:
         assert self.kv is not None
         try:
-            entry = await self.kv.get(f"subject.{subject}")
-        except KeyNotFoundError:
-            return _Slot(SubjectState(), None)
-        if entry.value is None:
-            return _Slot(SubjectState(), entry.revision)
-        try:
-            return _Slot(_decoder.decode(entry.value), entry.revision)
-        except msgspec.DecodeError as exc:
-            # Unreadable state must not wedge detection: start over, loudly.
+            got = await self.kv.get(f"subject.{subject}")
+        except Unreadable as exc:
+            # Unreadable state must not wedge detection: start over (overwriting it), loudly.
             log.error("detector state unreadable, starting fresh",
                       extra={"subject": subject, "err": str(exc)})
-            return _Slot(SubjectState(), entry.revision)
+            return _Slot(SubjectState(), exc.revision)
+        if got is None:
+            return _Slot(SubjectState(), None)
+        return _Slot(got.value, got.revision)
 
     async def _save(self, subject: str, state: SubjectState) -> None:
         """Compare-and-swap the subject's state; on a lost race reload and raise."""
         assert self.kv is not None
         slot = self.slots[subject]
-        key = f"subject.{subject}"
-        data = _encoder.encode(state)
         try:
-            if slot.revision is None:
-                rev = await self.kv.create(key, data)
-            else:
-                rev = await self.kv.update(key, data, last=slot.revision)
-        except KeyWrongLastSequenceError:
+            saved = await self.kv.save(f"subject.{subject}", state, slot.revision)
+        except KvConflict:
             self.slots[subject] = await self._load(subject)
             raise
-        self.slots[subject] = _Slot(state, rev)
+        self.slots[subject] = _Slot(state, saved.revision)
 
     async def _flush(self, subject: str, state: SubjectState) -> None:
         for event in state.outbox:

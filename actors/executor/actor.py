@@ -30,26 +30,24 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-import nats.errors
-from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
 import subjects
 from actors.executor.ledger import Ledger, LedgerEntry, Record
 from actors.runtime import Actor, Delivery, Reject, derive_id
-from actors.runtime.governor_kv import (
-    KILL_KEY,
-    REVOKED_PREFIX,
-    KillFlag,
-    Revocation,
-    read_kill,
-    read_mode,
-    revoked_key,
-)
+from actors.runtime.kv import Bucket, watch_forever
 from actors.runtime.logs import get_logger
 from actors.runtime.metrics import LATENCY_BUCKETS
 from bus_schemas import catalog
+from bus_schemas.governor import (
+    KILL_KEY,
+    MODE_KEY,
+    REVOKED_PREFIX,
+    KillFlag,
+    parse_kill,
+    parse_mode,
+    parse_revocation,
+    revoked_key,
+)
 from bus_schemas.messages import (
     Event,
     ExecutionApproved,
@@ -65,43 +63,6 @@ POLL_S = 0.25  # fallback re-read of the kill flag and revocations while somethi
 GRACE_S = 1.0  # the client's own timeout is this much longer than ours
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
-OnValue = Callable[[str, bytes | None], Awaitable[None]]
-
-
-async def watch_forever(nc: Client, kv: KeyValue, keys: str, on_value: OnValue,
-                        idle_s: float = 1.0) -> None:
-    """A KV watch that survives server restarts and reconnects.
-
-    nats.py watchers have been seen to stop after a server restart (issue 510),
-    so the watcher is re-created after every reconnect and every error. The
-    first delivery of each key replays its current value. Deleted keys give None.
-    """
-    while True:
-        try:
-            watcher = await kv.watch(keys)
-        except Exception as exc:
-            log.warning("kv watch failed, retrying", extra={"keys": keys, "err": repr(exc)})
-            await asyncio.sleep(0.5)
-            continue
-        reconnects = nc.stats["reconnects"]
-        try:
-            while nc.stats["reconnects"] == reconnects:
-                try:
-                    entry = await watcher.updates(timeout=idle_s)
-                except nats.errors.TimeoutError:
-                    continue
-                if entry is None:  # "caught up" marker
-                    continue
-                deleted = entry.operation in ("DEL", "PURGE")
-                await on_value(entry.key, None if deleted else entry.value)
-        except Exception as exc:
-            log.warning("kv watch broke, re-creating", extra={"keys": keys, "err": repr(exc)})
-            await asyncio.sleep(0.2)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-
-
 @dataclass
 class Running:
     approved: ExecutionApproved
@@ -115,7 +76,7 @@ class Executor(Actor):
 
     async def setup(self) -> None:
         assert self.rt.js is not None
-        self.gkv = await self.rt.js.key_value(catalog.GOVERNOR_BUCKET)
+        self.gkv = Bucket(await self.rt.js.key_value(catalog.GOVERNOR_BUCKET))
         self.ledger = Ledger(await self.rt.js.key_value(catalog.EXEC_LEDGER_BUCKET))
         self.host = socket.gethostname()
         self.owner = f"{os.getpid()}@{self.host}/{self.rt.started_at:.6f}"
@@ -249,15 +210,15 @@ class Executor(Actor):
 
     async def _refusal(self, event: ExecutionApproved) -> str:
         """Why this approval must not be acted on now, or "" (fresh `get`s, fail closed)."""
-        flag = await read_kill(self.gkv)
+        flag = parse_kill(await self.gkv.get_bytes(KILL_KEY))
         if flag.engaged:
             return _kill_reason(flag)
-        with contextlib.suppress(KeyNotFoundError):
-            got = await self.gkv.get(revoked_key(event.execution_id))
-            return _revoke_reason(got.value or b"")
+        revoked = await self.gkv.get_bytes(revoked_key(event.execution_id))
+        if revoked is not None:
+            return _revoke_reason(revoked)
         if event.not_after and time.time() > event.not_after:
             return f"approval expired {time.time() - event.not_after:.1f}s ago (not_after)"
-        mode = await read_mode(self.gkv)
+        mode = parse_mode(await self.gkv.get_bytes(MODE_KEY))
         if mode not in ("approve", "execute"):
             return f"mode is {mode or 'unset'}: nothing executes"
         sc = self.config.subjects.get(event.subject)
@@ -331,10 +292,9 @@ class Executor(Actor):
         async def on_value(_key: str, value: bytes | None) -> None:
             if value is None:
                 return  # a deleted flag is released
-            try:
-                flag = msgspec.json.decode(value, type=KillFlag)
-            except msgspec.DecodeError:
-                flag = KillFlag(engaged=True, reason="unreadable kill flag", at=time.time())
+            flag = parse_kill(value)
+            if flag.engaged and not flag.at:  # unreadable (or undated): time it from now
+                flag = msgspec.structs.replace(flag, at=time.time())
             self._on_kill(flag)
 
         await watch_forever(self.rt.nc, self.gkv, KILL_KEY, on_value)
@@ -354,11 +314,11 @@ class Executor(Actor):
             if not self.running:
                 continue
             try:
-                self._on_kill(await read_kill(self.gkv))
+                self._on_kill(parse_kill(await self.gkv.get_bytes(KILL_KEY)))
                 for eid, run in list(self.running.items()):
-                    with contextlib.suppress(KeyNotFoundError):
-                        got = await self.gkv.get(revoked_key(eid))
-                        self._cancel(run, _revoke_reason(got.value or b""))
+                    revoked = await self.gkv.get_bytes(revoked_key(eid))
+                    if revoked is not None:
+                        self._cancel(run, _revoke_reason(revoked))
             except Exception as exc:  # a NATS hiccup must not end the actor
                 log.warning("kill/revoke poll failed", extra={"err": repr(exc)})
 
@@ -369,9 +329,8 @@ def _kill_reason(flag: KillFlag) -> str:
 
 
 def _revoke_reason(value: bytes) -> str:
-    try:
-        rev = msgspec.json.decode(value, type=Revocation)
-    except msgspec.DecodeError:
+    rev = parse_revocation(value)
+    if rev is None:
         return "revoked"
     return f"revoked by {rev.by}" + (f": {rev.reason}" if rev.reason else "")
 

@@ -13,16 +13,13 @@ done (result recorded; a redelivery republishes it and acts on nothing).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-import nats.errors
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from actors.runtime import kv
 from bus_schemas.messages import ExecutionResult
 
 State = Literal["claimed", "done"]
@@ -47,62 +44,34 @@ class Record:
     revision: int
 
 
-class LedgerConflict(RuntimeError):
+class LedgerConflict(kv.KvConflict):
     """Somebody else changed the entry between our read and our write."""
 
 
-_decoder = msgspec.json.Decoder(LedgerEntry)
-
-
 class Ledger:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, bucket: KeyValue | kv.Bucket) -> None:
+        self.records = kv.Records(bucket, LedgerEntry)
 
     async def read(self, execution_id: str) -> Record | None:
-        try:
-            got = await self.kv.get(execution_id)
-        except KeyNotFoundError:
-            return None
-        return Record(_decoder.decode(got.value or b""), got.revision or 0)
+        got = await self.records.get(execution_id)
+        return None if got is None else Record(got.value, got.revision)
 
     async def claim(self, entry: LedgerEntry) -> Record | None:
-        """Create the entry; None if it already exists (somebody claimed it first)."""
-        try:
-            rev = await _retrying(lambda: self.kv.create(entry.execution_id,
-                                                         msgspec.json.encode(entry)))
-        except KeyWrongLastSequenceError:
-            # Ours if a timed-out first attempt landed (same owner and claim time).
-            now = await self.read(entry.execution_id)
-            return now if now is not None and now.entry == entry else None
-        return Record(entry, rev)
+        """Create the entry; None if it already exists (somebody claimed it first).
+
+        A timed-out first attempt that landed is ours: same owner and claim time.
+        """
+        got = await self.records.create(entry.execution_id, entry)
+        return None if got is None else Record(got.value, got.revision)
 
     async def replace(self, record: Record, entry: LedgerEntry) -> Record:
         """Compare-and-swap on the revision we hold; LedgerConflict if it moved."""
         try:
-            rev = await _retrying(lambda: self.kv.update(
-                entry.execution_id, msgspec.json.encode(entry), last=record.revision))
-        except KeyWrongLastSequenceError:
-            # A timed-out first attempt may have landed: then the entry is ours already.
-            now = await self.read(entry.execution_id)
-            if now is not None and now.entry == entry:
-                return now
+            got = await self.records.replace(entry.execution_id, record.revision, entry)
+        except kv.KvConflict:
             raise LedgerConflict(f"ledger entry {entry.execution_id} changed under us") from None
-        return Record(entry, rev)
+        return Record(got.value, got.revision)
 
     async def finish(self, record: Record, result: ExecutionResult) -> Record:
         done = msgspec.structs.replace(record.entry, state="done", result=result)
         return await self.replace(record, done)
-
-
-async def _retrying(op: Callable[[], Awaitable[int]], attempts: int = 5) -> int:
-    """Retry a KV write whose outcome is unknown (timeout): the CAS makes it safe."""
-    delay = 0.1
-    for attempt in range(attempts):
-        try:
-            return int(await op())
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")

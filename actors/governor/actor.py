@@ -4,7 +4,7 @@ It judges every plan step against policy (actors/governor/policy.py, pure) and k
 everything it must remember in its KV bucket, so a restarted governor
 honours the same mode, kill switch, approvals and rate windows:
 
-  mode, kill, revoked.<id>   shared with the operator and executors (governor_state)
+  mode, kill, revoked.<id>   shared with the operator and executors (bus_schemas.governor)
   limits                      rate windows, in-flight slots, cooldowns (policy.Usage)
   plan.<hash of plan_id>      each plan's progress: every step's status and the
                               events published for it (PlanProgress)
@@ -22,30 +22,30 @@ observe, an unknown subject or an unloadable registry vetoes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, cast
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
-from nats.js.kv import KeyValue
 
 import subjects
-from actors.executor.actor import watch_forever
 from actors.governor import policy
 from actors.runtime import Actor, Delivery, Reject, derive_id
-from actors.runtime.governor_kv import (
+from actors.runtime.kv import Bucket, Records, watch_forever
+from actors.runtime.logs import get_logger
+from bus_schemas import catalog
+from bus_schemas.governor import (
     KILL_KEY,
     MODE_KEY,
     KillFlag,
     Revocation,
-    read_kill,
-    read_mode,
+    encode_kill,
+    encode_mode,
+    encode_revocation,
+    parse_kill,
+    parse_mode,
     revoked_key,
 )
-from actors.runtime.logs import get_logger
-from bus_schemas import catalog
 from bus_schemas.messages import (
     ControlCommand,
     Decision,
@@ -110,18 +110,17 @@ class Governor(Actor):
     async def setup(self) -> None:
         assert self.rt.js is not None
         self.cfg = self.config.governor
-        self.kv: KeyValue = await self.rt.js.key_value(catalog.GOVERNOR_BUCKET)
+        self.kv = Bucket(await self.rt.js.key_value(catalog.GOVERNOR_BUCKET))
+        self.limits = Records(self.kv, policy.Usage)
+        self.plans = Records(self.kv, PlanProgress)
+        self.pendings = Records(self.kv, Pending)
         self.lock = asyncio.Lock()  # the consumer and the expiry loop share state
-        with contextlib.suppress(KeyWrongLastSequenceError):
-            await self.kv.create(MODE_KEY, self.cfg.mode.encode())
+        await self.kv.create_bytes(MODE_KEY, encode_mode(self.cfg.mode))  # kept if it exists
         self.pending: dict[str, Pending] = {}
-        with contextlib.suppress(NoKeysError):
-            for key in await self.kv.keys(filters=[PENDING_PREFIX]):
-                if key.startswith(PENDING_PREFIX):
-                    with contextlib.suppress(KeyNotFoundError):
-                        got = await self.kv.get(key)
-                        p = msgspec.json.decode(got.value or b"", type=Pending)
-                        self.pending[p.execution_id] = p
+        for key in await self.kv.keys(PENDING_PREFIX):
+            got = await self.pendings.get(key)
+            if got is not None:
+                self.pending[got.value.execution_id] = got.value
         m = self.rt.metrics
         self.m_decisions = m.counter("menders_governor_decisions",
                                      "Governor decisions by outcome", ["outcome"])
@@ -130,7 +129,7 @@ class Governor(Actor):
         self.m_kill = m.gauge("menders_governor_kill_engaged", "1 while the kill switch is "
                               "engaged", []).labels()
         self.m_pending.set(len(self.pending))
-        log.info("governor ready", extra={"mode": await read_mode(self.kv),
+        log.info("governor ready", extra={"mode": await self._mode(),
                                           "pending": len(self.pending)})
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
@@ -155,29 +154,31 @@ class Governor(Actor):
 
     # --- state ------------------------------------------------------------------------
 
+    async def _mode(self) -> Mode | None:
+        return parse_mode(await self.kv.get_bytes(MODE_KEY))
+
+    async def _kill(self) -> KillFlag:
+        return parse_kill(await self.kv.get_bytes(KILL_KEY))
+
     async def _read_policy_state(self) -> tuple[Mode, bool]:
-        mode = await read_mode(self.kv) or "observe"  # no mode written: fail closed
-        return mode, (await read_kill(self.kv)).engaged
+        mode = await self._mode() or "observe"  # no mode written: fail closed
+        return mode, (await self._kill()).engaged
 
     async def _usage(self) -> tuple[policy.Usage, int]:
-        try:
-            got = await self.kv.get(LIMITS_KEY)
-        except KeyNotFoundError:
-            return policy.Usage(), 0
-        return msgspec.json.decode(got.value or b"", type=policy.Usage), got.revision or 0
+        got = await self.limits.get(LIMITS_KEY)
+        return (policy.Usage(), 0) if got is None else (got.value, got.revision)
 
-    async def _save(self, key: str, value: bytes, rev: int) -> int:
+    async def _save_usage(self, usage: policy.Usage, rev: int) -> None:
         """CAS write: a conflict raises, the message is nak'ed and judged again."""
-        if rev:
-            return await self.kv.update(key, value, last=rev)
-        return await self.kv.create(key, value)
+        await self.limits.save(LIMITS_KEY, usage, rev or None)
+
+    async def _save_progress(self, prog: PlanProgress, rev: int) -> None:
+        """CAS write, like _save_usage."""
+        await self.plans.save(plan_key(prog.plan.plan_id), prog, rev or None)
 
     async def _progress(self, plan_id: str) -> tuple[PlanProgress | None, int]:
-        try:
-            got = await self.kv.get(plan_key(plan_id))
-        except KeyNotFoundError:
-            return None, 0
-        return msgspec.json.decode(got.value or b"", type=PlanProgress), got.revision or 0
+        got = await self.plans.get(plan_key(plan_id))
+        return (None, 0) if got is None else (got.value, got.revision)
 
     def _actions(self, subject: str) -> tuple[str, dict[str, ActionSpec], str]:
         """(kind, registered actions, why none) for a managed subject."""
@@ -212,7 +213,7 @@ class Governor(Actor):
             if reason:
                 out.append(self._set(prog, step, "vetoed", reason, plan.id))
         out += await self._advance(prog, plan.id, kind, actions)
-        await self._save(plan_key(plan.plan_id), msgspec.json.encode(prog), rev)
+        await self._save_progress(prog, rev)
         return out
 
     async def _advance(self, prog: PlanProgress, cause_id: str, kind: str,
@@ -252,7 +253,7 @@ class Governor(Actor):
                 else:
                     out.append(self._set(prog, j.step, "vetoed", j.reason, cause_id))
         if touched:
-            await self._save(LIMITS_KEY, msgspec.json.encode(usage), urev)
+            await self._save_usage(usage, urev)
         return out
 
     def _approve(self, prog: PlanProgress, step: PlanStep, cause_id: str, by: str,
@@ -281,7 +282,7 @@ class Governor(Actor):
         pending = Pending(execution_id=st.execution_id, plan_id=prog.plan.plan_id,
                           step_id=step.step_id, subject=prog.plan.subject, requested_at=now,
                           expires_at=now + self.cfg.approval_timeout_s)
-        await self.kv.put(PENDING_PREFIX + st.execution_id, msgspec.json.encode(pending))
+        await self.pendings.put(PENDING_PREFIX + st.execution_id, pending)
         self.pending[st.execution_id] = pending
         self.m_pending.set(len(self.pending))
         why = f"{reason}: menders approve {st.execution_id}"
@@ -304,8 +305,7 @@ class Governor(Actor):
     async def _on_result(self, result: ExecutionResult, redelivered: bool) -> list[Event]:
         usage, urev = await self._usage()
         if result.execution_id in usage.in_flight:
-            await self._save(LIMITS_KEY, msgspec.json.encode(
-                policy.free_slot(usage, result.execution_id)), urev)
+            await self._save_usage(policy.free_slot(usage, result.execution_id), urev)
         prog, rev = await self._progress(result.plan_id)
         if prog is None:
             return []
@@ -320,7 +320,7 @@ class Governor(Actor):
         st.detail = f"{result.status}: {result.detail}"[:500]
         kind, actions, _ = self._actions(prog.plan.subject)
         out = await self._advance(prog, result.id, kind, actions)
-        await self._save(plan_key(prog.plan.plan_id), msgspec.json.encode(prog), rev)
+        await self._save_progress(prog, rev)
         return out
 
     async def _on_approval(self, ap: HumanApproval) -> list[Event]:
@@ -332,11 +332,8 @@ class Governor(Actor):
         return await self._settle(pending, ap.id, ap.approved, ap.by, ap.reason)
 
     async def _pending(self, execution_id: str) -> Pending | None:
-        try:
-            got = await self.kv.get(PENDING_PREFIX + execution_id)
-        except KeyNotFoundError:
-            return None
-        return msgspec.json.decode(got.value or b"", type=Pending)
+        got = await self.pendings.get(PENDING_PREFIX + execution_id)
+        return None if got is None else got.value
 
     async def _settle(self, pending: Pending, cause_id: str, approved: bool, by: str,
                       reason: str, outcome: StepStatus = "denied") -> list[Event]:
@@ -354,9 +351,8 @@ class Governor(Actor):
             else:
                 out += await self._release(prog, step, cause_id, by, kind, actions)
             out += await self._advance(prog, cause_id, kind, actions)
-            await self._save(plan_key(pending.plan_id), msgspec.json.encode(prog), rev)
-        with contextlib.suppress(KeyNotFoundError):
-            await self.kv.delete(PENDING_PREFIX + pending.execution_id)
+            await self._save_progress(prog, rev)
+        await self.kv.delete(PENDING_PREFIX + pending.execution_id)
         self.pending.pop(pending.execution_id, None)
         self.m_pending.set(len(self.pending))
         return out
@@ -375,7 +371,7 @@ class Governor(Actor):
             return [self._set(prog, j.step, "vetoed", f"approved by {by}, but {j.reason}",
                               cause_id)]
         approved, usage = self._approve(prog, j.step, cause_id, by, usage, now)
-        await self._save(LIMITS_KEY, msgspec.json.encode(usage), urev)
+        await self._save_usage(usage, urev)
         return [approved]
 
     async def _expire_loop(self) -> None:
@@ -404,18 +400,18 @@ class Governor(Actor):
         if cmd.command == "mode":
             if cmd.mode is None:
                 raise Reject("mode command without a mode")
-            await self.kv.put(MODE_KEY, cmd.mode.encode())
+            await self.kv.put(MODE_KEY, encode_mode(cmd.mode))
             return []
         if cmd.command == "kill":
-            flag = await read_kill(self.kv)
+            flag = await self._kill()
             if not flag.engaged:  # the operator usually wrote it already: keep its `at`
                 flag = KillFlag(engaged=True, by=cmd.by, reason=cmd.reason, at=cmd.ts)
-                await self.kv.put(KILL_KEY, msgspec.json.encode(flag))
+                await self.kv.put(KILL_KEY, encode_kill(flag))
             self.m_kill.set(1)
             return await self._kill_decisions(flag)
         if cmd.command == "resume":
             flag = KillFlag(engaged=False, by=cmd.by, reason=cmd.reason, at=time.time())
-            await self.kv.put(KILL_KEY, msgspec.json.encode(flag))
+            await self.kv.put(KILL_KEY, encode_kill(flag))
             self.m_kill.set(0)
             return []
         return await self._revoke(cmd)
@@ -425,7 +421,7 @@ class Governor(Actor):
         if not eid:
             raise Reject("revoke command without an execution_id")
         rev = Revocation(execution_id=eid, by=cmd.by, reason=cmd.reason, at=cmd.ts)
-        await self.kv.put(revoked_key(eid), msgspec.json.encode(rev))
+        await self.kv.put(revoked_key(eid), encode_revocation(rev))
         why = f"revoked by {cmd.by}" + (f": {cmd.reason}" if cmd.reason else "")
         pending = await self._pending(eid)
         if pending is not None:  # never released: settle it here
@@ -454,10 +450,9 @@ class Governor(Actor):
         """The operator writes the kill flag directly: react without waiting for its command."""
 
         async def on_kill(_key: str, value: bytes | None) -> None:
-            try:
-                flag = msgspec.json.decode(value or b"", type=KillFlag)
-            except msgspec.DecodeError:
-                flag = KillFlag(engaged=True, reason="unreadable kill flag")
+            # As before, a deleted flag (None) parses as b"": unreadable, so engaged here,
+            # although a get() reads a missing flag as released (see the kill-path issue).
+            flag = parse_kill(value or b"")
             self.m_kill.set(1 if flag.engaged else 0)
             if flag.engaged:
                 async with self.lock:

@@ -44,12 +44,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
 import subjects
 from actors.planner.escalation import EscalationWebhook
 from actors.runtime import Actor, Delivery, Reject, derive_id
+from actors.runtime.kv import Bucket, Records
 from bus_schemas import catalog
 from bus_schemas.messages import (
     Decision,
@@ -271,16 +270,14 @@ def _escalate(state: IncidentState, cause: Event, category: str, reason: str) ->
 # --- the actor ------------------------------------------------------------------------
 
 
-_state_decoder = msgspec.json.Decoder(IncidentState)
-_index_decoder = msgspec.json.Decoder(SubjectIndex)
-
-
 class Planner(Actor):
     name = "planner"
 
     async def setup(self) -> None:
         assert self.rt.js is not None
-        self.kv: KeyValue = await self.rt.js.key_value(catalog.PLANNER_BUCKET)
+        bucket = Bucket(await self.rt.js.key_value(catalog.PLANNER_BUCKET))
+        self.states = Records(bucket, IncidentState)
+        self.indexes = Records(bucket, SubjectIndex)
         self.rules = Rules(self.config.planner.max_attempts, self._spec)
         self.lock = asyncio.Lock()  # the consumer and the grace loop share the index
         metrics = self.rt.metrics
@@ -383,7 +380,7 @@ class Planner(Actor):
                     else:
                         index.waiting[f] = time.time() + self.config.planner.follow_grace_s
                         index.done_action[f] = st.action
-        await self._put(index_key(st.subject), msgspec.json.encode(index), rev)
+        await self._save_index(st.subject, index, rev)
         return step, others
 
     async def _escalate_follower(self, incident: str, leader: IncidentEscalated) -> list[Output]:
@@ -431,40 +428,27 @@ class Planner(Actor):
             await self._save(key, msgspec.structs.replace(step.state, updated_at=now), srev)
             self._count(step)
             out += step.events
-        await self._put(index_key(subject), msgspec.json.encode(index), rev)
+        await self._save_index(subject, index, rev)
         return out
 
     async def _load_index(self, subject: str) -> tuple[SubjectIndex, int | None]:
-        try:
-            entry = await self.kv.get(index_key(subject))
-        except KeyNotFoundError:
-            return SubjectIndex(), None
-        if entry.value is None:
-            return SubjectIndex(), entry.revision
-        return _index_decoder.decode(entry.value), entry.revision
+        got = await self.indexes.get(index_key(subject))
+        return (SubjectIndex(), None) if got is None else (got.value, got.revision)
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
         return (self._grace_loop,)
 
     async def _load(self, key: str) -> tuple[IncidentState | None, int | None]:
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            return None, None
-        if entry.value is None:
-            return None, entry.revision
-        return _state_decoder.decode(entry.value), entry.revision
+        got = await self.states.get(key)
+        return (None, None) if got is None else (got.value, got.revision)
 
+    # Compare-and-swap saves: a concurrent writer makes them raise KvConflict, the
+    # input is nak'ed and re-applied to the fresher state.
     async def _save(self, key: str, state: IncidentState, revision: int | None) -> None:
-        await self._put(key, msgspec.json.encode(state), revision)
+        await self.states.save(key, state, revision)
 
-    async def _put(self, key: str, data: bytes, revision: int | None) -> None:
-        # Compare-and-swap: a concurrent writer makes this raise, the input is
-        # nak'ed and re-applied to the fresher state.
-        if revision is None:
-            await self.kv.create(key, data)
-        else:
-            await self.kv.update(key, data, last=revision)
+    async def _save_index(self, subject: str, index: SubjectIndex, revision: int | None) -> None:
+        await self.indexes.save(index_key(subject), index, revision)
 
     def _count(self, step: Step) -> None:
         for e in step.events:

@@ -37,11 +37,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
 import subjects
 from actors.runtime import Actor, Delivery, Runtime, follow_id
+from actors.runtime.kv import Records
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
 from bus_schemas.messages import (
@@ -71,9 +70,6 @@ class IncidentRecord(msgspec.Struct, kw_only=True):
     invariant: str
     opened_at: float
     resolved_at: float | None = None
-
-
-_record_decoder = msgspec.json.Decoder(IncidentRecord)
 
 
 class Judgement(msgspec.Struct, frozen=True):
@@ -152,7 +148,7 @@ class Verifier(Actor):
 
     def __init__(self, rt: Runtime) -> None:
         super().__init__(rt)
-        self.kv: KeyValue | None = None
+        self.kv: Records[IncidentRecord] | None = None
         self.windows: dict[str, SubjectWindow] = {}
         self.incidents: dict[str, IncidentRecord] = {}
         m = rt.metrics
@@ -166,7 +162,7 @@ class Verifier(Actor):
 
     async def setup(self) -> None:
         assert self.rt.js is not None
-        self.kv = await self.rt.js.key_value(catalog.VERIFIER_BUCKET)
+        self.kv = Records(await self.rt.js.key_value(catalog.VERIFIER_BUCKET), IncidentRecord)
 
     def _definition(self, subject: str) -> SubjectDefinition | None:
         return subjects.definition_for(self.config, subject)
@@ -214,21 +210,17 @@ class Verifier(Actor):
 
     async def _store(self, incident_id: str, rec: IncidentRecord) -> None:
         assert self.kv is not None
-        await self.kv.put(f"incident.{incident_id}", msgspec.json.encode(rec))
+        await self.kv.put(f"incident.{incident_id}", rec)
 
     async def _fetch(self, incident_id: str) -> IncidentRecord | None:
         assert self.kv is not None
         if not incident_id:
             return None
-        try:
-            entry = await self.kv.get(f"incident.{incident_id}")
-        except KeyNotFoundError:
+        got = await self.kv.get(f"incident.{incident_id}")
+        if got is None:
             return None
-        if entry.value is None:
-            return None
-        rec = _record_decoder.decode(entry.value)
-        self.incidents[incident_id] = rec
-        return rec
+        self.incidents[incident_id] = got.value
+        return got.value
 
     # --- checks -------------------------------------------------------------------
 
