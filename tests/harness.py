@@ -1,7 +1,10 @@
-"""Test harness: a real nats-server per test, real actor processes, bus helpers.
+"""Test harness: a real nats-server per test, real actor processes, bus helpers,
+and every helper more than one test module uses (test modules never import
+each other).
 
 No mocks of the bus: every test that touches it talks to a nats-server
-started here, with the generated nats.conf, on a free loopback port.
+started here, with the generated nats.conf, on a free loopback port. Such a
+test is an e2e test: see tests/conftest.py for how it is marked and guarded.
 """
 
 from __future__ import annotations
@@ -14,22 +17,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec.inspect as mi
 import nats
 import nats.errors
+from aiohttp import web
 from nats.aio.client import Client
 
+import subjects
+from actors.diagnoser import runbook
 from actors.runtime import credentials
 from actors.stack import provision
 from actors.stack.natsserver import EmbeddedNats, NatsServerError, find_binary
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix, password_env
+from subjects.base import InvariantSpec, SubjectDefinition
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,7 +146,7 @@ class Bus:
         """The first heartbeat of `actor` sent after `after` (default: now)."""
         since = time.time() if after is None else after
         nc = await self.connect(catalog.OPERATOR)
-        sub = await nc.subscribe(f"menders.heartbeat.{actor}")
+        sub = await nc.subscribe(catalog.subject_for(m.Heartbeat, actor=actor))
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -167,7 +175,8 @@ class Bus:
         return ack.seq
 
     @contextlib.asynccontextmanager
-    async def collect(self, pattern: str = "menders.>") -> AsyncIterator[Collector]:
+    async def collect(self, pattern: str = catalog.EVERYTHING
+                      ) -> AsyncIterator[Collector]:
         """Everything published on `pattern` while the block runs, decoded."""
         nc = await self.connect(catalog.OPERATOR)
         col = Collector()
@@ -236,3 +245,264 @@ async def start_bus(tmp: Path) -> Bus:
 
 def rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --- The webshop's definition and synthetic observations of it (detector, verifier) ----
+
+SHOP = "shop"  # the managed subject the synthetic observations are of
+SHOP_CONFIG = f"""
+[subjects.{SHOP}]
+kind = "webshop"
+url = "http://127.0.0.1:9"
+embedded = false
+
+[verifier]
+stable_window_s = 2.0
+deadline_s = 6.0
+"""
+
+
+async def webshop() -> SubjectDefinition:
+    """The webshop definition, waiting (bounded) while its package is being written."""
+    import pytest
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return subjects.load("webshop")
+        except ImportError:
+            if time.monotonic() > deadline:
+                pytest.skip("subjects/webshop/definition.py is not there yet")
+            await asyncio.sleep(1)
+
+
+def healthy_value(spec: InvariantSpec) -> float:
+    limit = spec.clear if spec.clear is not None else spec.threshold
+    if spec.kind == "rate":
+        return 1.0  # held constant: its rate of change is zero
+    return limit * 0.5 if spec.op == "<" else limit * 2 + 1
+
+
+def breaking_value(spec: InvariantSpec) -> float:
+    assert spec.kind == "threshold"
+    return spec.threshold * 2 + 1 if spec.op == "<" else spec.threshold / 2
+
+
+def healthy_metrics(defn: SubjectDefinition) -> dict[str, float]:
+    return {s.metric: healthy_value(s) for s in defn.invariants}
+
+
+def latency(defn: SubjectDefinition) -> InvariantSpec:
+    """The threshold invariant with hysteresis the tests break."""
+    return next(s for s in defn.invariants
+                if s.kind == "threshold" and s.clear is not None and s.op == "<")
+
+
+class Feed:
+    """Publishes observations of one subject, one virtual second apart."""
+
+    def __init__(self, nc: Client, defn: SubjectDefinition, start: float | None = None,
+                 step: float = 1.0) -> None:
+        self.js = nc.jetstream()
+        self.defn = defn
+        self.ts = time.time() if start is None else start
+        self.step = step
+        self.sent: list[m.Observation] = []
+
+    async def send(self, overrides: dict[str, float] | None = None, *, up: bool = True,
+                   logs: Iterable[str] = ()) -> m.Observation:
+        metrics = healthy_metrics(self.defn) if up else {}
+        metrics.update(overrides or {})
+        obs = m.Observation(subject=SHOP, producer="monitor", ts=self.ts, up=up,
+                            metrics=metrics, log_lines=list(logs),
+                            error="" if up else "connection refused")
+        self.ts += self.step
+        await self.js.publish(catalog.bus_subject_of(obs), codec.encode(obs),
+                              headers={"Nats-Msg-Id": obs.id})
+        self.sent.append(obs)
+        return obs
+
+    async def many(self, n: int, overrides: dict[str, float] | None = None, *,
+                   up: bool = True) -> list[m.Observation]:
+        return [await self.send(overrides, up=up) for _ in range(n)]
+
+
+# --- A recording HTTP action server and a crew around it (executor, governor) -----------
+
+@dataclass
+class Call:
+    action: str
+    params: dict[str, Any]
+    at: float
+
+
+@dataclass
+class RecordingServer:
+    """POST /actions/<name> -> {"ok": bool, "detail": str}; every call is recorded
+    when it arrives, before any blocking, so a call cut short still counts."""
+
+    calls: list[Call] = field(default_factory=list)
+    block_s: dict[str, float] = field(default_factory=dict)
+    fail: set[str] = field(default_factory=set)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/actions/{name}", self._action)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # blocked handlers: drop them
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _action(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await request.read()
+        params = await request.json() if body else {}
+        self.calls.append(Call(name, params, time.time()))
+        self.entered.set()
+        if name in self.block_s:
+            await asyncio.sleep(self.block_s[name])
+        ok = name not in self.fail
+        return web.json_response({"ok": ok, "detail": f"{name} {'done' if ok else 'broke'}"})
+
+    def count(self, action: str | None = None) -> int:
+        return sum(1 for c in self.calls if action is None or c.action == action)
+
+    async def wait_calls(self, n: int, within: float = 15.0) -> None:
+        deadline = time.monotonic() + within
+        while self.count() < n:
+            assert time.monotonic() < deadline, f"{self.count()}/{n} calls: {self.calls}"
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def recording_server() -> AsyncIterator[RecordingServer]:
+    server = RecordingServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def config_toml(url: str, **governor: Any) -> str:
+    gov = {"mode": "execute", "max_concurrent": 8, "action_cooldown_s": 0,
+           "max_per_subject_per_minute": 50, "max_per_minute": 100, **governor}
+    lines = ["[governor]"]
+    for k, v in gov.items():
+        if isinstance(v, str):
+            lines.append(f'{k} = "{v}"')
+        elif isinstance(v, dict):
+            lines.append(f"{k} = {{ " + ", ".join(f'{a} = {b!r}' for a, b in v.items()) + " }")
+        else:
+            lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false"))
+    lines += ["[runtime]", "heartbeat_s = 0.5",
+              "[subjects.shop]", 'kind = "webshop"', f'url = "{url}"', "embedded = false"]
+    return "\n".join(lines) + "\n"
+
+
+def plan_of(*steps: m.PlanStep, subject: str = "shop") -> m.Plan:
+    return m.Plan(plan_id=m.new_id(), incident_id=m.new_id(), subject=subject, invariant="p99",
+                  attempt=1, steps=list(steps))
+
+
+def step(action: str, sid: str = "s1", **kw: Any) -> m.PlanStep:
+    return m.PlanStep(step_id=sid, action=action, **kw)
+
+
+async def start_crew(bus: Bus, *actors: str) -> None:
+    for actor in actors:
+        bus.spawn(actor)
+    await asyncio.gather(*(bus.wait_heartbeat(a) for a in actors))
+
+
+async def result_of(col: Collector, execution_id: str, within: float = 20.0
+                    ) -> m.ExecutionResult:
+    found = await col.wait_for(lambda e: isinstance(e, m.ExecutionResult)
+                               and e.execution_id == execution_id, within)
+    return found[0]
+
+
+async def approval_of(col: Collector, plan: m.Plan, sid: str = "s1",
+                      within: float = 15.0) -> m.ExecutionApproved:
+    found = await col.wait_for(lambda e: isinstance(e, m.ExecutionApproved)
+                               and e.plan_id == plan.plan_id and e.step.step_id == sid, within)
+    return found[0]
+
+
+# --- One closed incident's events (incident memory, Claude diagnoser) -------------------
+
+LEAK = {"p99_ms": 950.0, "pool_utilization": 1.0, "cache_hit_ratio": 0.9, "db_p99_ms": 4.0,
+        "error_rate": 0.3, "rps": 40.0}
+
+
+def leak_hypothesis() -> str:
+    """What the webshop runbooks conclude for LEAK: memory only reorders the same cause."""
+    incident = m.IncidentOpened(incident_id=m.new_id(), subject="webshop",
+                                invariant="latency_p99", summary="p99", value=950,
+                                threshold=250, symptoms=LEAK)
+    return runbook.diagnose(incident, subjects.load("webshop")).hypothesis
+
+
+def lifecycle(incident_id: str, symptoms: dict[str, float], fix: str,
+              params: dict[str, object] | None = None, passed: bool = True,
+              invariant: str = "latency_p99") -> list[m.Event]:
+    env = {"incident_id": incident_id, "subject": "webshop"}
+    step = m.PlanStep(step_id="s1", action=fix, params=params or {})
+    plan_id = f"plan-{incident_id}"
+    return [
+        m.IncidentOpened(**env, invariant=invariant, summary="p99 high", value=950,
+                         threshold=250, symptoms=symptoms,
+                         recent_logs=["WARN pool: timed out waiting for a connection"]),
+        m.Diagnosis(**env, invariant=invariant, hypothesis=leak_hypothesis(), confidence=0.8),
+        m.Plan(**env, plan_id=plan_id, invariant=invariant, attempt=1, steps=[step]),
+        m.ExecutionResult(**env, execution_id="x", plan_id=plan_id, action=fix,
+                          status="succeeded"),
+        m.Verdict(**env, plan_id=plan_id, invariant=invariant, passed=passed, reason="held"),
+        m.IncidentResolved(**env, invariant=invariant, reason="holds again"),
+    ]
+
+
+# --- One valid instance of every message (bus contract, runtime delivery) ---------------
+
+def sample(cls: type[m.Event]) -> m.Event:
+    """One deterministic, valid instance of each message: required fields filled in."""
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    values: dict[str, Any] = {"subject": "webshop"}
+    for f in info.fields:
+        if not f.required:
+            continue
+        values[f.name] = _value(f.type, f.name)
+    if "actor" in {f.name for f in info.fields}:
+        values["actor"] = "diagnoser"
+    return cls(**values)
+
+
+def _value(t: mi.Type, name: str) -> Any:
+    match t:
+        case mi.StrType():
+            return f"{name}-1"
+        case mi.IntType():
+            return 7
+        case mi.FloatType():
+            return 1.5
+        case mi.BoolType():
+            return True
+        case mi.LiteralType(values=values):
+            return values[0]
+        case mi.ListType(item_type=item):
+            return [_value(item, name)]
+        case mi.StructType(cls=cls):
+            info = mi.type_info(cls)
+            assert isinstance(info, mi.StructType)
+            return cls(**{f.name: _value(f.type, f.name) for f in info.fields if f.required})
+    raise NotImplementedError(t)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from tests.harness import sample
 
 # Text that survives JSON either way; ids/subject tokens drawn from the token grammar.
 TEXT = st.text(max_size=20)
@@ -57,41 +58,6 @@ def struct_strategy(cls: type[Any]) -> st.SearchStrategy[Any]:
         # The managed subject and the actor are bus-subject tokens, so keep them valid.
         fields[f.name] = TOKEN if f.name in ("subject", "actor") else strategy_for(f.type)
     return st.builds(cls, **fields)
-
-
-def sample(cls: type[m.Event]) -> m.Event:
-    """One deterministic, valid instance of each message: required fields filled in."""
-    info = mi.type_info(cls)
-    assert isinstance(info, mi.StructType)
-    values: dict[str, Any] = {"subject": "webshop"}
-    for f in info.fields:
-        if not f.required:
-            continue
-        values[f.name] = _value(f.type, f.name)
-    if "actor" in {f.name for f in info.fields}:
-        values["actor"] = "diagnoser"
-    return cls(**values)
-
-
-def _value(t: mi.Type, name: str) -> Any:
-    match t:
-        case mi.StrType():
-            return f"{name}-1"
-        case mi.IntType():
-            return 7
-        case mi.FloatType():
-            return 1.5
-        case mi.BoolType():
-            return True
-        case mi.LiteralType(values=values):
-            return values[0]
-        case mi.ListType(item_type=item):
-            return [_value(item, name)]
-        case mi.StructType(cls=cls):
-            info = mi.type_info(cls)
-            assert isinstance(info, mi.StructType)
-            return cls(**{f.name: _value(f.type, f.name) for f in info.fields if f.required})
-    raise NotImplementedError(t)
 
 
 MESSAGES = m.ALL_MESSAGES
@@ -208,10 +174,12 @@ def test_bus_subject_of_rejects_a_bad_actor_token() -> None:
 
 
 def test_bus_subjects_are_concrete_for_valid_events() -> None:
-    assert catalog.bus_subject_of(sample(m.ExecutionApproved)) == "menders.exec.approved.webshop"
+    prefix = catalog.PREFIX
+    assert prefix == "menders"  # the bus contract: every bus subject starts with it
+    assert catalog.bus_subject_of(sample(m.ExecutionApproved)) == f"{prefix}.exec.approved.webshop"
     decision = msgspec.structs.replace(sample(m.Decision), outcome="killed")
-    assert catalog.bus_subject_of(decision) == "menders.decision.webshop.killed"
-    assert catalog.bus_subject_of(sample(m.Heartbeat)) == "menders.heartbeat.diagnoser"
+    assert catalog.bus_subject_of(decision) == f"{prefix}.decision.webshop.killed"
+    assert catalog.bus_subject_of(sample(m.Heartbeat)) == f"{prefix}.heartbeat.diagnoser"
 
 
 def _same(a: Any, b: Any) -> bool:

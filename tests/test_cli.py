@@ -15,6 +15,8 @@ from bus_schemas import catalog
 from bus_schemas.natsconf import password_env
 from tests.harness import REPO, Bus
 
+pytestmark = pytest.mark.e2e  # every test runs `menders` as a process
+
 
 def menders(*args: str, env: dict[str, str] | None = None,
             home: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -128,7 +128,7 @@ def _unit(name: str) -> dict[str, list[str]]:
     return out
 
 
-def test_systemd_actor_unit() -> None:
+def test_systemd_actor_unit_runs_one_sandboxed_actor_restarted_on_failure() -> None:
     u = _unit("menders@.service")
     assert u["ExecStart"] == ["/opt/menders/venv/bin/menders run %i"]
     assert u["EnvironmentFile"] == ["/etc/menders/%i.env"]
@@ -150,7 +150,8 @@ def test_systemd_target_wants_every_catalog_actor() -> None:
     assert sorted(instances) == sorted(f"menders@{a}.service" for a in catalog.ACTORS)
 
 
-def test_systemd_units_verify(tmp_path: Path) -> None:
+@pytest.mark.e2e  # systemd-analyze as a process
+def test_systemd_analyze_finds_no_problem_in_the_units(tmp_path: Path) -> None:
     """`systemd-analyze verify`, with ExecStart pointed at this venv's real binaries."""
     analyze = require_tool("systemd-analyze", "systemd")
     bindir = Path(sys.executable).parent
@@ -205,7 +206,7 @@ def test_compose_one_service_per_actor_with_only_its_password() -> None:
                 assert str(value).startswith("${" + key + ":?"), key
 
 
-def test_compose_config_file_loads() -> None:
+def test_compose_config_loads_with_metrics_on_all_interfaces_and_an_external_shop() -> None:
     cfg = config_mod.load(DEPLOY / "menders.compose.toml")
     assert cfg.runtime.metrics_host == "0.0.0.0"
     shop = cfg.subjects["webshop"]
@@ -226,7 +227,8 @@ def test_prometheus_targets_match_the_catalog() -> None:
     assert jobs["webshop"]["static_configs"][0]["targets"] == [shop]
 
 
-def test_promtool_check_config_and_rules() -> None:
+@pytest.mark.e2e  # promtool as a process
+def test_promtool_accepts_the_config_and_rules_and_the_rule_tests_pass() -> None:
     promtool = require_tool("promtool", "prometheus")
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
                  ["test", "rules", "rules_test.yml"]):

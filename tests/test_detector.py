@@ -9,101 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from nats.aio.client import Client
 
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
-from subjects.base import InvariantSpec, SubjectDefinition
-from tests.harness import Bus, Collector
-
-SUBJECT = "shop"
-CONFIG = f"""
-[subjects.{SUBJECT}]
-kind = "webshop"
-url = "http://127.0.0.1:9"
-embedded = false
-
-[verifier]
-stable_window_s = 2.0
-deadline_s = 6.0
-"""
+from subjects.base import InvariantSpec
+from tests.harness import SHOP as SUBJECT
+from tests.harness import SHOP_CONFIG as CONFIG
+from tests.harness import Bus, Collector, Feed, breaking_value, latency, webshop
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def webshop() -> SubjectDefinition:
-    """The webshop definition, waiting (bounded) while its package is being written."""
-    import subjects
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return subjects.load("webshop")
-        except ImportError:
-            if time.monotonic() > deadline:
-                pytest.skip("subjects/webshop/definition.py is not there yet")
-            await asyncio.sleep(1)
-
-
-def healthy_value(spec: InvariantSpec) -> float:
-    limit = spec.clear if spec.clear is not None else spec.threshold
-    if spec.kind == "rate":
-        return 1.0  # held constant: its rate of change is zero
-    return limit * 0.5 if spec.op == "<" else limit * 2 + 1
-
-
-def breaking_value(spec: InvariantSpec) -> float:
-    assert spec.kind == "threshold"
-    return spec.threshold * 2 + 1 if spec.op == "<" else spec.threshold / 2
 
 
 def band_value(spec: InvariantSpec) -> float:
     """Between the clear and the break limit: neither breaks nor clears."""
     assert spec.clear is not None
     return (spec.clear + spec.threshold) / 2
-
-
-def healthy_metrics(defn: SubjectDefinition) -> dict[str, float]:
-    return {s.metric: healthy_value(s) for s in defn.invariants}
-
-
-def latency(defn: SubjectDefinition) -> InvariantSpec:
-    """The threshold invariant with hysteresis the tests break."""
-    return next(s for s in defn.invariants
-                if s.kind == "threshold" and s.clear is not None and s.op == "<")
-
-
-class Feed:
-    """Publishes observations of one subject, one virtual second apart."""
-
-    def __init__(self, nc: Client, defn: SubjectDefinition, start: float | None = None,
-                 step: float = 1.0) -> None:
-        self.js = nc.jetstream()
-        self.defn = defn
-        self.ts = time.time() if start is None else start
-        self.step = step
-        self.sent: list[m.Observation] = []
-
-    async def send(self, overrides: dict[str, float] | None = None, *, up: bool = True,
-                   logs: Iterable[str] = ()) -> m.Observation:
-        metrics = healthy_metrics(self.defn) if up else {}
-        metrics.update(overrides or {})
-        obs = m.Observation(subject=SUBJECT, producer="monitor", ts=self.ts, up=up,
-                            metrics=metrics, log_lines=list(logs),
-                            error="" if up else "connection refused")
-        self.ts += self.step
-        await self.js.publish(catalog.bus_subject_of(obs), codec.encode(obs),
-                              headers={"Nats-Msg-Id": obs.id})
-        self.sent.append(obs)
-        return obs
-
-    async def many(self, n: int, overrides: dict[str, float] | None = None, *,
-                   up: bool = True) -> list[m.Observation]:
-        return [await self.send(overrides, up=up) for _ in range(n)]
 
 
 def incidents(col: Collector) -> list[m.Event]:
@@ -115,7 +38,7 @@ def opened(col: Collector) -> list[m.IncidentOpened]:
     return col.events(m.IncidentOpened)
 
 
-async def stored(bus: Bus, kind: type[m.Event], stream: str = "MENDERS_EVENTS") -> list[Any]:
+async def stored(bus: Bus, kind: type[m.Event], stream: str = catalog.EVENTS_STREAM) -> list[Any]:
     """What the stream kept: what every consumer sees, after Nats-Msg-Id dedup.
 
     A core subscription (the Collector) also sees a republished copy that
@@ -150,7 +73,7 @@ async def test_sustained_breach_opens_exactly_one_incident_then_resolves(bus: Bu
     await start_detector(bus)
     feed = Feed(await bus.connect("monitor"), defn)
     n_bad = int(spec.for_s) + 6
-    async with bus.collect("menders.incident.>") as col:
+    async with bus.collect(catalog.under("incident")) as col:
         await feed.many(3)
         bad = await feed.many(n_bad, {spec.metric: breaking_value(spec)})
         # Log lines travel with the incident as data.
@@ -183,7 +106,7 @@ async def test_short_breaches_and_threshold_flapping_open_nothing(bus: Bus) -> N
     await start_detector(bus)
     feed = Feed(await bus.connect("monitor"), defn)
     short = max(int(spec.for_s) - 1, 1)  # lasts short - 1 seconds < for_s
-    async with bus.collect("menders.incident.>") as col:
+    async with bus.collect(catalog.under("incident")) as col:
         for _ in range(4):  # breaches shorter than for_s, and values around the threshold
             await feed.many(short, {spec.metric: bad})
             await feed.send({spec.metric: band})
@@ -213,7 +136,7 @@ async def test_restarted_detector_keeps_the_open_incident(bus: Bus) -> None:
     first = bus.spawn("detector")
     await bus.wait_heartbeat("detector")
     feed = Feed(await bus.connect("monitor"), defn, step=0.5)
-    async with bus.collect("menders.incident.>") as col:
+    async with bus.collect(catalog.under("incident")) as col:
         await feed.many(int(spec.for_s * 2) + 2, bad)
         [inc] = await col.wait_for(lambda e: isinstance(e, m.IncidentOpened))
         first.kill()  # a crash: no drain, no goodbye
@@ -243,7 +166,7 @@ async def test_stale_backlog_opens_nothing_until_a_fresh_observation(bus: Bus) -
     # trusts (STALE_AFTER_S = 5 s), ending shortly before now.
     n = int(spec.for_s) + 10
     feed = Feed(await bus.connect("monitor"), defn, start=time.time() - 7 - n)
-    async with bus.collect("menders.incident.>") as col:
+    async with bus.collect(catalog.under("incident")) as col:
         await feed.many(n, bad)
         await settle()
         assert incidents(col) == []
@@ -263,7 +186,7 @@ async def test_subject_down_is_a_symptom(bus: Bus) -> None:
         pytest.skip("the webshop definition has no down_breaks invariant")
     await start_detector(bus)
     feed = Feed(await bus.connect("monitor"), defn)
-    async with bus.collect("menders.incident.>") as col:
+    async with bus.collect(catalog.under("incident")) as col:
         await feed.many(2)
         await feed.many(int(max(s.for_s for s in down_specs)) + 2, up=False)
         found = await col.wait_for(lambda e: isinstance(e, m.IncidentOpened),

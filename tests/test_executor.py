@@ -4,142 +4,32 @@ HTTP action server that answers like the webshop's action endpoints."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 
 from actors.cli import operator
 from actors.executor.ledger import Ledger, LedgerConflict, LedgerEntry
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
-from tests.harness import Bus, Collector
-
-
-@dataclass
-class Call:
-    action: str
-    params: dict[str, Any]
-    at: float
-
-
-@dataclass
-class RecordingServer:
-    """POST /actions/<name> -> {"ok": bool, "detail": str}; every call is recorded
-    when it arrives, before any blocking, so a call cut short still counts."""
-
-    calls: list[Call] = field(default_factory=list)
-    block_s: dict[str, float] = field(default_factory=dict)
-    fail: set[str] = field(default_factory=set)
-    entered: asyncio.Event = field(default_factory=asyncio.Event)
-    url: str = ""
-    runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/actions/{name}", self._action)
-        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # blocked handlers: drop them
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    async def _action(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = await request.read()
-        params = await request.json() if body else {}
-        self.calls.append(Call(name, params, time.time()))
-        self.entered.set()
-        if name in self.block_s:
-            await asyncio.sleep(self.block_s[name])
-        ok = name not in self.fail
-        return web.json_response({"ok": ok, "detail": f"{name} {'done' if ok else 'broke'}"})
-
-    def count(self, action: str | None = None) -> int:
-        return sum(1 for c in self.calls if action is None or c.action == action)
-
-    async def wait_calls(self, n: int, within: float = 15.0) -> None:
-        deadline = time.monotonic() + within
-        while self.count() < n:
-            assert time.monotonic() < deadline, f"{self.count()}/{n} calls: {self.calls}"
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def recording_server() -> AsyncIterator[RecordingServer]:
-    server = RecordingServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def actions() -> AsyncIterator[RecordingServer]:
-    async with recording_server() as server:
-        yield server
-
-
-def config_toml(url: str, **governor: Any) -> str:
-    gov = {"mode": "execute", "max_concurrent": 8, "action_cooldown_s": 0,
-           "max_per_subject_per_minute": 50, "max_per_minute": 100, **governor}
-    lines = ["[governor]"]
-    for k, v in gov.items():
-        if isinstance(v, str):
-            lines.append(f'{k} = "{v}"')
-        elif isinstance(v, dict):
-            lines.append(f"{k} = {{ " + ", ".join(f'{a} = {b!r}' for a, b in v.items()) + " }")
-        else:
-            lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false"))
-    lines += ["[runtime]", "heartbeat_s = 0.5",
-              "[subjects.shop]", 'kind = "webshop"', f'url = "{url}"', "embedded = false"]
-    return "\n".join(lines) + "\n"
-
-
-def plan_of(*steps: m.PlanStep, subject: str = "shop") -> m.Plan:
-    return m.Plan(plan_id=m.new_id(), incident_id=m.new_id(), subject=subject, invariant="p99",
-                  attempt=1, steps=list(steps))
-
-
-def step(action: str, sid: str = "s1", **kw: Any) -> m.PlanStep:
-    return m.PlanStep(step_id=sid, action=action, **kw)
-
-
-async def start_crew(bus: Bus, *actors: str) -> None:
-    for actor in actors:
-        bus.spawn(actor)
-    await asyncio.gather(*(bus.wait_heartbeat(a) for a in actors))
+from tests.harness import (
+    Bus,
+    Collector,
+    RecordingServer,
+    approval_of,
+    config_toml,
+    plan_of,
+    result_of,
+    start_crew,
+    step,
+)
 
 
 def results(col: Collector, plan: m.Plan) -> list[m.ExecutionResult]:
     return [e for e in col.events(m.ExecutionResult) if e.plan_id == plan.plan_id]
-
-
-async def result_of(col: Collector, execution_id: str, within: float = 20.0
-                    ) -> m.ExecutionResult:
-    found = await col.wait_for(lambda e: isinstance(e, m.ExecutionResult)
-                               and e.execution_id == execution_id, within)
-    return found[0]
-
-
-async def approval_of(col: Collector, plan: m.Plan, sid: str = "s1",
-                      within: float = 15.0) -> m.ExecutionApproved:
-    found = await col.wait_for(lambda e: isinstance(e, m.ExecutionApproved)
-                               and e.plan_id == plan.plan_id and e.step.step_id == sid, within)
-    return found[0]
 
 
 async def scrape(bus: Bus, actor: str) -> str:
@@ -227,7 +117,8 @@ async def test_expired_approval_is_refused(bus: Bus, actions: RecordingServer) -
     assert actions.count() == 0
 
 
-async def test_revoke_one_running_execution(bus: Bus, actions: RecordingServer) -> None:
+async def test_revoking_one_running_execution_cancels_it_and_spares_the_other(
+        bus: Bus, actions: RecordingServer) -> None:
     actions.block_s.update(rotate_logs=30.0, enable_cache=1.0)
     bus.write_config(config_toml(actions.url))
     await start_crew(bus, "governor", "executor")

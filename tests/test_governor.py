@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import nats.errors
-import pytest
 
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
-from tests.harness import Bus, Collector
-from tests.test_executor import (
+from tests.harness import (
+    Bus,
+    Collector,
     RecordingServer,
     approval_of,
     config_toml,
     plan_of,
-    recording_server,
     result_of,
     start_crew,
     step,
 )
-
-
-@pytest.fixture
-async def actions() -> AsyncIterator[RecordingServer]:
-    async with recording_server() as server:
-        yield server
 
 
 def decisions(col: Collector, plan: m.Plan) -> dict[str, m.Decision]:
@@ -194,8 +186,8 @@ async def test_only_the_governor_may_publish_approvals(bus: Bus, actions: Record
                 if errors:
                     break
                 await asyncio.sleep(0.02)
-            assert any("permissions violation" in e.lower() and "menders.exec.approved.shop" in e
-                       for e in errors), (user, errors)
+            assert any("permissions violation" in e.lower()
+                       and catalog.bus_subject_of(forged) in e for e in errors), (user, errors)
         await asyncio.sleep(1.0)
     assert not col.events(m.ExecutionResult)
     assert actions.count() == 0

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.harness import REPO
+
+pytestmark = pytest.mark.e2e  # ruff and mypy run as processes
 
 BIN = Path(sys.executable).parent
 

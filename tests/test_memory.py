@@ -15,31 +15,10 @@ from bus_schemas import catalog
 from bus_schemas import messages as m
 from bus_schemas.queries import PastIncident, SimilarQuery, bucket, symptom_similarity
 from subjects import load
-from tests.harness import Bus
+from tests.harness import LEAK, Bus, leak_hypothesis, lifecycle
 
-LEAK = {"p99_ms": 950.0, "pool_utilization": 1.0, "cache_hit_ratio": 0.9, "db_p99_ms": 4.0,
-        "error_rate": 0.3, "rps": 40.0}
 SLOW_DB = {"p99_ms": 950.0, "pool_utilization": 0.3, "cache_hit_ratio": 0.9,
            "db_p99_ms": 600.0, "error_rate": 0.0, "rps": 40.0}
-
-
-def lifecycle(incident_id: str, symptoms: dict[str, float], fix: str,
-              params: dict[str, object] | None = None, passed: bool = True,
-              invariant: str = "latency_p99") -> list[m.Event]:
-    env = {"incident_id": incident_id, "subject": "webshop"}
-    step = m.PlanStep(step_id="s1", action=fix, params=params or {})
-    plan_id = f"plan-{incident_id}"
-    return [
-        m.IncidentOpened(**env, invariant=invariant, summary="p99 high", value=950,
-                         threshold=250, symptoms=symptoms,
-                         recent_logs=["WARN pool: timed out waiting for a connection"]),
-        m.Diagnosis(**env, invariant=invariant, hypothesis=_leak_hypothesis(), confidence=0.8),
-        m.Plan(**env, plan_id=plan_id, invariant=invariant, attempt=1, steps=[step]),
-        m.ExecutionResult(**env, execution_id="x", plan_id=plan_id, action=fix,
-                          status="succeeded"),
-        m.Verdict(**env, plan_id=plan_id, invariant=invariant, passed=passed, reason="held"),
-        m.IncidentResolved(**env, invariant=invariant, reason="holds again"),
-    ]
 
 
 def test_fold_gives_nothing_while_open_and_the_verified_fix_once_closed() -> None:
@@ -48,7 +27,7 @@ def test_fold_gives_nothing_while_open_and_the_verified_fix_once_closed() -> Non
     past = fold(events)
     assert past is not None and past.outcome == "resolved"
     assert (past.verified_action, past.verified_params) == ("scale_pool", {"size": 32})
-    assert past.tried == ["scale_pool:succeeded"] and past.hypothesis == _leak_hypothesis()
+    assert past.tried == ["scale_pool:succeeded"] and past.hypothesis == leak_hypothesis()
     failed = fold(lifecycle("i2", LEAK, "restart_worker", passed=False))
     assert failed is not None and failed.verified_action == ""
 
@@ -92,16 +71,11 @@ async def test_similar_ranks_the_incident_with_the_same_symptoms_first(tmp_path:
         await mem.close()
 
 
-def _leak_hypothesis() -> str:
-    """What the webshop runbooks conclude for LEAK: memory only reorders the same cause."""
-    return runbook.diagnose(_incident(LEAK), load("webshop")).hypothesis
-
-
 def _past(symptoms: dict[str, float], action: str, params: dict[str, object] | None = None,
           invariant: str = "latency_p99", hypothesis: str | None = None) -> PastIncident:
     return PastIncident(incident_id="past0001", subject="webshop", invariant=invariant,
                         symptoms=symptoms, verified_action=action, verified_params=params or {},
-                        hypothesis=_leak_hypothesis() if hypothesis is None else hypothesis)
+                        hypothesis=leak_hypothesis() if hypothesis is None else hypothesis)
 
 
 def _incident(symptoms: dict[str, float], invariant: str = "latency_p99") -> m.IncidentOpened:

@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 
 from actors.monitor.actor import sanitize
+from bus_schemas import catalog
 from bus_schemas import messages as m
-from tests.harness import REPO, Bus
-from tests.test_detector import webshop
+from tests.harness import REPO, Bus, webshop
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,7 +108,7 @@ kind = "webshop"
 url = "http://127.0.0.1:{hung_port}"
 embedded = false
 """)
-            async with bus.collect("menders.obs.>") as col:
+            async with bus.collect(catalog.under("obs")) as col:
                 bus.spawn("monitor")
                 await col.wait_for(lambda e: isinstance(e, m.Observation)
                                    and e.subject == "shop" and e.up
@@ -157,7 +157,7 @@ url = "{svc.url}"
 log_path = "{data_dir / 'logs' / 'app.log'}"
 embedded = false
 """)
-        async with bus.collect("menders.>") as col:
+        async with bus.collect(catalog.EVERYTHING) as col:
             bus.spawn("detector")
             await bus.wait_heartbeat("detector")
             bus.spawn("monitor")

@@ -28,6 +28,7 @@ from actors.stack.provision import consumer_config
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.harness import REPO, ActorProc, Bus
+from tests.harness import sample as sample_message
 
 ACTOR = "diagnoser"
 CONSUMER = catalog.consumers_of(ACTOR)[0]
@@ -177,7 +178,7 @@ async def test_a_message_failing_past_its_delivery_limit_is_dead_lettered(
     proc = spawn_fixture(bus, "always_fail", record)
     beat = await bus.wait_heartbeat(ACTOR)
     event = incident()
-    async with bus.collect(f"menders.dlq.{ACTOR}") as dlq:
+    async with bus.collect(catalog.subject_for(m.DeadLetter, actor=ACTOR)) as dlq:
         seq = await publish(bus, event)
         [letter] = await dlq.wait_for(lambda e: isinstance(e, m.DeadLetter))
     assert letter.stream_seq == seq and letter.consumer == CONSUMER.durable
@@ -264,8 +265,7 @@ def schema_stream(subject: str) -> str:
 
 
 def valid_for(schema: type[m.Event]) -> m.Event:
-    from tests.test_bus_contract import sample as contract_sample
-    return contract_sample(schema)
+    return sample_message(schema)
 
 
 def bad_payloads(c: catalog.Consumer, subject: str) -> dict[str, bytes]:
@@ -299,7 +299,7 @@ async def test_bad_payloads_on_every_consumed_subject_are_dead_lettered(bus: Bus
     subjects = sorted({concrete(f) for c in catalog.CONSUMERS for f in c.filter_subjects})
     # (stream, seq) -> (bus subject, what the dead letter's reason must name)
     sent: dict[tuple[str, int], tuple[str, str]] = {}
-    async with bus.collect("menders.dlq.>") as dlq:
+    async with bus.collect(catalog.under("dlq")) as dlq:
         for subject in subjects:
             owner = next(c for c in catalog.CONSUMERS if _consumes(c, subject))
             for needle, payload in bad_payloads(owner, subject).items():

@@ -25,6 +25,8 @@ from actors.stack.supervisor import ChildSpec, GaveUp, Supervisor, child_env
 from bus_schemas import catalog
 from tests.harness import REPO, require_nats_server
 
+pytestmark = pytest.mark.e2e  # `menders up` and supervised children: processes
+
 
 def free_port_range(n: int) -> int:
     """A base port with n free ports after it (actor i serves base + i)."""
@@ -165,7 +167,7 @@ def test_up_supervises_restarts_and_stops_without_orphans(up: Up) -> None:
                 families = {f.name for f in text_string_to_metric_families(r.read().decode())}
             assert "menders_messages_handled" in families, name
 
-        tail = up.cli("tail", "--count", "5", "menders.heartbeat.>", "--seconds", "20")
+        tail = up.cli("tail", "--count", "5", catalog.under("heartbeat"), "--seconds", "20")
         assert tail.returncode == 0, tail.stderr
         beats = [ln for ln in tail.stdout.splitlines() if "heartbeat" in ln]
         assert len(beats) == 5, tail.stdout

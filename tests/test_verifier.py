@@ -13,15 +13,9 @@ import pytest
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from subjects.base import InvariantSpec, SubjectDefinition
-from tests.harness import Bus
-from tests.test_detector import (
-    CONFIG,
-    SUBJECT,
-    Feed,
-    breaking_value,
-    latency,
-    webshop,
-)
+from tests.harness import SHOP as SUBJECT
+from tests.harness import SHOP_CONFIG as CONFIG
+from tests.harness import Bus, Feed, breaking_value, latency, webshop
 
 pytestmark = pytest.mark.timeout(60)
 STABLE_S = 2.0  # as in CONFIG
@@ -60,7 +54,7 @@ async def test_passes_after_a_stable_window_of_fresh_healthy_observations(bus: B
     spec = latency(defn)
     await start_verifier(bus)
     nc = await bus.connect("monitor")
-    async with bus.collect("menders.verdict.>") as col:
+    async with bus.collect(catalog.under("verdict")) as col:
         incident_id = await open_incident(bus, spec)
         result = await finish(bus, incident_id)
         # Healthy, but from before the execution finished: they prove nothing.
@@ -91,7 +85,7 @@ async def test_fails_at_the_deadline_while_still_broken(bus: Bus) -> None:
             await feed.send({spec.metric: breaking_value(spec)})
             await asyncio.sleep(0.5)
 
-    async with bus.collect("menders.verdict.>") as col:
+    async with bus.collect(catalog.under("verdict")) as col:
         incident_id = await open_incident(bus, spec)
         result = await finish(bus, incident_id)
         pump = asyncio.create_task(keep_broken())
@@ -111,7 +105,7 @@ async def test_resolution_passes_a_check_and_other_statuses_get_no_verdict(bus: 
     spec = latency(defn)
     await start_verifier(bus)
     feed = Feed(await bus.connect("monitor"), defn, start=time.time())
-    async with bus.collect("menders.verdict.>") as col:
+    async with bus.collect(catalog.under("verdict")) as col:
         failed_incident = await open_incident(bus, spec)
         await finish(bus, failed_incident, status="failed", plan_id="plan-failed")
         incident_id = await open_incident(bus, spec)
@@ -130,7 +124,7 @@ async def test_resolution_passes_a_check_and_other_statuses_get_no_verdict(bus: 
 async def wait_busy(bus: Bus, within_s: float = 15.0) -> None:
     """Until the verifier's heartbeat shows a message in its hands."""
     nc = await bus.connect(catalog.OPERATOR)
-    sub = await nc.subscribe("menders.heartbeat.verifier")
+    sub = await nc.subscribe(catalog.subject_for(m.Heartbeat, actor="verifier"))
     deadline = time.monotonic() + within_s
     try:
         while time.monotonic() < deadline:
@@ -154,7 +148,7 @@ async def test_a_stopped_verifier_hands_the_check_back_and_remembers_the_inciden
     first = bus.spawn("verifier")
     await bus.wait_heartbeat("verifier")
     nc = await bus.connect("monitor")
-    async with bus.collect("menders.verdict.>") as col:
+    async with bus.collect(catalog.under("verdict")) as col:
         incident_id = await open_incident(bus, spec)
         result = await finish(bus, incident_id)
         await Feed(nc, defn).many(2, {spec.metric: breaking_value(spec)})
