@@ -118,7 +118,7 @@ def test_a_long_gap_restarts_the_breach_timer() -> None:
 # --- rate and baseline --------------------------------------------------------------------
 
 
-def test_rate_of_change_over_window() -> None:
+def test_a_rate_invariant_breaks_on_fast_growth_over_its_window_only() -> None:
     learner = inv.Learner()
     a = None
     for i in range(6):

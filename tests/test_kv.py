@@ -207,7 +207,7 @@ def test_an_unreadable_kill_flag_is_engaged(raw: bytes) -> None:
     assert flag.engaged and flag.reason == UNREADABLE_KILL
 
 
-def test_mode_values() -> None:
+def test_every_mode_round_trips_and_a_missing_mode_is_unset() -> None:
     for mode in ("observe", "approve", "execute"):
         assert parse_mode(encode_mode(mode)) == mode  # type: ignore[arg-type]
     assert parse_mode(None) is None

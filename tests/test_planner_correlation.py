@@ -68,7 +68,7 @@ async def start(bus: Bus) -> None:
 
 
 @pytest.mark.e2e
-async def test_one_real_plan_and_two_followers(bus: Bus) -> None:
+async def test_three_incidents_of_one_cause_get_one_real_plan_and_two_followers(bus: Bus) -> None:
     await start(bus)
     async with bus.collect() as col:
         lead, f1, f2 = await three_incidents(bus, col)

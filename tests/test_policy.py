@@ -62,7 +62,7 @@ def test_bad_params_are_vetoed_with_the_validation_message() -> None:
     assert judge(step("scale_pool", params={"size": 4})).outcome == "approve"
 
 
-def test_allow_list_per_subject() -> None:
+def test_an_allow_list_vetoes_other_actions_on_its_subject_only() -> None:
     cfg = GovernorConfig(allow={"shop": ["scale_pool"]})
     j = judge(step("recycle_pool"), cfg=cfg)
     assert j.outcome == "veto" and "allow-list" in j.reason
@@ -92,7 +92,7 @@ def released(usage: policy.Usage, eid: str, action: str = "recycle_pool", subjec
     return policy.record_release(usage, eid, s, subject, at, slot)
 
 
-def test_concurrency_limit_and_freeing_a_slot() -> None:
+def test_the_concurrency_limit_vetoes_until_a_slot_is_freed_or_expires() -> None:
     cfg = GovernorConfig(max_concurrent=1, action_cooldown_s=0)
     u = released(policy.Usage(), "a")
     j = judge(step(), cfg=cfg, usage=u, eid="b")
@@ -102,7 +102,7 @@ def test_concurrency_limit_and_freeing_a_slot() -> None:
     assert judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 101).outcome == "approve"
 
 
-def test_rate_limits_per_subject_and_overall() -> None:
+def test_rate_limits_veto_per_subject_and_overall_in_a_sliding_minute() -> None:
     cfg = GovernorConfig(max_per_subject_per_minute=2, max_per_minute=3, max_concurrent=99,
                          action_cooldown_s=0)
     u = released(released(policy.Usage(), "a"), "b")
@@ -116,7 +116,7 @@ def test_rate_limits_per_subject_and_overall() -> None:
     assert judge(step(), cfg=cfg, usage=u, eid="d", now=NOW + 61).outcome == "approve"
 
 
-def test_cooldown_per_subject_and_action() -> None:
+def test_a_cooldown_vetoes_the_same_action_on_the_subject_until_it_passes() -> None:
     cfg = GovernorConfig(action_cooldown_s=5, max_concurrent=99)
     u = released(policy.Usage(), "a")
     j = judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 1)
@@ -138,7 +138,7 @@ def test_prune_forgets_what_no_longer_matters() -> None:
     assert p.grants == [] and p.in_flight == {} and p.last_run == {}
 
 
-def test_dag_problems_and_order() -> None:
+def test_dag_problems_name_unknown_deps_cycles_and_duplicates_and_ready_follows_deps() -> None:
     steps = [step(sid="a"), step(sid="b", depends_on=["a"]), step(sid="c", depends_on=["zz"]),
              step(sid="d", depends_on=["e"]), step(sid="e", depends_on=["d"]),
              step(sid="f", depends_on=["c"])]

@@ -274,7 +274,7 @@ async def test_observer_reports_a_silent_subject_as_down() -> None:
     assert obs["up"] is False and obs["error"] and obs["metrics"] == {}
 
 
-def test_definition_is_consistent() -> None:
+def test_runbooks_name_known_invariants_valid_actions_and_parseable_conditions() -> None:
     names = {inv.name for inv in DEFINITION.invariants}
     for rule in DEFINITION.runbooks:
         assert rule.invariant is None or rule.invariant in names, rule.name
@@ -290,12 +290,13 @@ def test_definition_is_consistent() -> None:
     (0.95, ">0.9", True), (0.9, ">0.9", False), (0.9, ">=0.9", True), (3, "<10", True),
     (10, "<=10", True), (0, "==0", True), (1, "==0", False), (math.nan, "<1", False),
 ])
-def test_match_condition(value: float, cond: str, expected: bool) -> None:
+def test_a_condition_compares_the_value_with_its_threshold_and_nan_never_holds(
+        value: float, cond: str, expected: bool) -> None:
     assert match_condition(value, cond) is expected
 
 
 @pytest.mark.parametrize("cond", ["0.5", "~1", ">", ">abc"])
-def test_match_condition_rejects_malformed(cond: str) -> None:
+def test_a_malformed_condition_is_a_bad_condition_error(cond: str) -> None:
     with pytest.raises(ValueError, match="bad condition"):
         match_condition(1.0, cond)
 
