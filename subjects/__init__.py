@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 from subjects.base import SubjectDefinition
 
-if TYPE_CHECKING:
-    from actors.runtime.config import Config
+
+class _Kinded(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+
+class Configured(Protocol):
+    """What subjects need of a config (actors.runtime.config.Config has it): no import of it."""
+
+    @property
+    def subjects(self) -> Mapping[str, _Kinded]: ...
 
 
 def load(kind: str) -> SubjectDefinition:
@@ -19,7 +29,7 @@ def load(kind: str) -> SubjectDefinition:
     raise KeyError(f"unknown subject kind {kind!r}; known: webshop")
 
 
-def definition_for(config: Config, subject: str) -> SubjectDefinition | None:
+def definition_for(config: Configured, subject: str) -> SubjectDefinition | None:
     """The definition of a configured managed subject; None for one not configured.
 
     Actors act only on the subjects in their config: an event about any other

@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="JetStream replicas per stream and bucket (3 on a 3-node cluster)")
     tail = add("tail", cmd_tail, "print one line per bus event")
     tail.add_argument("pattern", nargs="?", default=catalog.EVERYTHING,
-                      help="bus subject pattern (default menders.>)")
+                      help=f"bus subject pattern (default {catalog.EVERYTHING})")
     tail.add_argument("--json", action="store_true", help="print the raw JSON payloads")
     tail.add_argument("--count", type=int, default=0, help="stop after this many events")
     tail.add_argument("--seconds", type=float, default=0, help="stop after this long")
