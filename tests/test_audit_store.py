@@ -11,10 +11,10 @@ import msgspec
 import pytest
 
 from actors.auditor.store import GENESIS, AuditError, AuditStore, row_hash
-from bus_schemas import codec
+from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 
-STREAM = "MENDERS_EVENTS"
+STREAM = catalog.EVENTS_STREAM
 
 
 def opened(incident_id: str, subject: str = "webshop") -> m.IncidentOpened:
@@ -23,8 +23,9 @@ def opened(incident_id: str, subject: str = "webshop") -> m.IncidentOpened:
 
 
 async def append(store: AuditStore, event: m.Event, seq: int) -> int:
-    res = await store.append(event, codec.encode(event), bus_subject=f"menders.x.{seq}",
-                             stream=STREAM, stream_seq=seq)
+    res = await store.append(event, codec.encode(event),
+                             bus_subject=catalog.bus_subject_of(event), stream=STREAM,
+                             stream_seq=seq)
     return res.seq
 
 
@@ -106,7 +107,7 @@ async def test_database_refuses_update_and_delete(tmp_path: Path) -> None:
     db.close()
 
 
-async def test_wal_and_full_sync(tmp_path: Path) -> None:
+async def test_the_store_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
     store = await AuditStore.open(tmp_path / "audit.db")
     async with store.db.execute("PRAGMA journal_mode") as cur:
         assert (await cur.fetchone()) == ("wal",)
@@ -158,7 +159,8 @@ async def test_rehashed_row_breaks_the_next_link(tmp_path: Path) -> None:
     await ro.close()
 
 
-async def test_timeline_by_prefix_and_incident_list(tmp_path: Path) -> None:
+async def test_timeline_takes_a_unique_literal_prefix_and_incidents_list_each_outcome(
+        tmp_path: Path) -> None:
     store = await AuditStore.open(tmp_path / "audit.db")
     await append(store, opened("abc123", "webshop"), 1)
     await append(store, opened("abd999", "ratelimit"), 2)

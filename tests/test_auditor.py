@@ -102,7 +102,9 @@ def one_of_each(incident: str) -> list[tuple[str, m.Event]]:
                                         outcome="escalated", model="claude-haiku-4-5")),
         ("operator", m.ControlCommand(command="mode", mode="approve", by="ana")),
         ("executor", m.DeadLetter(actor="executor", consumer="executor",
-                                  bus_subject="menders.exec.approved.webshop", stream_seq=7,
+                                  bus_subject=catalog.subject_for(m.ExecutionApproved,
+                                                                subject="webshop"),
+                                  stream_seq=7,
                                   deliveries=5, reason="boom", payload_bytes=2,
                                   payload_head="{}")),
     ]
@@ -156,7 +158,7 @@ async def test_every_kind_is_recorded_once_with_its_exact_bytes(bus: Bus) -> Non
         await bus.publish(user, event)
     rows = await wait_rows(bus, len(sent))
     # One consumer per stream: each stream's events keep their order, the two interleave.
-    rows.sort(key=lambda r: (r[4] == "MENDERS_DLQ", r[5]))
+    rows.sort(key=lambda r: (r[4] == catalog.DLQ_STREAM, r[5]))
     assert [r[1] for r in rows] == [e.id for _, e in sent]
     for (seq, _, kind, bus_subject, stream, _, payload), (_, event) in zip(rows, sent,
                                                                             strict=True):
@@ -179,12 +181,12 @@ async def test_every_kind_is_recorded_once_with_its_exact_bytes(bus: Bus) -> Non
 
     # The read-only query service answers the timeline from the same record.
     nc = await bus.connect(catalog.OPERATOR)
-    reply = msgspec.json.decode(
-        (await nc.request("menders.query.audit.timeline", b"inc0001", timeout=5)).data)
+    timeline = catalog.service_subject("auditor", "timeline")
+    reply = msgspec.json.decode((await nc.request(timeline, b"inc0001", timeout=5)).data)
     assert reply["ok"] and reply["incident_id"] == "inc0001aaaa"
     assert [e["id"] for e in reply["events"]] == [e.id for _, e in sent[:-2]] + [marker.id]
     bad = msgspec.json.decode(
-        (await nc.request("menders.query.audit.timeline", b"nope", timeout=5)).data)
+        (await nc.request(timeline, b"nope", timeout=5)).data)
     assert not bad["ok"] and "no incident" in bad["error"]
 
 
@@ -198,7 +200,7 @@ async def test_events_already_committed_before_a_crash_are_not_doubled(bus: Bus)
     store = await AuditStore.open(db_path(bus))
     for seq, e in enumerate(events[:3], 1):
         await store.append(e, codec.encode(e), bus_subject=catalog.bus_subject_of(e),
-                           stream="MENDERS_EVENTS", stream_seq=seq)
+                           stream=catalog.EVENTS_STREAM, stream_seq=seq)
     await store.close()
     await start_auditor(bus)
     rows = await wait_rows(bus, 6)
@@ -273,18 +275,19 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(bus: Bus) -> None:
 
 async def test_dead_letters_are_recorded(bus: Bus) -> None:
     await start_auditor(bus)
-    junk_seq = await bus.publish_raw("menders.incident.webshop.opened", b"{not json")
+    opened_subject = catalog.subject_for(m.IncidentOpened, subject="webshop")
+    junk_seq = await bus.publish_raw(opened_subject, b"{not json")
     verdict = m.Verdict(subject="webshop", plan_id="p", invariant="i", passed=True, reason="r")
-    misplaced_seq = await bus.publish_raw("menders.incident.webshop.opened", codec.encode(verdict))
+    misplaced_seq = await bus.publish_raw(opened_subject, codec.encode(verdict))
     rows = await wait_rows(bus, 2)
     letters = [codec.decode(r[6]) for r in rows]
     assert all(isinstance(d, m.DeadLetter) for d in letters)
-    assert {r[3] for r in rows} == {"menders.dlq.auditor"} and {r[4] for r in rows} == {
-        "MENDERS_DLQ"}
+    assert {r[3] for r in rows} == {catalog.subject_for(m.DeadLetter, actor="auditor")}
+    assert {r[4] for r in rows} == {catalog.DLQ_STREAM}
     by_seq = {d.stream_seq: d for d in letters if isinstance(d, m.DeadLetter)}
     assert "malformed JSON" in by_seq[junk_seq].reason
     assert by_seq[junk_seq].payload_head == "{not json"
-    assert by_seq[junk_seq].bus_subject == "menders.incident.webshop.opened"
+    assert by_seq[junk_seq].bus_subject == opened_subject
     assert by_seq[misplaced_seq].reason  # a verdict on an incident subject
     assert await verify(bus) == 2
 
@@ -324,7 +327,8 @@ async def _metric_lines(url: str) -> str:
     return await asyncio.to_thread(get)
 
 
-async def test_audit_cli(bus: Bus, tmp_path: Path) -> None:
+async def test_audit_command_shows_timelines_lists_incidents_and_names_the_tampered_row(
+        bus: Bus, tmp_path: Path) -> None:
     code, _, err = await run_cli(bus, "--verify")
     assert code == 1 and str(db_path(bus)) in err and "no audit database" in err
 
@@ -347,7 +351,7 @@ async def test_audit_cli(bus: Bus, tmp_path: Path) -> None:
     assert code == 0
     records = [msgspec.json.decode(ln) for ln in out.splitlines()]
     assert [r["event"]["id"] for r in records] == [e.id for e in incident_events]
-    assert all(r["stream"] == "MENDERS_EVENTS" and r["hash"] for r in records)
+    assert all(r["stream"] == catalog.EVENTS_STREAM and r["hash"] for r in records)
 
     code, out, _ = await run_cli(bus)
     assert code == 0

@@ -44,7 +44,7 @@ NODES = 3
 # the line that sets each one.
 BASES = {"client": (4222, "\nlisten: "), "cluster": (6222, "\n  listen: "),
          "http": (8222, "\nhttp: ")}
-EVENTS = "MENDERS_EVENTS"
+EVENTS = catalog.EVENTS_STREAM
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,6 +8,7 @@ import pytest
 from actors.diagnoser import runbook
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from subjects import rules
 from subjects.base import RunbookRule, SubjectDefinition
 from tests.harness import Bus
 
@@ -22,7 +23,7 @@ def webshop() -> SubjectDefinition:
 
 def satisfying(cond: str) -> float:
     """A value that meets a runbook condition."""
-    c = runbook.parse_condition(cond)
+    c = rules.parse_condition(cond)
     t = c.threshold
     if c.op == ">":
         return t + max(1.0, abs(t))
@@ -145,6 +146,6 @@ async def test_redelivered_incident_gives_one_stored_diagnosis(bus: Bus) -> None
     assert found[0].id == found[1].id
     nc = await bus.connect(catalog.ADMIN)
     subject = catalog.bus_subject_of(found[0])
-    info = await nc.jetstream().stream_info("MENDERS_EVENTS", subjects_filter=subject)
+    info = await nc.jetstream().stream_info(catalog.EVENTS_STREAM, subjects_filter=subject)
     assert info.state.subjects == {subject: 1}
 

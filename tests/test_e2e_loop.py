@@ -185,7 +185,7 @@ async def running_stack(tmp_path: Path, mode: str) -> AsyncIterator[Running]:
                                 password=stack.passwords[catalog.OPERATOR],
                                 inbox_prefix=inbox_prefix(catalog.OPERATOR))
         col = Collector()
-        await nc.subscribe("menders.>", cb=col.on_msg)
+        await nc.subscribe(catalog.EVERYTHING, cb=col.on_msg)
         run = Running(stack, home, cfg, stack.chaos[SUBJECT], col, nc)
         await run.baseline()
         yield run

@@ -7,10 +7,12 @@ import re
 import pytest
 
 from bus_schemas import catalog, natsconf
+from bus_schemas import messages as m
 from tests.harness import REPO
 
 USERS = (*catalog.ACTORS, catalog.OPERATOR)
 EVENT_STREAMS = tuple(s.name for s in catalog.STREAMS)
+APPROVED = catalog.subject_for(m.ExecutionApproved, subject="webshop")
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -51,10 +53,10 @@ def test_every_user_and_admin_has_a_block() -> None:
 
 @pytest.mark.parametrize("user", USERS)
 def test_only_the_governor_may_publish_approved_executions(user: str) -> None:
-    allowed = _may_publish(user, "menders.exec.approved.webshop")
+    allowed = _may_publish(user, APPROVED)
     assert allowed == (user == "governor")
     # And no broad grant reaches it by another route.
-    assert not any(p in ("menders.>", "menders.exec.>", ">") for p in
+    assert not any(p in (catalog.EVERYTHING, catalog.under("exec"), ">") for p in
                    natsconf.permissions_for(user).publish)
 
 
@@ -84,7 +86,7 @@ def test_no_user_may_create_consumers_on_event_streams(user: str) -> None:
     for stream in EVENT_STREAMS:
         for subject in (
             f"$JS.API.CONSUMER.CREATE.{stream}.evil",
-            f"$JS.API.CONSUMER.CREATE.{stream}.evil.menders.exec.approved.webshop",
+            f"$JS.API.CONSUMER.CREATE.{stream}.evil.{APPROVED}",
             f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.evil",
             f"$JS.API.CONSUMER.DELETE.{stream}.{stream.lower()}",
             f"$JS.API.STREAM.PURGE.{stream}",
@@ -108,8 +110,8 @@ def test_users_publish_only_what_the_catalog_lets_them(user: str) -> None:
 @pytest.mark.parametrize("actor", catalog.ACTORS)
 def test_actors_cannot_impersonate_each_other_on_heartbeats_and_dead_letters(actor: str) -> None:
     for other in catalog.ACTORS:
-        for kind in ("heartbeat", "dlq"):
-            assert _may_publish(actor, f"menders.{kind}.{other}") == (actor == other)
+        for kind in (m.Heartbeat, m.DeadLetter):
+            assert _may_publish(actor, catalog.subject_for(kind, actor=other)) == (actor == other)
 
 
 @pytest.mark.parametrize("user", USERS)
@@ -120,7 +122,7 @@ def test_each_user_reads_only_its_own_inbox(user: str) -> None:
     for other in USERS:
         if other != user:
             assert not any(_matches(p, f"_INBOX_{other}.abc") for p in subs)
-    assert ("menders.>" in subs) == (user == catalog.OPERATOR)
+    assert (catalog.EVERYTHING in subs) == (user == catalog.OPERATOR)
 
 
 def test_kv_writes_follow_the_catalog() -> None:

@@ -27,6 +27,9 @@ from bus_schemas.natsconf import inbox_prefix
 from tests.harness import Bus
 
 USERS = (*catalog.ACTORS, catalog.OPERATOR)
+EVENTS = catalog.EVENTS_STREAM
+APPROVED_ANY = catalog.spec_of(m.ExecutionApproved).wildcard  # every approved execution
+APPROVED_WEBSHOP = catalog.subject_for(m.ExecutionApproved, subject="webshop")
 STEP = m.PlanStep(step_id="s1", action="restart_worker")
 
 
@@ -96,14 +99,14 @@ async def test_only_the_governor_may_publish_an_approved_execution(bus: Bus, use
     js = nc.jetstream(timeout=0.5)
     if user == "governor":
         ack = await js.publish(subject, codec.encode(event), headers={"Nats-Msg-Id": event.id})
-        assert ack.stream == "MENDERS_EVENTS" and ack.seq >= 1
-        assert await landed(bus, "MENDERS_EVENTS", subject)
+        assert ack.stream == EVENTS and ack.seq >= 1
+        assert await landed(bus, EVENTS, subject)
         assert errors == []
         return
     with pytest.raises(nats.errors.TimeoutError):  # no PubAck: the publish never reached it
         await js.publish(subject, codec.encode(event), headers={"Nats-Msg-Id": event.id})
     await wait_violations(errors, [subject])
-    assert not await landed(bus, "MENDERS_EVENTS", subject)
+    assert not await landed(bus, EVENTS, subject)
 
 
 # --- bus subjects owned by someone else ----------------------------------------------
@@ -150,7 +153,7 @@ async def test_a_user_cannot_pull_or_ack_another_actors_durable(bus: Bus, user: 
     nc = await bus.connect(user, errors)
     foreign = [c for c in catalog.CONSUMERS if c.actor != user]
     # The client API path first: bind needs no server call, the fetch is refused.
-    first = next(c for c in foreign if c.stream == "MENDERS_EVENTS")
+    first = next(c for c in foreign if c.stream == EVENTS)
     sub = await nc.jetstream().pull_subscribe_bind(durable=first.durable, stream=first.stream)
     with pytest.raises(nats.errors.TimeoutError):
         await sub.fetch(1, timeout=0.5)
@@ -178,35 +181,35 @@ async def test_a_user_cannot_create_a_consumer(bus: Bus, user: str) -> None:
     nc = await bus.connect(user, errors)
     js = nc.jetstream(timeout=0.5)
     evil = api.ConsumerConfig(durable_name=f"evil_{user}", ack_policy=api.AckPolicy.EXPLICIT,
-                              filter_subject="menders.exec.approved.*")
+                              filter_subject=APPROVED_ANY)
     with pytest.raises(nats.errors.TimeoutError):
-        await js.add_consumer("MENDERS_EVENTS", evil)
+        await js.add_consumer(EVENTS, evil)
     named = api.ConsumerConfig(name=f"evil2_{user}", ack_policy=api.AckPolicy.EXPLICIT,
-                               filter_subject="menders.exec.approved.*")
+                               filter_subject=APPROVED_ANY)
     with pytest.raises(nats.errors.TimeoutError):
-        await js.add_consumer("MENDERS_EVENTS", named)
+        await js.add_consumer(EVENTS, named)
     await wait_violations(errors, [
-        f"$JS.API.CONSUMER.DURABLE.CREATE.MENDERS_EVENTS.evil_{user}",
-        f"$JS.API.CONSUMER.CREATE.MENDERS_EVENTS.evil2_{user}.menders.exec.approved.*",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.evil_{user}",
+        f"$JS.API.CONSUMER.CREATE.{EVENTS}.evil2_{user}.{APPROVED_ANY}",
     ])
     admin = await bus.connect(catalog.ADMIN)
-    names = {c.name for c in await admin.jetstream().consumers_info("MENDERS_EVENTS")}
-    assert names == {c.durable for c in catalog.CONSUMERS if c.stream == "MENDERS_EVENTS"}
+    names = {c.name for c in await admin.jetstream().consumers_info(EVENTS)}
+    assert names == {c.durable for c in catalog.CONSUMERS if c.stream == EVENTS}
 
 
 async def test_the_operator_cannot_sneak_a_durable_through_the_ephemeral_endpoint(
         bus: Bus) -> None:
     nc = await bus.connect(catalog.OPERATOR)
-    req = {"stream_name": "MENDERS_EVENTS",
+    req = {"stream_name": EVENTS,
            "config": {"durable_name": "sneaky", "ack_policy": "explicit",
-                      "filter_subject": "menders.exec.approved.*"}}
-    reply = await nc.request("$JS.API.CONSUMER.CREATE.MENDERS_EVENTS",
+                      "filter_subject": APPROVED_ANY}}
+    reply = await nc.request(f"$JS.API.CONSUMER.CREATE.{EVENTS}",
                              json.dumps(req).encode(), timeout=5)
     body = json.loads(reply.data)
     assert "error" in body, body  # the server itself refuses a durable name here
     admin = await bus.connect(catalog.ADMIN)
     with pytest.raises(NotFoundError):
-        await admin.jetstream().consumer_info("MENDERS_EVENTS", "sneaky")
+        await admin.jetstream().consumer_info(EVENTS, "sneaky")
 
 
 # --- subscriptions -----------------------------------------------------------------------
@@ -219,7 +222,7 @@ async def test_a_user_reads_only_its_own_inbox(bus: Bus, user: str) -> None:
     other = "governor" if user != "governor" else "executor"
     denied = [f"{inbox_prefix(other)}.>", "_INBOX.>", ">"]
     if user != catalog.OPERATOR:
-        denied.append("menders.>")
+        denied.append(catalog.EVERYTHING)
     got: dict[str, list[bytes]] = {}
     sentinel = asyncio.Event()
     for pattern in [*denied, f"{inbox_prefix(user)}.>"]:
@@ -236,7 +239,7 @@ async def test_a_user_reads_only_its_own_inbox(bus: Bus, user: str) -> None:
     # Messages for others, then a sentinel for us: once it arrives, the others would have.
     admin = await bus.connect(catalog.ADMIN)
     await admin.publish(f"{inbox_prefix(other)}.reply", b"secret")
-    await admin.publish("menders.control", b"secret")
+    await admin.publish(catalog.subject_for(m.ControlCommand), b"secret")
     await admin.publish(f"{inbox_prefix(user)}.sentinel", b"sentinel")
     await admin.flush()
     await asyncio.wait_for(sentinel.wait(), 5)
@@ -247,13 +250,13 @@ async def test_a_user_reads_only_its_own_inbox(bus: Bus, user: str) -> None:
 async def test_the_operator_reads_the_whole_bus(bus: Bus) -> None:
     errors: list[str] = []
     nc = await bus.connect(catalog.OPERATOR, errors)
-    sub = await nc.subscribe("menders.>")
+    sub = await nc.subscribe(catalog.EVERYTHING)
     await nc.flush()
     beat = m.Heartbeat(actor="planner", pid=1, started_at=0.0, producer="planner")
     planner = await bus.connect("planner")
     await planner.publish(catalog.bus_subject_of(beat), codec.encode(beat))
     msg = await sub.next_msg(timeout=5)
-    assert msg.subject == "menders.heartbeat.planner"
+    assert msg.subject == catalog.subject_for(m.Heartbeat, actor="planner")
     assert errors == []
 
 
@@ -267,8 +270,8 @@ async def test_the_operator_publishes_approvals_and_control(bus: Bus) -> None:
     for event in (m.HumanApproval(execution_id="x1", approved=True, producer="operator"),
                   m.ControlCommand(command="mode", mode="observe", producer="operator")):
         ack = await js.publish(catalog.bus_subject_of(event), codec.encode(event))
-        assert ack.stream == "MENDERS_EVENTS"
-    assert await stream_messages(bus, "MENDERS_EVENTS") == 2
+        assert ack.stream == EVENTS
+    assert await stream_messages(bus, EVENTS) == 2
     assert errors == []
 
 
@@ -323,7 +326,7 @@ async def test_the_operator_cannot_launder_an_approval_through_a_push_consumer(
     key_subject = f"$KV.{catalog.GOVERNOR_BUCKET}.{KILL_KEY}"
     with contextlib.suppress(Exception):  # refusing to create it is a fine outcome too
         await js.add_consumer(kv_stream, api.ConsumerConfig(
-            deliver_subject="menders.exec.approved.webshop", filter_subject=key_subject,
+            deliver_subject=APPROVED_WEBSHOP, filter_subject=key_subject,
             ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL))
     # A control consumer that delivers to the operator's own inbox: once it has, the
     # forged one has had its chance too.
@@ -333,4 +336,4 @@ async def test_the_operator_cannot_launder_an_approval_through_a_push_consumer(
         ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL))
     await control.next_msg(timeout=5)
     await asyncio.sleep(1.0)  # and one more second of chances
-    assert not await landed(bus, "MENDERS_EVENTS", "menders.exec.approved.webshop")
+    assert not await landed(bus, EVENTS, APPROVED_WEBSHOP)

@@ -326,7 +326,7 @@ async def _settled(bus: Bus) -> None:
     js = nc.jetstream()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        info = await js.consumer_info("MENDERS_EVENTS", "planner")
+        info = await js.consumer_info(catalog.EVENTS_STREAM, "planner")
         if info.num_ack_pending == 0 and info.num_pending == 0:
             return
         await asyncio.sleep(0.1)
