@@ -7,17 +7,10 @@ import math
 import msgspec
 import pytest
 
-from actors.diagnoser.runbook import (
-    ConditionError,
-    RunbookDiagnoser,
-    check_rules,
-    diagnose,
-    match_condition,
-    parse_condition,
-    rank,
-)
+from actors.diagnoser.runbook import RunbookDiagnoser, diagnose, rank
 from bus_schemas.messages import IncidentOpened, RecommendedAction
 from subjects.base import ActionSpec, NoParams, RunbookRule, SubjectDefinition
+from subjects.rules import ConditionError, check_rules, match_condition, parse_condition
 
 
 class SizeParams(msgspec.Struct, forbid_unknown_fields=True):

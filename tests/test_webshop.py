@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 
 from subjects.base import ActionError, InvariantSpec, RunbookRule
+from subjects.rules import match_condition
 from subjects.webshop.definition import DEFINITION
-from subjects.webshop.runbooks import match_condition
 
 SCRAPE_EVERY_S = 1.0
 BREAK_WITHIN_S = 8.0

@@ -22,7 +22,7 @@ import msgspec
 import nats.errors
 
 import subjects
-from actors.diagnoser.runbook import RunbookDiagnoser, check_rules, no_match
+from actors.diagnoser.runbook import RunbookDiagnoser, no_match
 from actors.runtime import Actor, Delivery, Reject, Runtime
 from bus_schemas import catalog
 from bus_schemas.messages import (
@@ -34,6 +34,7 @@ from bus_schemas.messages import (
 )
 from bus_schemas.queries import PastIncident, SimilarQuery, SimilarReply
 from subjects.base import SubjectDefinition
+from subjects.rules import check_rules
 
 if TYPE_CHECKING:  # the anthropic SDK is imported only when a key is set: ~50 MB RSS
     from actors.diagnoser.llm.summary import Summarizer

@@ -17,8 +17,6 @@ beats the rule's static order. A rule that asks for a human still wins.
 
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +27,7 @@ from actors.runtime import follow_id
 from bus_schemas.messages import Diagnosis, IncidentOpened, RecommendedAction
 from bus_schemas.queries import PastIncident, verified_before
 from subjects.base import ActionError, ActionSpec, RunbookRule, SubjectDefinition
+from subjects.rules import ConditionError, match_condition
 
 SOURCE = "runbook"
 # Bounds on untrusted input: a flood of huge log lines must not stall a diagnosis.
@@ -37,65 +36,6 @@ MAX_LINE_CHARS = 2000
 EXCERPT_CHARS = 160
 
 # Two-character operators first, so ">=0.5" is not read as ">" "=0.5".
-_OPS: tuple[tuple[str, Callable[[float, float], bool]], ...] = (
-    (">=", operator.ge),
-    ("<=", operator.le),
-    ("==", lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)),
-    ("!=", lambda a, b: not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)),
-    (">", operator.gt),
-    ("<", operator.lt),
-)
-
-
-class ConditionError(ValueError):
-    """A runbook condition string that is not `<op><number>`."""
-
-
-@dataclass(frozen=True)
-class Condition:
-    op: str
-    threshold: float
-    test: Callable[[float, float], bool]
-
-    def holds(self, value: float) -> bool:
-        return not math.isnan(value) and self.test(value, self.threshold)
-
-
-def parse_condition(cond: str) -> Condition:
-    """Parse ">0.9", "<=10", "==0", ... ; raises ConditionError naming the bad text."""
-    text = cond.strip()
-    for op, test in _OPS:
-        if text.startswith(op):
-            try:
-                threshold = float(text[len(op):].strip())
-            except ValueError:
-                break
-            if math.isnan(threshold):
-                break
-            return Condition(op, threshold, test)
-    raise ConditionError(f"bad condition {cond!r}: expected one of >, <, >=, <=, ==, != "
-                         "followed by a number")
-
-
-def match_condition(value: float, cond: str) -> bool:
-    """Whether `value` satisfies `cond`; raises ConditionError for a malformed condition."""
-    return parse_condition(cond).holds(float(value))
-
-
-def check_rules(rules: Iterable[RunbookRule]) -> list[str]:
-    """Problems in a subject's runbooks (bad conditions, confidence outside 0..1)."""
-    problems = []
-    for rule in rules:
-        for metric, cond in rule.when.items():
-            try:
-                parse_condition(cond)
-            except ConditionError as exc:
-                problems.append(f"rule {rule.name}: {metric}: {exc}")
-        if not 0.0 <= rule.confidence <= 1.0:
-            problems.append(f"rule {rule.name}: confidence {rule.confidence} outside 0..1")
-    return problems
-
-
 @dataclass(frozen=True)
 class RuleMatch:
     rule: RunbookRule

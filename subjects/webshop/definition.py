@@ -10,7 +10,7 @@ from subjects.webshop.actions import ACTIONS
 from subjects.webshop.client import WebshopActionClient
 from subjects.webshop.invariants import INVARIANTS
 from subjects.webshop.observer import WebshopObserver
-from subjects.webshop.runbooks import RUNBOOKS, match_condition
+from subjects.webshop.runbooks import RUNBOOKS
 
 
 def make_observer(cfg: Any) -> WebshopObserver:
@@ -35,5 +35,4 @@ DEFINITION = SubjectDefinition(
     runbooks=RUNBOOKS,
     make_observer=make_observer,
     make_action_client=make_action_client,
-    extra={"match_condition": match_condition},
 )

@@ -1,4 +1,4 @@
-"""Runbook rules for the webshop, and the condition syntax they use.
+"""Runbook rules for the webshop (the condition syntax is subjects.rules').
 
 A rule applies when its invariant broke and every `when` condition holds on
 the observation's metrics (and every `log_contains` needle is in a recent log
@@ -9,37 +9,8 @@ cache_hit_ratio and upstream_error_rate, so the evidence picks one cause.
 
 from __future__ import annotations
 
-import math
-
 from bus_schemas.messages import RecommendedAction as Do
 from subjects.base import RunbookRule
-
-_OPS = (">=", "<=", "==", ">", "<")
-
-
-def match_condition(value: float, cond: str) -> bool:
-    """Whether `value` satisfies `cond` (">0.9", "<10", ">=1", "<=0", "==2").
-
-    NaN satisfies nothing; a malformed condition raises ValueError.
-    """
-    text = cond.strip()
-    for op in _OPS:
-        if text.startswith(op):
-            try:
-                limit = float(text[len(op):])
-            except ValueError:
-                break
-            if math.isnan(value) or math.isnan(limit):
-                return False
-            if op == ">=":
-                return value >= limit
-            if op == "<=":
-                return value <= limit
-            if op == "==":
-                return math.isclose(value, limit, rel_tol=1e-9, abs_tol=1e-12)
-            return value > limit if op == ">" else value < limit
-    raise ValueError(f"bad condition {cond!r}: expected <op><number>, op one of {_OPS}")
-
 
 RUNBOOKS: tuple[RunbookRule, ...] = (
     RunbookRule(
