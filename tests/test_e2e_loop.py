@@ -26,13 +26,14 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from actors.cli.demo import FAULTS, demo_body
+from actors.cli.demo import demo_body
 from actors.runtime.config import load
 from actors.stack.natsserver import free_port
 from actors.stack.up import Stack
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix
+from subjects.webshop.faults import FAULTS
 from tests.harness import REPO, Collector, require_nats_server
 
 SUBJECT = "webshop"

@@ -330,3 +330,11 @@ def test_log_tail_follows_rotation_and_keeps_errors(tmp_path: Path) -> None:
     log.rename(tmp_path / "app.log.1")
     log.write_text("fresh\n")
     assert tail.read_new() == ["fresh"]
+
+
+def test_the_fault_catalog_names_exactly_the_chaos_hooks() -> None:
+    from subjects.webshop.chaos import Fault
+    from subjects.webshop.faults import FAULTS
+
+    assert {f.name for f in FAULTS} == {cls.name for cls in Fault.__subclasses__()}
+    assert [f.name for f in FAULTS if not f.fixable] == ["upstream_down"]

@@ -2,8 +2,9 @@
 
 Starts the stack on the embedded default (bundled nats-server, the webshop,
 every actor as its own process) in a fresh state directory, waits for a
-healthy baseline, injects each fault through the chaos port (which only this
-module knows; no actor is given it), prints a live timeline, and ends with a
+healthy baseline, injects each fault of the webshop's catalog
+(subjects/webshop/faults.py) through the chaos port (which only this module
+knows; no actor is given it), prints a live timeline, and ends with a
 table. Exit status 1 if a fixable fault was not remediated or the unfixable
 one was not escalated.
 
@@ -34,33 +35,16 @@ from actors.stack.natsserver import free_port
 from actors.stack.up import Stack, StackError
 from bus_schemas import catalog, codec, render
 from bus_schemas import messages as m
+from subjects.webshop.faults import FAULTS, FaultSpec
 
 SUBJECT = "webshop"
 FAULT_DEADLINE_S = 40.0  # per fault: detection, diagnosis, fix and verification
 SETTLE_DEADLINE_S = 25.0  # back to a healthy baseline between faults
 
 
-@dataclass(frozen=True)
-class DemoFault:
-    name: str
-    fixable: bool
-    description: str
-
-
-FAULTS: tuple[DemoFault, ...] = (
-    DemoFault("pool_exhaustion", True, "connections leaked from the pool"),
-    DemoFault("slow_dependency", True, "a slow dependency adds latency"),
-    DemoFault("bad_config", True, "a bad config version makes requests fail"),
-    DemoFault("memory_leak", True, "memory allocated and never freed"),
-    DemoFault("cache_off", True, "the cache turned off"),
-    DemoFault("log_flood", True, "the log directory filling up"),
-    DemoFault("upstream_down", False, "an upstream dependency down: escalate, do not thrash"),
-)
-
-
 @dataclass
 class Row:
-    fault: DemoFault
+    fault: FaultSpec
     detected_after: float | None = None
     diagnosis: str = ""
     actions: list[str] = field(default_factory=list)
@@ -235,7 +219,7 @@ def _summarize(row: Row, events: list[m.Event], t0: float) -> None:
         row.outcome = "unresolved"
 
 
-async def _run_fault(fault: DemoFault, tl: Timeline, session: aiohttp.ClientSession,
+async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSession,
                      chaos: str) -> Row:
     row = Row(fault)
     print(f"\n== fault: {fault.name} ({fault.description})", flush=True)
@@ -354,7 +338,7 @@ def _llm_banner(llm: LlmConfig, wanted: bool) -> bool:
     return True
 
 
-async def _drive(stack: Stack, faults: tuple[DemoFault, ...], quiet: bool) -> list[Row]:
+async def _drive(stack: Stack, faults: tuple[FaultSpec, ...], quiet: bool) -> list[Row]:
     import nats
 
     from bus_schemas.natsconf import inbox_prefix
