@@ -12,12 +12,13 @@ from typing import Any, Union
 
 import msgspec
 
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import ALL_MESSAGES, Event
 
 _encoder = msgspec.json.Encoder()
 
 
-class DecodeError(ValueError):
+class DecodeError(MendersError, ValueError):
     """A payload that is not a valid message for the consumer that received it."""
 
 

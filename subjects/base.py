@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import RecommendedAction, Risk
 
 
@@ -42,7 +43,7 @@ class ActionSpec:
         return msgspec.json.schema(self.params)
 
 
-class ActionError(ValueError):
+class ActionError(MendersError, ValueError):
     pass
 
 

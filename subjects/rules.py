@@ -12,6 +12,7 @@ import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from bus_schemas.errors import MendersError
 from subjects.base import RunbookRule
 
 _OPS: tuple[tuple[str, Callable[[float, float], bool]], ...] = (
@@ -24,7 +25,7 @@ _OPS: tuple[tuple[str, Callable[[float, float], bool]], ...] = (
 )
 
 
-class ConditionError(ValueError):
+class ConditionError(MendersError, ValueError):
     """A runbook condition string that is not `<op><number>`."""
 
 

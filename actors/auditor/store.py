@@ -29,6 +29,7 @@ import msgspec
 
 from bus_schemas import codec
 from bus_schemas import messages as m
+from bus_schemas.errors import MendersError
 
 DEFAULT_NAME = "audit.db"
 GENESIS = "0" * 64  # prev_hash of the first row
@@ -61,7 +62,7 @@ BEGIN SELECT RAISE(ABORT, 'the audit record is append-only: DELETE refused'); EN
 """
 
 
-class AuditError(Exception):
+class AuditError(MendersError):
     """A clear, user-facing problem with the record or a query on it."""
 
 

@@ -22,29 +22,42 @@ from actors.runtime import credentials, logs
 from actors.runtime.config import Config, ConfigError
 from bus_schemas import catalog, codec, render
 from bus_schemas import messages as m
+from bus_schemas.errors import MendersError
 from bus_schemas.governor import KILL_KEY, MODE_KEY, parse_kill, parse_mode, revoked_key
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NATS = 1, 2, 3
 
 
-class CliError(Exception):
+class CliError(MendersError):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
 
 
+# The one table from error class to exit status; the first match wins, anything
+# else of ours is EXIT_FAILED. 2: fix the command line or the config; 3: the bus.
+EXIT_CODES: tuple[tuple[type[MendersError], int], ...] = (
+    (ConfigError, EXIT_USAGE),
+    (credentials.CredentialsError, EXIT_NATS),
+    (operator.OperatorError, EXIT_NATS),
+)
+
+
+def exit_code(exc: MendersError) -> int:
+    if isinstance(exc, CliError):
+        return exc.code
+    return next((code for cls, code in EXIT_CODES if isinstance(exc, cls)), EXIT_FAILED)
+
+
 def _load(args: argparse.Namespace) -> Config:
-    try:
-        return config_mod.load(args.config)
-    except ConfigError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
+    return config_mod.load(args.config)
 
 
 # --- commands ------------------------------------------------------------------------
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    from actors.runtime import MetricsPortError, Runtime
+    from actors.runtime import Runtime
     from actors.runtime.registry import actor_class
 
     config = _load(args)
@@ -54,17 +67,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise CliError(str(exc.args[0]), EXIT_USAGE) from None
     rt = Runtime(args.actor, config)
-    try:
-        await rt.run(cls)
-    except credentials.CredentialsError as exc:
-        raise CliError(str(exc), EXIT_NATS) from None
-    except MetricsPortError as exc:
-        raise CliError(str(exc)) from None
+    await rt.run(cls)
     return 0
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
-    from actors.stack.up import Stack, StackError
+    from actors.stack.up import Stack
 
     config = _load(args)
     logs.setup("supervisor", config.runtime.log_level)
@@ -95,8 +103,6 @@ async def cmd_up(args: argparse.Namespace) -> int:
             raise CliError(str(watch.exception()))
         watch.cancel()
         return 0
-    except StackError as exc:
-        raise CliError(str(exc)) from None
     finally:
         print("menders up: stopping", file=sys.stderr, flush=True)
         await stack.stop()
@@ -311,15 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(args.fn(args))
-    except CliError as exc:
+    except MendersError as exc:
         print(f"menders {args.command}: {exc}", file=sys.stderr)
-        return exc.code
-    except operator.OperatorError as exc:
-        print(f"menders {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NATS
-    except credentials.CredentialsError as exc:
-        print(f"menders {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NATS
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
 

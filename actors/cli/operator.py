@@ -26,11 +26,12 @@ from actors.runtime.kv import Bucket
 from actors.runtime.publish import publish_event
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from bus_schemas.errors import MendersError
 from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, encode_kill, parse_kill, parse_mode
 from bus_schemas.natsconf import inbox_prefix
 
 
-class OperatorError(RuntimeError):
+class OperatorError(MendersError, RuntimeError):
     pass
 
 

@@ -24,6 +24,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from bus_schemas import catalog
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import IncidentOpened
 from bus_schemas.queries import (
     LogsInput,
@@ -51,7 +52,7 @@ class RegistryInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """The subject's registered actions: names, parameter schemas, risk, idempotency."""
 
 
-class ToolError(Exception):
+class ToolError(MendersError):
     """A tool call that cannot be answered: its text goes back to the model."""
 
 

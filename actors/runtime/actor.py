@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from nats.aio.msg import Msg
 
 from bus_schemas import catalog
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import Event
 
 if TYPE_CHECKING:
     from actors.runtime.process import Runtime
 
 
-class Reject(Exception):
+class Reject(MendersError):
     """Raised by a handler for input that can never succeed: dead-lettered at once."""
 
 

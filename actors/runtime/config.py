@@ -12,6 +12,7 @@ from typing import Literal
 
 import msgspec
 
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import Mode, Risk
 
 
@@ -134,7 +135,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.nats.url or f"nats://{self.nats.host}:{self.nats.port}"
 
 
-class ConfigError(ValueError):
+class ConfigError(MendersError, ValueError):
     pass
 
 

@@ -13,12 +13,13 @@ import secrets
 from pathlib import Path
 
 from bus_schemas import catalog
+from bus_schemas.errors import MendersError
 from bus_schemas.natsconf import password_env
 
 FILE_NAME = "credentials.json"
 
 
-class CredentialsError(RuntimeError):
+class CredentialsError(MendersError, RuntimeError):
     pass
 
 

@@ -28,6 +28,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysEr
 from nats.js.kv import KeyValue
 
 from actors.runtime.logs import get_logger
+from bus_schemas.errors import MendersError
 
 log = get_logger("menders.kv")
 
@@ -38,11 +39,11 @@ OnValue = Callable[[str, bytes | None], Awaitable[None]]
 WRITE_ATTEMPTS = 5
 
 
-class KvConflict(RuntimeError):
+class KvConflict(MendersError, RuntimeError):
     """Somebody else changed the key between our read and our write."""
 
 
-class Unreadable(msgspec.DecodeError):
+class Unreadable(MendersError, msgspec.DecodeError):
     """A stored value that does not decode as its record type.
 
     A DecodeError, so callers that let one propagate behave as before; it

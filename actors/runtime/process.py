@@ -34,13 +34,14 @@ from actors.runtime.logs import bind_incident, get_logger
 from actors.runtime.metrics import ActorMetrics, Bound
 from actors.runtime.publish import publish_event, stamped
 from bus_schemas import catalog, codec
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import DeadLetter, Event, Heartbeat, kind_of
 from bus_schemas.natsconf import inbox_prefix
 
 log = get_logger("menders.runtime")
 
 
-class MetricsPortError(RuntimeError):
+class MetricsPortError(MendersError, RuntimeError):
     """The actor's metrics port cannot be served (in use, or not allowed)."""
 
 

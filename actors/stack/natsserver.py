@@ -24,11 +24,12 @@ import nats.errors
 
 from actors.stack.supervisor import die_with_parent
 from bus_schemas import catalog, natsconf
+from bus_schemas.errors import MendersError
 
 MIN_VERSION = (2, 10, 0)
 
 
-class NatsServerError(RuntimeError):
+class NatsServerError(MendersError, RuntimeError):
     pass
 
 

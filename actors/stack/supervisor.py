@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from actors.runtime.config import SupervisorConfig
 from actors.runtime.logs import get_logger
+from bus_schemas.errors import MendersError
 
 log = get_logger("menders.supervisor")
 
@@ -50,7 +51,7 @@ class Child:
     backoff_s: float = 0.0
 
 
-class GaveUp(RuntimeError):
+class GaveUp(MendersError, RuntimeError):
     pass
 
 

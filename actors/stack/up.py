@@ -27,6 +27,7 @@ from actors.stack.natsserver import EmbeddedNats, free_port
 from actors.stack.supervisor import ChildSpec, Supervisor, child_env, python_argv
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from bus_schemas.errors import MendersError
 from bus_schemas.natsconf import inbox_prefix, password_env
 
 log = get_logger("menders.stack")
@@ -34,7 +35,7 @@ log = get_logger("menders.stack")
 CHAOS_FILE = "chaos.json"  # read by `menders demo` only; no actor is given it
 
 
-class StackError(RuntimeError):
+class StackError(MendersError, RuntimeError):
     pass
 
 

@@ -43,6 +43,7 @@ from actors.runtime import Actor, Delivery, Runtime, follow_id
 from actors.runtime.kv import Records
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import (
     Event,
     ExecutionResult,
@@ -61,7 +62,7 @@ KEEP_S = 300.0  # judgements kept per subject, well beyond any check's deadline
 LATE_GRACE_S = 5.0
 
 
-class CheckHandedBack(Exception):
+class CheckHandedBack(MendersError):
     pass
 
 

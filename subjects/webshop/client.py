@@ -7,12 +7,13 @@ from typing import Any
 
 import aiohttp
 
+from bus_schemas.errors import MendersError
 from subjects.base import ActionError
 
 MAX_REPLY = 64 * 1024
 
 
-class ActionFailed(RuntimeError):
+class ActionFailed(MendersError, RuntimeError):
     """The service ran the action and reported failure, or did not answer."""
 
     def __init__(self, message: str, status: int = 0) -> None:

@@ -31,6 +31,7 @@ from actors.diagnoser.llm.schema import Final, InvalidDiagnosis, diagnosis_tool,
 from actors.diagnoser.llm.usage import LlmMetrics, Tally
 from actors.diagnoser.runbook import RunbookDiagnoser, diagnosis_of, observed_evidence
 from actors.runtime.config import LlmConfig
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import Diagnosis, IncidentOpened
 from subjects.base import SubjectDefinition
 
@@ -42,7 +43,7 @@ CACHE = {"type": "ephemeral"}
 MAX_TOOL_ANSWER_CHARS = 20_000
 
 
-class BudgetSpent(Exception):
+class BudgetSpent(MendersError):
     """The investigation ended without a valid diagnosis."""
 
 

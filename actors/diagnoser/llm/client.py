@@ -18,12 +18,13 @@ from anthropic.types import Message
 
 from actors.diagnoser.llm.usage import LlmMetrics, Tally
 from actors.runtime.config import LlmConfig
+from bus_schemas.errors import MendersError
 
 RETRYABLE = (anthropic.RateLimitError, anthropic.InternalServerError,
              anthropic.APIConnectionError)  # 5xx incl. 529 overloaded; timeouts
 
 
-class LlmUnavailable(Exception):
+class LlmUnavailable(MendersError):
     """The API could not give an answer in time: the reason, for the diagnosis."""
 
 

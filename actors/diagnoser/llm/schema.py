@@ -18,6 +18,7 @@ import msgspec
 
 from actors.diagnoser.llm.prompt import DIAGNOSIS_TOOL
 from actors.diagnoser.runbook import vet_actions
+from bus_schemas.errors import MendersError
 from bus_schemas.messages import RecommendedAction
 from subjects.base import SubjectDefinition
 
@@ -77,7 +78,7 @@ class Final:
     refusals: list[str]  # proposals dropped on arrival, and why
 
 
-class InvalidDiagnosis(ValueError):
+class InvalidDiagnosis(MendersError, ValueError):
     """The tool input does not match the schema: the text goes back to the model."""
 
 
