@@ -13,7 +13,6 @@ incident's timeline is folded and indexed, and `similar` queries search it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sqlite3
 from collections.abc import Sequence
 
@@ -31,7 +30,6 @@ from bus_schemas.messages import Event, kind_of
 from bus_schemas.queries import (
     MAX_REPLY_EVENTS,
     AuditReply,
-    IncidentRow,
     IncidentsReply,
     SimilarQuery,
     SimilarReply,
@@ -152,8 +150,7 @@ class Auditor(Actor):
         if method == "incidents":
             only_open = arg == "open"
             found = await self.reader.incidents(50, only_open=only_open)
-            return IncidentsReply(ok=True, incidents=[IncidentRow(**dataclasses.asdict(i))
-                                                      for i in found])
+            return IncidentsReply(ok=True, incidents=found)
         if method == "similar":
             try:
                 q = msgspec.json.decode(arg, type=SimilarQuery)

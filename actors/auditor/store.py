@@ -30,6 +30,7 @@ import msgspec
 from bus_schemas import codec
 from bus_schemas import messages as m
 from bus_schemas.errors import MendersError
+from bus_schemas.queries import IncidentRow
 
 DEFAULT_NAME = "audit.db"
 GENESIS = "0" * 64  # prev_hash of the first row
@@ -116,16 +117,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return self.problem is None and not self.missing_triggers
-
-
-@dataclass(frozen=True)
-class IncidentSummary:
-    incident_id: str
-    subject: str
-    invariant: str
-    opened: float  # ts of its first recorded event
-    outcome: str  # open | resolved | escalated
-    events: int
 
 
 def row_hash(prev_hash: str, seq: int, event_id: str, kind: str, incident_id: str,
@@ -321,7 +312,7 @@ class AuditStore:
         ) as cur:
             return incident_id, [_record(r) for r in await cur.fetchall()]
 
-    async def incidents(self, limit: int = 20, *, only_open: bool = False) -> list[IncidentSummary]:
+    async def incidents(self, limit: int = 20, *, only_open: bool = False) -> list[IncidentRow]:
         """The most recently opened incidents, newest first."""
         async with self.db.execute(
             """SELECT incident_id, MIN(ts), COUNT(*),
@@ -332,7 +323,7 @@ class AuditStore:
                ORDER BY MIN(seq) DESC""",
         ) as cur:
             groups = await cur.fetchall()
-        out: list[IncidentSummary] = []
+        out: list[IncidentRow] = []
         for incident_id, opened, n, opened_seq, end_seq in groups:
             outcome = await self._kind_at(end_seq) if end_seq else "open"
             if only_open and outcome != "open":
@@ -341,8 +332,9 @@ class AuditStore:
             if opened_seq:
                 first = await self._event_at(opened_seq)
                 subject, invariant = first.subject, getattr(first, "invariant", "")
-            out.append(IncidentSummary(str(incident_id), subject, invariant, float(opened),
-                                       outcome.removeprefix("incident."), int(n)))
+            out.append(IncidentRow(incident_id=str(incident_id), subject=subject,
+                                   invariant=invariant, opened=float(opened),
+                                   outcome=outcome.removeprefix("incident."), events=int(n)))
             if len(out) >= limit:
                 break
         return out
