@@ -153,3 +153,45 @@ def test_the_literal_rule_allows_loggers_files_env_vars_metrics_and_docstrings()
               f'CFG = "{catalog.PREFIX}.toml"\nENV = "MENDERS_CONFIG"\n'
               f'METRIC = "{catalog.PREFIX}_executions_total"\n')
     assert literal_violations("example", source) == []
+
+
+# --- one publish path, one way to name a kind ----------------------------------------------
+
+# Calls `.publish(...)` may make outside the runtime: the runtime's own and the operator's,
+# both of which go through actors/runtime/publish.py.
+_PUBLISHERS = {"self.rt", "rt", "operator"}
+
+
+def path_violations(name: str, source: str) -> list[str]:
+    """A raw NATS publish outside actors.runtime, or a kind read past messages.kind_of."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "__struct_config__":
+            out.append(f"{name}:{node.lineno} reads __struct_config__ (use messages.kind_of)")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "publish" and not name.startswith("actors.runtime")
+                and ast.unparse(node.func.value) not in _PUBLISHERS):
+            out.append(f"{name}:{node.lineno} publishes past actors.runtime.publish")
+    return out
+
+
+def test_events_reach_the_bus_only_through_the_runtimes_publish_path() -> None:
+    found = [v for name, path in modules_of("actors", "subjects")
+             for v in path_violations(name, path.read_text())]
+    found += [v for name, path in modules_of("bench", "tests")
+              for v in path_violations(name, path.read_text()) if "__struct_config__" in v]
+    assert found == []
+
+
+@pytest.mark.parametrize("source", [
+    "async def f(js, e):\n    await js.publish('x', b'')\n",
+    "async def f(self, e):\n    await self.nc.publish('x', b'')\n",
+    "def kind(e):\n    return type(e).__struct_config__.tag\n",
+])
+def test_the_publish_and_kind_rules_catch_a_deliberate_violation(source: str) -> None:
+    assert path_violations("actors.planner.actor", source) != []
+
+
+def test_the_publish_rule_lets_actors_publish_through_their_runtime() -> None:
+    source = "async def f(self, e):\n    await self.rt.publish(e)\n"
+    assert path_violations("actors.planner.actor", source) == []
