@@ -364,19 +364,24 @@ async def test_audit_command_shows_timelines_lists_incidents_and_names_the_tampe
     code, _, err = await run_cli(bus, "deadbeef")
     assert code == 1 and "no incident 'deadbeef'" in err
 
-    # Tamper with a copy: drop the guard, then edit the 5th row's payload.
+    # Tamper with a copy: drop the guard, then edit the Decision's payload. Its row is
+    # looked up by event id: the dead letter arrives through a second consumer, so the
+    # order of rows across the two streams is the auditor's, not the test's.
+    tampered = sent[4][1]
+    assert isinstance(tampered, m.Decision) and tampered.reason == "high risk"
     copy = tmp_path / "tampered.db"
     backup(db_path(bus), copy)
     db = sqlite3.connect(copy)
+    (seq,) = db.execute("SELECT seq FROM events WHERE event_id = ?", (tampered.id,)).fetchone()
     db.execute("DROP TRIGGER events_no_update")
     db.execute("UPDATE events SET payload = CAST(REPLACE(CAST(payload AS TEXT), 'high risk', "
-               "'low risk') AS BLOB) WHERE seq = 5")
+               "'low risk') AS BLOB) WHERE seq = ?", (seq,))
     db.commit()
     db.close()
     code, out, _ = await run_cli(bus, "--verify", "--db", str(copy))
     assert code == 1
-    assert f"chain BROKEN at seq 5 (event {sent[4][1].id}): hash mismatch" in out
+    assert f"chain BROKEN at seq {seq} (event {tampered.id}): hash mismatch" in out
     assert "events_no_update" in out
     code, out, _ = await run_cli(bus, "--verify", "--json", "--db", str(copy))
     report = msgspec.json.decode(out)
-    assert code == 1 and report["first_bad"]["seq"] == 5 and not report["ok"]
+    assert code == 1 and report["first_bad"]["seq"] == seq and not report["ok"]
