@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from actors.planner.actor import IncidentState, Rules, apply, plan_id_for
+from actors.planner.attempts import IncidentState, Rules, apply, plan_id_for
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from subjects.base import ActionSpec, NoParams
