@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -79,9 +78,6 @@ class Bucket:
     async def get_bytes(self, key: str) -> bytes | None:
         got = await self.get_entry(key)
         return None if got is None else got[0]
-
-    async def exists(self, key: str) -> bool:
-        return await self.get_entry(key) is not None
 
     async def create_bytes(self, key: str, value: bytes) -> int | None:
         """Create the key; its revision, or None if it exists already."""
@@ -164,21 +160,6 @@ class Records(Generic[T]):
     async def put(self, key: str, value: T) -> int:
         """Unconditional write, for values with one writer (or where the last one wins)."""
         return await self.bucket.put(key, self._encoder.encode(value))
-
-    async def mutate(self, key: str, fn: Callable[[T | None], T | Awaitable[T]],
-                     attempts: int = WRITE_ATTEMPTS) -> Record[T]:
-        """Read, apply `fn` to the value (None if missing), save; again on a conflict."""
-        for attempt in range(attempts):
-            rec = await self.get(key)
-            value = fn(None if rec is None else rec.value)
-            if inspect.isawaitable(value):  # an async fn may read elsewhere first
-                value = await value
-            try:
-                return await self.save(key, value, None if rec is None else rec.revision)
-            except KvConflict:
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
 
 
 async def watch_forever(nc: Client, bucket: Bucket, keys: str, on_value: OnValue,
