@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,14 @@ from bus_schemas.natsconf import inbox_prefix, password_env
 from subjects.base import InvariantSpec, SubjectDefinition
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def modules_of(*roots: str) -> Iterator[tuple[str, Path]]:
+    """(dotted module name, path) of every Python file under the given top-level folders."""
+    for root in roots:
+        for path in sorted((REPO / root).rglob("*.py")):
+            rel = path.relative_to(REPO).with_suffix("")
+            yield ".".join(rel.parts).removesuffix(".__init__"), path
 
 
 def require_nats_server() -> str:

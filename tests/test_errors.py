@@ -15,20 +15,15 @@ from actors.runtime.config import ConfigError
 from actors.runtime.credentials import CredentialsError
 from actors.stack.up import StackError
 from bus_schemas.errors import MendersError
+from tests.harness import modules_of
 
-REPO = Path(__file__).resolve().parent.parent
 # The webshop's own service internals: errors of the managed system, not of menders.
 SUBJECT_INTERNALS = {"subjects.webshop.shop", "subjects.webshop.db"}
 
 
 def our_modules() -> list[str]:
-    names = []
-    for root in ("actors", "bus_schemas", "subjects"):
-        for path in sorted((REPO / root).rglob("*.py")):
-            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
-            if not name.endswith("__main__") and name not in SUBJECT_INTERNALS:
-                names.append(name.removesuffix(".__init__"))
-    return names
+    return [name for name, _ in modules_of("actors", "bus_schemas", "subjects")
+            if not name.endswith("__main__") and name not in SUBJECT_INTERNALS]
 
 
 def test_every_exception_menders_defines_is_a_menders_error() -> None:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from bus_schemas import catalog
+from tests.harness import REPO, modules_of
 
-REPO = Path(__file__).resolve().parent.parent
 OURS = ("actors", "bus_schemas", "subjects")
 
 
@@ -59,13 +58,6 @@ def import_violations(package: str, source: str) -> list[str]:
         if not any(module == a or module.startswith(a + ".") for a in allowed):
             out.append(f"{package}:{line} imports {module}")
     return out
-
-
-def modules_of(*roots: str) -> Iterator[tuple[str, Path]]:
-    for root in roots:
-        for path in sorted((REPO / root).rglob("*.py")):
-            rel = path.relative_to(REPO).with_suffix("")
-            yield ".".join(rel.parts).removesuffix(".__init__"), path
 
 
 def test_actor_packages_import_only_the_runtime_bus_schemas_subjects_and_themselves() -> None:
