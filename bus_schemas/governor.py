@@ -21,16 +21,30 @@ import msgspec
 from bus_schemas.messages import Mode
 
 MODE_KEY = "mode"
-KILL_KEY = "kill"
+KILL_KEY = "kill"  # the one key the operator may write: engaging never waits for the governor
+# Governor-only: the revision of the kill flag that its last `resume` wrote. A released
+# flag at any other revision (an operator's put, a `kv del`) is no release at all.
+RELEASE_KEY = "kill_release"
 REVOKED_PREFIX = "revoked."  # revoked.<execution_id>
 
 UNREADABLE_KILL = "unreadable kill flag"
+MISSING_KILL = "no kill flag (missing or deleted)"
+FORGED_RELEASE = "released without `menders resume` (not the governor's release)"
 
 _MODES: frozenset[str] = frozenset(get_args(Mode))
 
 
 class KillFlag(msgspec.Struct, kw_only=True):
     engaged: bool = False
+    by: str = ""
+    reason: str = ""
+    at: float = 0.0
+
+
+class Release(msgspec.Struct, kw_only=True):
+    """What the governor's resume wrote: the kill flag's revision it released at."""
+
+    revision: int
     by: str = ""
     reason: str = ""
     at: float = 0.0
@@ -45,6 +59,7 @@ class Revocation(msgspec.Struct, kw_only=True):
 
 _kill_decoder = msgspec.json.Decoder(KillFlag)
 _revocation_decoder = msgspec.json.Decoder(Revocation)
+_release_decoder = msgspec.json.Decoder(Release)
 _encoder = msgspec.json.Encoder()
 
 
@@ -53,13 +68,42 @@ def revoked_key(execution_id: str) -> str:
 
 
 def parse_kill(raw: bytes | None) -> KillFlag:
-    """None (no flag) is released; anything undecodable counts as engaged (fail closed)."""
+    """The flag as written. Missing (never written, or deleted) and undecodable both
+    count as engaged: fail closed. Provisioning writes the first, released, flag.
+
+    This is what a watch can know; before anything *starts*, use `kill_state`, which
+    also checks that a release is the governor's.
+    """
     if raw is None:
-        return KillFlag()
+        return KillFlag(engaged=True, reason=MISSING_KILL)
     try:
         return _kill_decoder.decode(raw)
     except msgspec.DecodeError:
         return KillFlag(engaged=True, reason=UNREADABLE_KILL)
+
+
+def kill_state(flag: tuple[bytes, int] | None, release: bytes | None) -> KillFlag:
+    """May anything start? `flag` is the kill key's (value, revision), `release` the
+    RELEASE_KEY's value. Released only when the flag reads released *and* is the very
+    revision the governor's resume recorded; anything else is engaged."""
+    if flag is None:
+        return parse_kill(None)
+    parsed = parse_kill(flag[0])
+    if parsed.engaged:
+        return parsed
+    rel = parse_release(release)
+    if rel is None or rel.revision != flag[1]:
+        return KillFlag(engaged=True, by=parsed.by, reason=FORGED_RELEASE, at=parsed.at)
+    return parsed
+
+
+def parse_release(raw: bytes | None) -> Release | None:
+    if raw is None:
+        return None
+    try:
+        return _release_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None
 
 
 def parse_mode(raw: bytes | None) -> Mode | None:
@@ -83,6 +127,10 @@ def parse_revocation(raw: bytes) -> Revocation | None:
 
 def encode_kill(flag: KillFlag) -> bytes:
     return _encoder.encode(flag)
+
+
+def encode_release(rel: Release) -> bytes:
+    return _encoder.encode(rel)
 
 
 def encode_mode(mode: Mode) -> bytes:

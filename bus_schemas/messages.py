@@ -129,15 +129,22 @@ class Plan(Event, tag="plan", frozen=True, kw_only=True):
 # --- govern / execute / verify ---------------------------------------------------
 
 
+MAX_APPROVAL_TTL_S = 3600.0  # the longest an approval may stay actionable
+
+
 class ExecutionApproved(Event, tag="exec.approved", frozen=True, kw_only=True):
     execution_id: str
     plan_id: str
     step: PlanStep
     approved_by: str = "policy"  # policy | the human who approved
-    not_after: float = 0.0  # an approval older than this is not acted on
+    # Required and bounded (MAX_APPROVAL_TTL_S after `ts`): every approval expires, and
+    # an executor refuses one past it.
+    not_after: float
 
 
-DecisionOutcome = Literal["vetoed", "awaiting_approval", "denied", "revoked", "killed"]
+# expired: released, but no executor reported on it before its slot ran out.
+DecisionOutcome = Literal["vetoed", "awaiting_approval", "denied", "revoked", "killed",
+                          "expired"]
 
 
 class Decision(Event, tag="decision", frozen=True, kw_only=True):
@@ -148,6 +155,11 @@ class Decision(Event, tag="decision", frozen=True, kw_only=True):
     plan_id: str = ""
     execution_id: str = ""
     step: PlanStep | None = None
+    # True when this Decision is the step's end: it was never released, so no
+    # ExecutionResult will follow (vetoed, denied, revoked or expired before release).
+    # A `killed` or `revoked` Decision about a released step leaves ending it to the
+    # executor's ExecutionResult.
+    ends_step: bool = False
 
 
 class ExecutionStarted(Event, tag="exec.started", frozen=True, kw_only=True):
@@ -204,6 +216,9 @@ class Heartbeat(Event, tag="heartbeat", frozen=True, kw_only=True):
     in_flight: int = 0
     handled: int = 0
     metrics_port: int = 0
+    # Age of the oldest message a handler holds: what a stuck consumer shows while
+    # the process itself still beats.
+    oldest_in_flight_s: float = 0.0
 
 
 class DeadLetter(Event, tag="dead_letter", frozen=True, kw_only=True):

@@ -88,7 +88,7 @@ def one_of_each(incident: str) -> list[tuple[str, m.Event]]:
                                 plan_id="p1", execution_id="x1", step=step)),
         ("operator", m.HumanApproval(**env, execution_id="x1", approved=True, by="ana")),
         ("governor", m.ExecutionApproved(**env, execution_id="x1", plan_id="p1", step=step,
-                                         approved_by="ana")),
+                                         approved_by="ana", not_after=2e9)),
         ("executor", m.ExecutionStarted(**env, execution_id="x1", plan_id="p1",
                                         action="restart_worker")),
         ("executor", m.ExecutionResult(**env, execution_id="x1", plan_id="p1",

@@ -12,12 +12,16 @@ import pytest
 from actors.runtime.kv import Bucket, KvConflict, Records, Unreadable, watch_forever
 from bus_schemas import catalog
 from bus_schemas.governor import (
+    MISSING_KILL,
     UNREADABLE_KILL,
     KillFlag,
+    Release,
     Revocation,
     encode_kill,
     encode_mode,
+    encode_release,
     encode_revocation,
+    kill_state,
     parse_kill,
     parse_mode,
     parse_revocation,
@@ -145,8 +149,22 @@ async def test_watch_forever_sees_the_current_value_then_puts_and_deletes(bus: B
 # --- the governor's values: pure parsers --------------------------------------------
 
 
-def test_a_missing_kill_flag_is_released() -> None:
-    assert parse_kill(None) == KillFlag(engaged=False)
+def test_a_missing_kill_flag_is_engaged() -> None:
+    assert parse_kill(None) == KillFlag(engaged=True, reason=MISSING_KILL)
+
+
+def test_only_the_governors_release_at_the_flags_revision_releases() -> None:
+    released = encode_kill(KillFlag(engaged=False, by="ana", at=5.0))
+    ours = encode_release(Release(revision=7, by="ana"))
+    assert not kill_state((released, 7), ours).engaged
+    for flag, release in [((released, 8), ours),  # an operator's put after the resume
+                          ((released, 7), None),  # no release recorded
+                          ((released, 7), b"junk"),
+                          (None, ours)]:  # `kv del kill`
+        assert kill_state(flag, release).engaged, (flag, release)
+    engaged = encode_kill(KillFlag(engaged=True, by="ops", reason="drill", at=1.0))
+    assert kill_state((engaged, 7), ours) == KillFlag(engaged=True, by="ops", reason="drill",
+                                                      at=1.0)
 
 
 def test_a_valid_kill_flag_reads_as_written() -> None:

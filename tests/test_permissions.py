@@ -35,7 +35,7 @@ STEP = m.PlanStep(step_id="s1", action="restart_worker")
 
 def approval() -> m.ExecutionApproved:
     return m.ExecutionApproved(execution_id=m.new_id(), plan_id="p1", step=STEP,
-                               subject="webshop", producer="governor")
+                               subject="webshop", producer="governor", not_after=2e9)
 
 
 async def wait_violations(errors: list[str], subjects: list[str], within: float = 5.0) -> None:

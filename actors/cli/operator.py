@@ -22,12 +22,13 @@ from nats.js.errors import NotFoundError
 
 from actors.runtime import credentials
 from actors.runtime.config import Config
+from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket
 from actors.runtime.publish import publish_event
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.errors import MendersError
-from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, encode_kill, parse_kill, parse_mode
+from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, encode_kill, parse_mode
 from bus_schemas.natsconf import inbox_prefix
 
 
@@ -120,7 +121,7 @@ async def status(nc: Client, heartbeat_s: float) -> Status:
             out.actors[actor] = {"alive": False, "age_s": None}
     gkv = Bucket(await js.key_value(catalog.GOVERNOR_BUCKET))
     out.mode = parse_mode(await gkv.get_bytes(MODE_KEY)) or "unset (governor not started)"
-    out.kill = msgspec.structs.asdict(parse_kill(await gkv.get_bytes(KILL_KEY)))
+    out.kill = msgspec.structs.asdict(await read_kill(gkv))
     for c in catalog.CONSUMERS:
         info = await js.consumer_info(c.stream, c.durable)
         out.consumers[c.durable] = {"pending": info.num_pending or 0,

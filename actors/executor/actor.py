@@ -34,6 +34,7 @@ import msgspec
 import subjects
 from actors.executor.ledger import Ledger, LedgerEntry, Record
 from actors.runtime import Actor, Delivery, Reject, derive_id
+from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, watch_forever
 from actors.runtime.logs import get_logger
 from actors.runtime.metrics import LATENCY_BUCKETS
@@ -210,7 +211,7 @@ class Executor(Actor):
 
     async def _refusal(self, event: ExecutionApproved) -> str:
         """Why this approval must not be acted on now, or "" (fresh `get`s, fail closed)."""
-        flag = parse_kill(await self.gkv.get_bytes(KILL_KEY))
+        flag = await read_kill(self.gkv)
         if flag.engaged:
             return _kill_reason(flag)
         revoked = await self.gkv.get_bytes(revoked_key(event.execution_id))
@@ -290,9 +291,7 @@ class Executor(Actor):
 
     async def _watch_kill(self) -> None:
         async def on_value(_key: str, value: bytes | None) -> None:
-            if value is None:
-                return  # a deleted flag is released
-            flag = parse_kill(value)
+            flag = parse_kill(value)  # deleted (None) reads as engaged, as everywhere
             if flag.engaged and not flag.at:  # unreadable (or undated): time it from now
                 flag = msgspec.structs.replace(flag, at=time.time())
             self._on_kill(flag)

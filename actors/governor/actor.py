@@ -31,16 +31,20 @@ import msgspec
 import subjects
 from actors.governor import policy
 from actors.runtime import Actor, Delivery, Reject, derive_id
+from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, Records, watch_forever
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
 from bus_schemas.governor import (
     KILL_KEY,
     MODE_KEY,
+    RELEASE_KEY,
     KillFlag,
+    Release,
     Revocation,
     encode_kill,
     encode_mode,
+    encode_release,
     encode_revocation,
     parse_kill,
     parse_mode,
@@ -158,7 +162,7 @@ class Governor(Actor):
         return parse_mode(await self.kv.get_bytes(MODE_KEY))
 
     async def _kill(self) -> KillFlag:
-        return parse_kill(await self.kv.get_bytes(KILL_KEY))
+        return await read_kill(self.kv)
 
     async def _read_policy_state(self) -> tuple[Mode, bool]:
         mode = await self._mode() or "observe"  # no mode written: fail closed
@@ -411,7 +415,10 @@ class Governor(Actor):
             return await self._kill_decisions(flag)
         if cmd.command == "resume":
             flag = KillFlag(engaged=False, by=cmd.by, reason=cmd.reason, at=time.time())
-            await self.kv.put(KILL_KEY, encode_kill(flag))
+            rev = await self.kv.put(KILL_KEY, encode_kill(flag))
+            # Readers take the flag as released only at this revision (kill_state).
+            await self.kv.put(RELEASE_KEY, encode_release(Release(
+                revision=rev, by=cmd.by, reason=cmd.reason, at=flag.at)))
             self.m_kill.set(0)
             return []
         return await self._revoke(cmd)
@@ -450,9 +457,7 @@ class Governor(Actor):
         """The operator writes the kill flag directly: react without waiting for its command."""
 
         async def on_kill(_key: str, value: bytes | None) -> None:
-            # As before, a deleted flag (None) parses as b"": unreadable, so engaged here,
-            # although a get() reads a missing flag as released (see the kill-path issue).
-            flag = parse_kill(value or b"")
+            flag = parse_kill(value)  # deleted (None) reads as engaged, as everywhere
             self.m_kill.set(1 if flag.engaged else 0)
             if flag.engaged:
                 async with self.lock:
