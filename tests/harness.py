@@ -402,7 +402,10 @@ async def recording_server() -> AsyncIterator[RecordingServer]:
 
 
 def config_toml(url: str, **governor: Any) -> str:
-    gov = {"mode": "execute", "max_concurrent": 8, "action_cooldown_s": 0,
+    # The shipped defaults are closed (approve mode, no allow-list: a human for every
+    # step); these tests say explicitly what they let run unattended.
+    gov = {"mode": "execute", "allow": {SHOP: ["*"]}, "approval_above": "medium",
+           "max_concurrent": 8, "action_cooldown_s": 0,
            "max_per_subject_per_minute": 50, "max_per_minute": 100, **governor}
     lines = ["[governor]"]
     for k, v in gov.items():

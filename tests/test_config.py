@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from actors.runtime import config as cfg
+from bus_schemas.messages import MAX_APPROVAL_TTL_S
+from tests.harness import REPO
 
 
 def test_no_file_gives_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -16,7 +19,7 @@ def test_no_file_gives_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     c = cfg.load(None)
     assert c == cfg.Config()
     assert c.nats.port == 4222 and c.runtime.max_message_bytes == 256 * 1024
-    assert c.governor.mode == "execute" and "webshop" in c.subjects
+    assert c.governor.mode == "approve" and "webshop" in c.subjects
 
 
 def test_an_empty_file_decodes_to_the_defaults(tmp_path: Path) -> None:
@@ -53,6 +56,31 @@ def test_config_path_comes_from_the_environment(tmp_path: Path,
     path.write_text("[nats]\nport = 6000\n")
     monkeypatch.setenv("MENDERS_CONFIG", str(path))
     assert cfg.load().nats.port == 6000
+
+
+@pytest.mark.parametrize("ttl", [0, -1, MAX_APPROVAL_TTL_S + 1])
+def test_an_approval_ttl_outside_its_bound_is_refused_naming_the_key(tmp_path: Path,
+                                                                      ttl: float) -> None:
+    path = tmp_path / "menders.toml"
+    path.write_text(f"[governor]\napproval_ttl_s = {ttl}\n")
+    with pytest.raises(cfg.ConfigError, match=r"governor\.approval_ttl_s") as info:
+        cfg.load(path)
+    assert str(path) in str(info.value) and str(MAX_APPROVAL_TTL_S) in str(info.value)
+    path.write_text(f"[governor]\napproval_ttl_s = {MAX_APPROVAL_TTL_S}\n")
+    assert cfg.load(path).governor.approval_ttl_s == MAX_APPROVAL_TTL_S
+
+
+def test_every_config_key_is_read_somewhere() -> None:
+    """A key nobody reads is a promise the code does not keep: read it or remove it.
+    (ExecutorConfig is checked with the executor.)"""
+    sources = "\n".join(p.read_text() for root in ("actors", "subjects")
+                        for p in (REPO / root).rglob("*.py")
+                        if p.name != "config.py" or p.parent.name != "runtime")
+    structs = [cfg.NatsConfig, cfg.RuntimeConfig, cfg.SupervisorConfig, cfg.GovernorConfig,
+               cfg.PlannerConfig, cfg.VerifierConfig, cfg.SubjectConfig, cfg.LlmConfig]
+    unread = [f"{s.__name__}.{f}" for s in structs for f in s.__struct_fields__
+              if not re.search(rf"\.{f}\b", sources)]
+    assert unread == []
 
 
 @pytest.mark.parametrize(

@@ -29,11 +29,18 @@ def step(action: str = "recycle_pool", sid: str = "s1", **kw: Any) -> PlanStep:
     return PlanStep(step_id=sid, action=action, **kw)
 
 
+def gcfg(**kw: Any) -> GovernorConfig:
+    """A config that lets these tests reach the rule they are about: every action of
+    "shop" allowed, medium risk autonomous (the shipped defaults are stricter)."""
+    return GovernorConfig(**{"mode": "execute", "allow": {"shop": ["*"]},
+                             "approval_above": "medium", **kw})
+
+
 def judge(s: PlanStep, *, cfg: GovernorConfig | None = None, mode: Mode = "execute",
           kill: bool = False, usage: policy.Usage | None = None, eid: str = "e1",
           human: bool = False, now: float = NOW) -> policy.Judgement:
     return policy.judge(s, subject="shop", kind="webshop", actions=ACTIONS,
-                        cfg=cfg or GovernorConfig(), mode=mode, kill_engaged=kill,
+                        cfg=cfg or gcfg(), mode=mode, kill_engaged=kill,
                         usage=usage or policy.Usage(), now=now, execution_id=eid,
                         human_approved=human)
 
@@ -63,12 +70,44 @@ def test_bad_params_are_vetoed_with_the_validation_message() -> None:
 
 
 def test_an_allow_list_vetoes_other_actions_on_its_subject_only() -> None:
-    cfg = GovernorConfig(allow={"shop": ["scale_pool"]})
+    cfg = gcfg(allow={"shop": ["scale_pool"], "elsewhere": []})
     j = judge(step("recycle_pool"), cfg=cfg)
     assert j.outcome == "veto" and "allow-list" in j.reason
     assert judge(step("scale_pool", params={"size": 2}), cfg=cfg).outcome == "approve"
-    other = GovernorConfig(allow={"elsewhere": []})  # absent for this subject: all allowed
-    assert judge(step(), cfg=other).outcome == "approve"
+    # A human approval does not widen an explicit list.
+    assert judge(step("recycle_pool"), cfg=cfg, human=True).outcome == "veto"
+
+
+def test_the_shipped_defaults_are_the_closed_ones() -> None:
+    c = GovernorConfig()
+    assert c.mode == "approve" and c.allow == {} and c.approval_above == "low"
+    assert judge(step("scale_pool", params={"size": 2}),
+                 cfg=gcfg(approval_above="low")).outcome == "await_human"
+
+
+def test_an_empty_allow_list_allows_nothing() -> None:
+    cfg = gcfg(allow={"shop": []})
+    for s in (step(), step("scale_pool", params={"size": 2})):
+        j = judge(s, cfg=cfg)
+        assert j.outcome == "veto" and "not in the allow-list of 'shop'" in j.reason
+        assert judge(s, cfg=cfg, human=True).outcome == "veto"
+
+
+def test_star_allows_every_registered_action_and_nothing_unregistered() -> None:
+    cfg = gcfg(allow={"shop": ["*"]})
+    for name in ACTIONS:
+        params = {"size": 2} if name == "scale_pool" else {}
+        assert judge(step(name, params=params), cfg=cfg).outcome != "veto", name
+    assert judge(step("drop_database"), cfg=cfg).outcome == "veto"
+
+
+def test_a_subject_without_an_allow_entry_runs_nothing_without_a_human() -> None:
+    cfg = gcfg(allow={"elsewhere": ["*"]})
+    j = judge(step(), cfg=cfg)  # low risk, execute mode: still a human's call
+    assert j.outcome == "await_human"
+    assert "no allow-list entry for 'shop'" in j.reason and "[governor.allow]" in j.reason
+    assert judge(step(), cfg=cfg, human=True).outcome == "approve"
+    assert judge(step("drop_database"), cfg=cfg).outcome == "veto"  # the registry still rules
 
 
 def test_risk_above_threshold_and_approve_mode_need_a_human() -> None:
@@ -93,7 +132,7 @@ def released(usage: policy.Usage, eid: str, action: str = "recycle_pool", subjec
 
 
 def test_the_concurrency_limit_vetoes_until_a_slot_is_freed_or_expires() -> None:
-    cfg = GovernorConfig(max_concurrent=1, action_cooldown_s=0)
+    cfg = gcfg(max_concurrent=1, action_cooldown_s=0)
     u = released(policy.Usage(), "a")
     j = judge(step(), cfg=cfg, usage=u, eid="b")
     assert j.outcome == "veto" and j.reason.startswith("concurrency limit")
@@ -103,7 +142,7 @@ def test_the_concurrency_limit_vetoes_until_a_slot_is_freed_or_expires() -> None
 
 
 def test_rate_limits_veto_per_subject_and_overall_in_a_sliding_minute() -> None:
-    cfg = GovernorConfig(max_per_subject_per_minute=2, max_per_minute=3, max_concurrent=99,
+    cfg = gcfg(max_per_subject_per_minute=2, max_per_minute=3, max_concurrent=99,
                          action_cooldown_s=0)
     u = released(released(policy.Usage(), "a"), "b")
     j = judge(step(), cfg=cfg, usage=u, eid="c")
@@ -117,7 +156,7 @@ def test_rate_limits_veto_per_subject_and_overall_in_a_sliding_minute() -> None:
 
 
 def test_a_cooldown_vetoes_the_same_action_on_the_subject_until_it_passes() -> None:
-    cfg = GovernorConfig(action_cooldown_s=5, max_concurrent=99)
+    cfg = gcfg(action_cooldown_s=5, max_concurrent=99)
     u = released(policy.Usage(), "a")
     j = judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 1)
     assert j.outcome == "veto" and j.reason.startswith("cooldown: 'recycle_pool'")
@@ -127,7 +166,7 @@ def test_a_cooldown_vetoes_the_same_action_on_the_subject_until_it_passes() -> N
 
 
 def test_judging_the_same_execution_again_does_not_count_itself() -> None:
-    cfg = GovernorConfig(max_concurrent=1, max_per_subject_per_minute=1, action_cooldown_s=60)
+    cfg = gcfg(max_concurrent=1, max_per_subject_per_minute=1, action_cooldown_s=60)
     u = released(policy.Usage(), "a")
     assert judge(step(), cfg=cfg, usage=u, eid="a", now=NOW + 1).outcome == "approve"
 
@@ -162,6 +201,6 @@ def test_blocked_is_transitive_and_names_the_dependency() -> None:
                                               ("high", "medium", True),
                                               ("medium", "low", True), ("low", "low", False)])
 def test_approval_threshold_is_strictly_above(risk: str, above: str, needs: bool) -> None:
-    cfg = GovernorConfig(approval_above=above)  # type: ignore[arg-type]
+    cfg = gcfg(approval_above=above)  # type: ignore[arg-type]
     j = judge(step(risk=risk), cfg=cfg)
     assert (j.outcome == "await_human") is needs

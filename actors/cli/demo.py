@@ -133,7 +133,11 @@ port = {nats_port}
 metrics_base_port = {metrics_base}
 
 [governor]
+# The defaults are closed (approve mode, nothing allowed unattended): the demo says
+# what it lets the crew do on its own.
 mode = "{mode}"
+allow = {{ {SUBJECT} = ["*"] }}
+approval_above = "medium"
 max_per_subject_per_minute = 20
 max_per_minute = 40
 

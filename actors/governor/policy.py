@@ -13,6 +13,10 @@ Choices worth knowing:
 - The registry, not the plan, is the authority on risk, idempotency and
   timeout: a plan may claim a *higher* risk (we take the maximum) or that an
   idempotent action is not idempotent (we take the conservative AND), never less.
+- The allow-list: a subject's explicit list allows only its actions (`"*"`:
+  every registered one, `[]`: none, even with a human's approval). A subject
+  with no entry at all is not forbidden but unattended: every step waits for a
+  human, so a fresh install runs nothing on its own yet can be operated.
 - Limits are checked when an execution is released (on a human approval too),
   not when it starts to wait for a human: that is when they matter.
 """
@@ -31,6 +35,7 @@ from subjects.base import ActionError, ActionSpec
 
 RISK_ORDER: dict[Risk, int] = {"low": 0, "medium": 1, "high": 2}
 RATE_WINDOW_S = 60.0
+ALLOW_ALL = "*"  # in an allow-list: every action registered for the subject's kind
 
 
 class Grant(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,12 +146,17 @@ def judge(
     except ActionError as exc:
         return veto(str(exc))
     allowed = cfg.allow.get(subject)
-    if allowed is not None and step.action not in allowed:
+    if allowed is not None and ALLOW_ALL not in allowed and step.action not in allowed:
         return veto(f"action {step.action!r} is not in the allow-list of {subject!r}")
     norm = normalise(step, spec)
     if not human_approved:
         if mode == "approve":
             return Judgement("await_human", "approve mode: a human must approve", norm)
+        if allowed is None:  # nobody said what may run here unattended: a human decides
+            return Judgement("await_human", f"no allow-list entry for {subject!r}, so "
+                             f"nothing runs on it without a human (allow actions under "
+                             f'[governor.allow], e.g. {subject} = ["{step.action}"] or '
+                             f'["{ALLOW_ALL}"])', norm)
         if RISK_ORDER[norm.risk] > RISK_ORDER[cfg.approval_above]:
             return Judgement("await_human", f"risk {norm.risk} is above "
                              f"{cfg.approval_above}: a human must approve", norm)

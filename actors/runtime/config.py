@@ -1,7 +1,9 @@
 """menders configuration: one TOML file decoded by msgspec into typed Structs.
 
-Every field has a default that runs the demo, so an empty file (or none) is
-valid. A bad key or value fails with an error that names it.
+Every field has a default, so an empty file (or none) is valid; the governor's
+defaults are the closed ones (approve mode, nothing allowed without a human), and
+the demo writes its own config that says `execute` and what it allows. A bad
+key or value fails with an error that names it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Literal
 import msgspec
 
 from bus_schemas.errors import MendersError
-from bus_schemas.messages import Mode, Risk
+from bus_schemas.messages import MAX_APPROVAL_TTL_S, Mode, Risk
 
 
 class NatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -46,17 +48,30 @@ class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
 
 class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    mode: Mode = "execute"  # the initial mode; `menders mode` changes it at run time
-    # Per managed subject, the actions the crew may run; absent: every registered action.
+    # The closed defaults (DESIGN.md, safety rule 2): a fresh install waits for a human.
+    mode: Mode = "approve"  # the initial mode; `menders mode` changes it at run time
+    # Per managed subject, the actions the crew may run: a list allows only those, ["*"]
+    # every registered action, [] nothing. A subject with no entry at all runs nothing
+    # autonomously: every step waits for a human (docs/architecture.md, "governor").
     allow: dict[str, list[str]] = {}
     max_per_subject_per_minute: int = 6
     max_per_minute: int = 20
     action_cooldown_s: float = 5.0
     max_concurrent: int = 2
-    approval_above: Risk = "medium"  # risk strictly above this needs `menders approve`
+    approval_above: Risk = "low"  # risk strictly above this needs `menders approve`
     approval_timeout_s: float = 600.0
     # An approved execution that no executor has started by then is refused (not_after).
     approval_ttl_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        # msgspec turns this into a ValidationError at `$.governor`, which load() names.
+        if not 0 < self.approval_ttl_s <= MAX_APPROVAL_TTL_S:
+            raise ValueError(f"governor.approval_ttl_s must be > 0 and <= "
+                             f"{MAX_APPROVAL_TTL_S} (every approval expires), "
+                             f"got {self.approval_ttl_s}")
+        if self.approval_timeout_s <= 0:
+            raise ValueError(f"governor.approval_timeout_s must be > 0, "
+                             f"got {self.approval_timeout_s}")
 
 
 class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,7 +88,14 @@ class VerifierConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    default_timeout_s: float = 10.0
+    # A running step's ledger claim is renewed every lease_s/3; another executor takes
+    # it as abandoned after lease_s without a renewal. (A step's timeout is the action
+    # registry's, never a default here.)
+    lease_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.lease_s <= 600:
+            raise ValueError(f"executor.lease_s must be within 0.5..600 s, not {self.lease_s}")
 
 
 class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
