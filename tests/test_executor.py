@@ -158,7 +158,7 @@ async def test_sigkill_mid_non_idempotent_step_reports_unknown_and_never_repeats
         # The approval comes back once its ack wait (30 s) runs out.
         res = await result_of(col, approved.execution_id, within=45)
     assert res.status == "unknown"
-    assert "crashed mid-execution; not repeated" in res.detail
+    assert "lost mid-execution" in res.detail and "not repeated" in res.detail
     assert actions.count("restart_worker") == 1
 
 

@@ -5,17 +5,23 @@ for each one:
 
 1. Looks in the ledger (actors/executor/ledger.py). A recorded outcome is republished
    (same deterministic id, so dedup drops it) and nothing is done. A claim
-   without an outcome means an executor died mid-effect: an idempotent step
-   may run again (repeating it is harmless by definition); a non-idempotent
-   one is reported `unknown` and never repeated.
-2. Re-reads the kill flag, the revocation and the mode with a KV `get` (the
-   watch may lag or have died) and refuses an approval past its not_after:
-   a refusal is recorded and reported `skipped`.
-3. Claims the execution with KV `create()`, publishes ExecutionStarted,
-   looks once more, then runs the action through the subject's client with
-   the step's timeout.
-4. While it runs, a kill or a revocation (KV watch, re-created on reconnect,
-   plus a periodic `get` as a fallback) cancels it at once: `cancelled`.
+   without an outcome is another executor's lease: while it is renewed, we
+   wait; once it lapses, the owner is gone: an idempotent step may run again
+   (repeating it is harmless by definition), a non-idempotent one is reported
+   `unknown` and never repeated.
+2. Refuses, with fresh KV `get`s (the watch may lag or have died), when the
+   kill switch is not released by the governor, the execution is revoked, the
+   approval is past (or has no bounded) not_after, or the mode does not allow
+   it: `observe`, or `approve` for a step that only policy approved. A refusal
+   is recorded and reported `skipped`.
+3. Claims the execution with KV `create()` (a lease it renews while it runs),
+   publishes ExecutionStarted, looks once more, then runs the action through
+   the subject's client with the step's timeout.
+4. A kill or a revocation seen at any moment (KV watch, re-created on
+   reconnect, plus a periodic `get` while something runs) cancels it: one seen
+   before the action's task exists means it never starts (`skipped`), one seen
+   after cancels the task (`cancelled`). Between the last look and the task's
+   creation there is no await, so nothing can slip between them.
 5. Records the outcome in the ledger, then publishes ExecutionResult.
 """
 
@@ -26,19 +32,21 @@ import contextlib
 import os
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 import subjects
-from actors.executor.ledger import Ledger, LedgerEntry, Record
+from actors.executor.ledger import Ledger, LedgerConflict, LedgerEntry, Record
 from actors.runtime import Actor, Delivery, Reject, derive_id
 from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, watch_forever
 from actors.runtime.logs import get_logger
 from actors.runtime.metrics import LATENCY_BUCKETS
 from bus_schemas import catalog
+from bus_schemas.errors import MendersError
 from bus_schemas.governor import (
     KILL_KEY,
     MODE_KEY,
@@ -50,6 +58,7 @@ from bus_schemas.governor import (
     revoked_key,
 )
 from bus_schemas.messages import (
+    MAX_APPROVAL_TTL_S,
     Event,
     ExecutionApproved,
     ExecutionResult,
@@ -64,12 +73,24 @@ POLL_S = 0.25  # fallback re-read of the kill flag and revocations while somethi
 GRACE_S = 1.0  # the client's own timeout is this much longer than ours
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# The await points between the ledger claim and the action's start, in order: a test
+# hook (`Executor._reached`) is called at each, so a race can be made to land in it.
+PRESTART = ("claimed", "started_published", "kill_read", "revocation_read", "mode_read")
+
+
 @dataclass
 class Running:
     approved: ExecutionApproved
+    record: Record
     task: asyncio.Task[str] | None = None
-    cancel_reason: str = ""
+    cancel_reason: str | None = None  # set once, by the first kill, revocation or lost lease
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_renewing: asyncio.Event = field(default_factory=asyncio.Event)
+    lost_lease: bool = False
+
+
+class LostLease(MendersError, RuntimeError):
+    """Our lease lapsed and another executor settled the execution: its outcome stands."""
 
 
 class Executor(Actor):
@@ -79,8 +100,9 @@ class Executor(Actor):
         assert self.rt.js is not None
         self.gkv = Bucket(await self.rt.js.key_value(catalog.GOVERNOR_BUCKET))
         self.ledger = Ledger(await self.rt.js.key_value(catalog.EXEC_LEDGER_BUCKET))
-        self.host = socket.gethostname()
-        self.owner = f"{os.getpid()}@{self.host}/{self.rt.started_at:.6f}"
+        # Unique per process: a restart with the same PID and host is another owner.
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+        self.lease_s = self.config.executor.lease_s
         self.running: dict[str, Running] = {}
         self.clients: dict[str, ActionClientProtocol] = {}
         m = self.rt.metrics
@@ -95,6 +117,10 @@ class Executor(Actor):
         self.m_replayed = m.counter("menders_execution_results_replayed",
                                     "Redeliveries answered from the ledger, without acting",
                                     []).labels()
+        self.m_lease_waits = m.counter("menders_execution_lease_waits",
+                                       "Redeliveries that waited on another executor's "
+                                       "lease, by how the wait ended (settled, expired)",
+                                       ["outcome"])
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
         return (self._watch_kill, self._watch_revocations, self._poll)
@@ -103,6 +129,9 @@ class Executor(Actor):
         for client in self.clients.values():
             with contextlib.suppress(Exception):
                 await client.close()
+
+    async def _reached(self, point: str) -> None:
+        """A named await point before the start (PRESTART); tests override it."""
 
     # --- one approval ---------------------------------------------------------------------
 
@@ -117,9 +146,10 @@ class Executor(Actor):
             now = time.time()
             entry = LedgerEntry(execution_id=eid, plan_id=event.plan_id, subject=event.subject,
                                 action=event.step.action, idempotent=event.step.idempotent,
-                                owner=self.owner, claimed_at=now)
+                                owner=self.owner, claimed_at=now, lease_s=self.lease_s,
+                                renewed_at=now)
             refusal = await self._refusal(event)
-            if refusal:
+            if refusal is not None:
                 result = self._result(event, "skipped", refusal, now)
                 entry = msgspec.structs.replace(entry, state="done", result=result)
                 if await self.ledger.claim(entry) is not None:
@@ -127,6 +157,7 @@ class Executor(Actor):
             else:
                 claimed = await self.ledger.claim(entry)
                 if claimed is not None:
+                    await self._reached("claimed")
                     return [await self._execute(event, claimed)]
             rec = await self.ledger.read(eid)  # somebody claimed it between our read and ours
             if rec is None:
@@ -134,27 +165,74 @@ class Executor(Actor):
         return await self._after_claim(event, rec)
 
     async def _after_claim(self, event: ExecutionApproved, rec: Record) -> list[Event]:
-        """A claim exists: answer from the ledger, or settle an attempt that died."""
+        """A claim exists: answer from the ledger, or wait out its lease and settle it."""
+        while True:
+            if rec.entry.result is not None:
+                self.m_replayed.inc()
+                log.info("already done: republishing the recorded result",
+                         extra={"execution_id": rec.entry.execution_id,
+                                "status": rec.entry.result.status})
+                return [rec.entry.result]
+            rec = await self._await_lease(rec)
+            if rec.entry.result is not None:
+                continue
+            try:
+                return await self._settle_abandoned(event, rec)
+            except LedgerConflict:  # the owner renewed or finished just now: look again
+                got = await self.ledger.read(event.execution_id)
+                if got is None:
+                    raise RuntimeError(f"ledger entry {event.execution_id} vanished") from None
+                rec = got
+
+    async def _await_lease(self, rec: Record) -> Record:
+        """Wait while the claim keeps being renewed; return it once done or lapsed.
+
+        Lapsed means no new revision for the owner's lease_s, timed on our own
+        monotonic clock: the owner's timestamps are never compared with ours.
+        """
         e = rec.entry
-        if e.result is not None:
-            self.m_replayed.inc()
-            log.info("already done: republishing the recorded result",
-                     extra={"execution_id": e.execution_id, "status": e.result.status})
-            return [e.result]
-        if self._live_sibling(e.owner):
-            # Another executor process on this host holds it and is alive: let it finish.
-            raise RuntimeError(f"execution {e.execution_id} is being run by {e.owner}")
+        lease_s = e.lease_s or self.lease_s
+        log.warning("waiting on another executor's lease",
+                    extra={"execution_id": e.execution_id, "owner": e.owner, "lease_s": lease_s})
+        seen_at = time.monotonic()
+        while True:
+            await asyncio.sleep(min(lease_s / 4, 0.5))
+            now = await self.ledger.read(e.execution_id)
+            if now is None:
+                raise RuntimeError(f"ledger entry {e.execution_id} vanished")
+            if now.entry.result is not None:
+                self.m_lease_waits.labels(outcome="settled").inc()
+                return now
+            if now.revision != rec.revision:
+                rec, seen_at = now, time.monotonic()  # renewed: the owner is alive
+                lease_s = rec.entry.lease_s or self.lease_s
+            elif time.monotonic() - seen_at >= lease_s:
+                self.m_lease_waits.labels(outcome="expired").inc()
+                log.warning("lease lapsed: its owner is gone",
+                            extra={"execution_id": e.execution_id, "owner": rec.entry.owner})
+                return rec
+
+    async def _settle_abandoned(self, event: ExecutionApproved, rec: Record) -> list[Event]:
+        """The owner died (or hangs) mid-step: re-run an idempotent step, else `unknown`.
+
+        Every write here is a compare-and-swap on the lapsed revision, so an owner
+        that comes back to life and renews first wins (LedgerConflict: look again).
+        """
+        e = rec.entry
         if e.idempotent:
             refusal = await self._refusal(event)
-            if not refusal:
-                log.warning("re-running an idempotent step after a crash mid-execution",
+            if refusal is None:
+                log.warning("re-running an idempotent step after its executor was lost",
                             extra={"execution_id": e.execution_id, "attempt": e.attempts + 1})
+                now = time.time()
                 again = msgspec.structs.replace(e, attempts=e.attempts + 1, owner=self.owner,
-                                                claimed_at=time.time())
+                                                claimed_at=now, lease_s=self.lease_s,
+                                                renewed_at=now)
                 return [await self._execute(event, await self.ledger.replace(rec, again))]
-            detail = f"executor crashed mid-execution; not re-run: {refusal}"
+            detail = f"executor lost mid-execution ({e.owner}); not re-run: {refusal}"
         else:
-            detail = "executor crashed mid-execution; not repeated (not idempotent)"
+            detail = (f"executor lost mid-execution ({e.owner}); not repeated (not "
+                      "idempotent): its effect may or may not have happened")
         result = self._result(event, "unknown", detail, e.claimed_at)
         await self.ledger.finish(rec, result)
         log.error("outcome unknown", extra={"execution_id": e.execution_id, "detail": detail})
@@ -164,17 +242,22 @@ class Executor(Actor):
         eid = event.execution_id
         step = event.step
         started = time.time()
-        run = Running(event)
+        run = Running(event, rec)
         self.running[eid] = run  # before the last look, so a kill from now on reaches it
+        renewer = asyncio.create_task(self._renew(run))
         try:
             await self.rt.publish(ExecutionStarted(
                 id=derive_id("started", eid, rec.entry.attempts), incident_id=event.incident_id,
                 causation_id=event.id, subject=event.subject, execution_id=eid,
                 plan_id=event.plan_id, action=step.action))
-            refusal = run.cancel_reason or await self._refusal(event)
-            if refusal:
+            await self._reached("started_published")
+            refusal = await self._refusal(event, last_look=True)
+            if refusal is None:
+                refusal = run.cancel_reason  # seen by a watch while we looked
+            if refusal is not None:
                 result = self._result(event, "skipped", refusal, started)
             else:
+                # No await since the look above: a kill from here on finds the task.
                 client = self._client(event.subject)
                 # Our bound fires first (-> timed_out); the client's own is a backstop.
                 run.task = asyncio.create_task(client.run(step.action, dict(step.params),
@@ -185,11 +268,34 @@ class Executor(Actor):
         finally:
             if run.task is not None and not run.task.done():
                 run.task.cancel()  # our handler was cancelled, or the step timed out
+            run.stop_renewing.set()
+            with contextlib.suppress(Exception):
+                await renewer  # at most one renewal in flight: then run.record is current
             self.running.pop(eid, None)
             run.done.set()
-        await self.ledger.finish(rec, result)
+        if run.lost_lease:
+            raise LostLease(f"execution {eid}: {run.cancel_reason}; its settler reports it")
+        await self.ledger.finish(run.record, result)
         self.m_duration.labels(action=step.action).observe(result.finished_at - started)
         return self._done(result)
+
+    async def _renew(self, run: Running) -> None:
+        """Renew the lease until told to stop; losing it stops the action."""
+        interval = self.lease_s / 3
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(run.stop_renewing.wait(), interval)
+            if run.stop_renewing.is_set():
+                return
+            try:
+                run.record = await self.ledger.renew(run.record, time.time())
+            except LedgerConflict:
+                run.lost_lease = True
+                self._cancel(run, "lost the ledger lease: another executor settled it")
+                return
+            except Exception as exc:  # a NATS hiccup: try again next interval
+                log.warning("lease renewal failed",
+                            extra={"execution_id": run.approved.execution_id, "err": repr(exc)})
 
     def _classify(self, event: ExecutionApproved, run: Running, done: bool,
                   started: float) -> ExecutionResult:
@@ -209,19 +315,32 @@ class Executor(Actor):
             return self._result(event, "failed", f"{type(exc).__name__}: {exc}", started)
         return self._result(event, "succeeded", run.task.result(), started)
 
-    async def _refusal(self, event: ExecutionApproved) -> str:
-        """Why this approval must not be acted on now, or "" (fresh `get`s, fail closed)."""
+    async def _refusal(self, event: ExecutionApproved, last_look: bool = False) -> str | None:
+        """Why this approval must not be acted on now, or None (fresh `get`s, fail closed)."""
         flag = await read_kill(self.gkv)
+        if last_look:
+            await self._reached("kill_read")
         if flag.engaged:
             return _kill_reason(flag)
         revoked = await self.gkv.get_bytes(revoked_key(event.execution_id))
+        if last_look:
+            await self._reached("revocation_read")
         if revoked is not None:
             return _revoke_reason(revoked)
-        if event.not_after and time.time() > event.not_after:
-            return f"approval expired {time.time() - event.not_after:.1f}s ago (not_after)"
+        now = time.time()
+        if event.not_after - event.ts > MAX_APPROVAL_TTL_S:
+            return (f"approval valid for {event.not_after - event.ts:.0f}s, more than the "
+                    f"{MAX_APPROVAL_TTL_S:g}s any approval may be (not_after)")
+        if now > event.not_after:
+            return f"approval expired {now - event.not_after:.1f}s ago (not_after)"
         mode = parse_mode(await self.gkv.get_bytes(MODE_KEY))
+        if last_look:
+            await self._reached("mode_read")
         if mode not in ("approve", "execute"):
             return f"mode is {mode or 'unset'}: nothing executes"
+        if mode == "approve" and event.approved_by == "policy":
+            return ("approved by policy, but the mode is now approve: a human must approve "
+                    "each execution")
         sc = self.config.subjects.get(event.subject)
         if sc is None:
             return f"subject {event.subject!r} is not configured here"
@@ -235,27 +354,13 @@ class Executor(Actor):
             spec.validate(event.step.params)
         except ActionError as exc:
             return str(exc)
-        return ""
+        return None
 
     def _client(self, subject: str) -> ActionClientProtocol:
         if subject not in self.clients:
             sc = self.config.subjects[subject]
             self.clients[subject] = subjects.load(sc.kind).make_action_client(sc)
         return self.clients[subject]
-
-    def _live_sibling(self, owner: str) -> bool:
-        """Is `owner` another executor process on this host that is still alive?"""
-        pid_s, _, rest = owner.partition("@")
-        host = rest.rpartition("/")[0]
-        if owner == self.owner or host != self.host or not pid_s.isdigit():
-            return False
-        try:
-            os.kill(int(pid_s), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
     def _result(self, event: ExecutionApproved, status: ExecutionStatus, detail: str,
                 started: float) -> ExecutionResult:
@@ -274,7 +379,9 @@ class Executor(Actor):
     # --- kill and revoke while running ---------------------------------------------------
 
     def _cancel(self, run: Running, reason: str, kill_at: float = 0.0) -> None:
-        if run.cancel_reason:
+        """The first reason wins. Before the task exists, the reason alone stops it
+        from starting (_execute looks at it last); after, the task is cancelled."""
+        if run.cancel_reason is not None:
             return
         run.cancel_reason = reason
         if run.task is not None and not run.task.done():
@@ -313,7 +420,7 @@ class Executor(Actor):
             if not self.running:
                 continue
             try:
-                self._on_kill(parse_kill(await self.gkv.get_bytes(KILL_KEY)))
+                self._on_kill(await read_kill(self.gkv))
                 for eid, run in list(self.running.items()):
                     revoked = await self.gkv.get_bytes(revoked_key(eid))
                     if revoked is not None:

@@ -9,6 +9,14 @@ stops a second effect.
 
 States: no key (never started) -> claimed (an effect may be under way) ->
 done (result recorded; a redelivery republishes it and acts on nothing).
+
+A claim is a *lease*: while the step runs, its owner renews the entry with a
+compare-and-swap every `lease_s / 3` (Temporal's heartbeat timeout). Another
+executor that finds the claim waits while it keeps changing, and only takes
+it as abandoned once it has seen no renewal for `lease_s` of its *own* clock,
+so neither clock skew between hosts nor a reused PID (PID 1 in a container)
+can make a live owner look dead or a dead one look alive. An owner whose
+renewal loses the race (somebody settled its lease) stops its action.
 """
 
 from __future__ import annotations
@@ -33,8 +41,11 @@ class LedgerEntry(msgspec.Struct, kw_only=True):
     idempotent: bool
     state: State = "claimed"
     attempts: int = 1  # >1 only for an idempotent step re-run after a crash
-    owner: str = ""  # which executor process claimed it (pid@host/start)
+    owner: str = ""  # which executor process claimed it: host/pid/random token
     claimed_at: float = 0.0
+    lease_s: float = 0.0  # the owner renews within this; 0 (older entries): the reader's
+    renewals: int = 0  # bumped by every renewal, so each one is a new revision
+    renewed_at: float = 0.0  # the owner's clock, for humans: readers never compare it
     result: ExecutionResult | None = None
 
 
@@ -71,6 +82,12 @@ class Ledger:
         except kv.KvConflict:
             raise LedgerConflict(f"ledger entry {entry.execution_id} changed under us") from None
         return Record(got.value, got.revision)
+
+    async def renew(self, record: Record, now: float) -> Record:
+        """The owner's heartbeat: LedgerConflict if the entry is no longer its own."""
+        e = record.entry
+        return await self.replace(record, msgspec.structs.replace(
+            e, renewals=e.renewals + 1, renewed_at=now))
 
     async def finish(self, record: Record, result: ExecutionResult) -> Record:
         done = msgspec.structs.replace(record.entry, state="done", result=result)
