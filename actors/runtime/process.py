@@ -8,6 +8,16 @@ publish the handler's events (JetStream, `Nats-Msg-Id` set), then ack; nak
 with backoff on a handler error; dead-letter what cannot be decoded or keeps
 failing; keep long handlers alive with `in_progress`; heartbeats, metrics,
 structured logs and a clean stop on SIGTERM.
+
+Two rules of its own:
+
+- A stop drains: on SIGTERM fetching stops, in-flight handlers finish, and only
+  then do the actor's background loops (the executor's kill and revocation
+  watches) and the heartbeats stop, so a kill still reaches a draining actor.
+- Let it crash: an error in the runtime's own per-message work (a dead-letter
+  publish, a term, a nak) ends the process with the traceback logged and a
+  non-zero exit, for the supervisor to restart it; it never leaves a consumer
+  silently without workers while the heartbeat says alive.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats
@@ -45,6 +55,10 @@ class MetricsPortError(MendersError, RuntimeError):
     """The actor's metrics port cannot be served (in use, or not allowed)."""
 
 
+class ActorCrashed(MendersError, RuntimeError):
+    """A runtime task (a consumer, a worker, a background loop) failed: the process ends."""
+
+
 class Runtime:
     def __init__(self, actor_name: str, config: Config, *, url: str | None = None) -> None:
         if actor_name not in catalog.ACTORS:
@@ -56,14 +70,28 @@ class Runtime:
         self.nc: Client = Client()
         self.js: JetStreamContext | None = None
         self.stopping = asyncio.Event()
+        # Set once stopping and every consumer has drained: background loops end then.
+        self.drained = asyncio.Event()
         self.started_at = time.time()
-        self.in_flight = 0
+        # What handlers hold now: a per-message token -> perf_counter() at its start.
+        # A dict keeps insertion order, so the first entry is the oldest message.
+        self._holding: dict[object, float] = {}
         self.handled = 0
         self.metrics_port = 0
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Read at scrape time instead of a locked inc/dec on every message.
-        self.metrics.in_flight.set_function(lambda: self.in_flight)
+        self.metrics.in_flight.set_function(lambda: len(self._holding))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._holding)
+
+    def oldest_in_flight_s(self) -> float:
+        """Age of the oldest message a handler holds (0 when none): a stuck consumer's sign."""
+        for started in self._holding.values():
+            return max(0.0, time.perf_counter() - started)
+        return 0.0
 
     # --- connection -------------------------------------------------------------
 
@@ -123,49 +151,58 @@ class Runtime:
 
     async def _consume(self, actor: Actor, consumer: catalog.Consumer) -> None:
         assert self.js is not None
-        rc = self.config.runtime
         sub = await self.js.pull_subscribe_bind(durable=consumer.durable, stream=consumer.stream)
-        # concurrency > 1: a fixed pool of workers fed through a bounded queue, cheaper
-        # per message than a task each; concurrency 1 handles inline, in stream order.
-        queue: asyncio.Queue[Msg | None] = asyncio.Queue(maxsize=consumer.concurrency)
-        workers = [asyncio.create_task(self._work(actor, consumer, queue))
-                   for _ in range(consumer.concurrency if consumer.concurrency > 1 else 0)]
-        batch = min(rc.fetch_batch, consumer.max_ack_pending)
         try:
-            while not self.stopping.is_set():
-                try:
-                    msgs = await sub.fetch(batch, timeout=rc.fetch_timeout_s)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue  # idle, not an error
-                except nats.errors.ConnectionClosedError:
-                    return
-                except Exception as exc:
-                    log.warning("fetch failed",
-                                extra={"consumer": consumer.durable, "err": repr(exc)})
-                    await asyncio.sleep(0.5)
-                    continue
-                for i, msg in enumerate(msgs):
-                    if self.stopping.is_set():
-                        # Hand back what was fetched but not started.
-                        for rest in msgs[i:]:
-                            with contextlib.suppress(Exception):
-                                await rest.nak()
-                        break
-                    if workers:
-                        await queue.put(msg)
-                    else:
-                        await self._process(actor, consumer, msg)
+            if consumer.concurrency <= 1:  # inline, in stream order
+                await self._fetch(actor, consumer, sub, None)
+                return
+            # A fixed pool of workers fed through a bounded queue, cheaper per message than
+            # a task each. One TaskGroup holds the workers and the fetch loop: a worker that
+            # fails ends the group (and the process), never just itself.
+            queue: asyncio.Queue[Msg | None] = asyncio.Queue(maxsize=consumer.concurrency)
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(consumer.concurrency):
+                    tg.create_task(self._work(actor, consumer, queue))
+                await self._fetch(actor, consumer, sub, queue)
+                for _ in range(consumer.concurrency):
+                    await queue.put(None)  # each worker finishes what it holds, then stops
         finally:
-            for _ in workers:
-                await queue.put(None)  # each worker finishes what it holds, then stops
-            if workers:
-                await asyncio.gather(*workers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _fetch(self, actor: Actor, consumer: catalog.Consumer, sub: Any,
+                     queue: asyncio.Queue[Msg | None] | None) -> None:
+        rc = self.config.runtime
+        batch = min(rc.fetch_batch, consumer.max_ack_pending)
+        while not self.stopping.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=rc.fetch_timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue  # idle, not an error
+            except nats.errors.ConnectionClosedError:
+                if self.stopping.is_set():
+                    return
+                raise
+            except Exception as exc:
+                log.warning("fetch failed",
+                            extra={"consumer": consumer.durable, "err": repr(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for i, msg in enumerate(msgs):
+                if self.stopping.is_set():
+                    await _hand_back(msgs[i:])  # fetched but not started
+                    break
+                if queue is not None:
+                    await queue.put(msg)
+                else:
+                    await self._process(actor, consumer, msg)
 
     async def _work(self, actor: Actor, consumer: catalog.Consumer,
                     queue: asyncio.Queue[Msg | None]) -> None:
         while (msg := await queue.get()) is not None:
+            if self.stopping.is_set():
+                await _hand_back([msg])  # queued, not started: another instance takes it
+                continue
             await self._process(actor, consumer, msg)
 
     async def _process(self, actor: Actor, consumer: catalog.Consumer, msg: Msg) -> None:
@@ -188,9 +225,10 @@ class Runtime:
             )
             return
         kind = kind_of(event)
-        self.in_flight += 1
         keepalive = _KeepAlive(msg, consumer.ack_wait_s)
         started = time.perf_counter()
+        holding = self._holding
+        holding[keepalive] = started  # one per message, hashable by identity: a free token
         outcome = "ack"
         with bind_incident(event.incident_id):
             try:
@@ -209,7 +247,7 @@ class Runtime:
                 outcome = await self._failed(msg, delivery, exc)
             finally:
                 keepalive.cancel()
-                self.in_flight -= 1
+                del holding[keepalive]
                 self.handled += 1
                 # Children cached per label set: labels() costs more than the increment.
                 self._child(self.metrics.handled, kind, outcome).inc()
@@ -261,7 +299,8 @@ class Runtime:
     # --- heartbeats -------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        while not self.stopping.is_set():
+        # Beats on while a stopping actor drains: it is alive and still holds messages.
+        while not self.drained.is_set():
             beat = Heartbeat(
                 actor=self.name,
                 pid=os.getpid(),
@@ -269,11 +308,12 @@ class Runtime:
                 in_flight=self.in_flight,
                 handled=self.handled,
                 metrics_port=self.metrics_port,
+                oldest_in_flight_s=round(self.oldest_in_flight_s(), 3),
             )
             with contextlib.suppress(Exception):
                 await self.publish_core(beat)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.config.runtime.heartbeat_s)
+                await asyncio.wait_for(self.drained.wait(), self.config.runtime.heartbeat_s)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -299,8 +339,16 @@ class Runtime:
 
     async def run(self, actor_cls: type[Actor]) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             loop.add_signal_handler(sig, self.stop)
+        try:
+            await self._run(actor_cls)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self, actor_cls: type[Actor]) -> None:
         # Fail fast on what a human must fix: credentials, then the metrics port.
         credentials.password_for(self.name, self.config.home_dir)
         self.serve_metrics()
@@ -310,27 +358,60 @@ class Runtime:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._heartbeats())
-                for c in catalog.consumers_of(self.name):
-                    tg.create_task(self._consume(actor, c))
+                consumers = [tg.create_task(self._consume(actor, c))
+                             for c in catalog.consumers_of(self.name)]
+                tg.create_task(self._mark_drained(consumers))
                 for loop_fn in actor.background():
-                    tg.create_task(self._until_stopped(loop_fn))
+                    tg.create_task(self._until_drained(loop_fn))
+        except Exception as exc:
+            # Let it crash, loudly: the traceback in the log, a non-zero exit, and the
+            # supervisor restarts the process; what it held is redelivered.
+            log.critical("crashed: a runtime task failed", exc_info=exc)
+            raise ActorCrashed(f"{self.name} crashed: {_first_error(exc)}") from exc
         finally:
             await actor.teardown()
             with contextlib.suppress(Exception):
                 await self.nc.drain()
             log.info("stopped")
 
-    async def _until_stopped(self, loop_fn: Callable[[], Awaitable[None]]) -> None:
+    async def _mark_drained(self, consumers: list[asyncio.Task[None]]) -> None:
+        """Once stopping, wait until every consumer has drained its in-flight handlers."""
+        await self.stopping.wait()
+        if consumers:
+            await asyncio.wait(consumers)
+        log.info("drained")
+        self.drained.set()
+
+    async def _until_drained(self, loop_fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop until the actor has stopped and drained (or it ends).
+
+        Not merely until stopping: an in-flight handler may still need it (the
+        executor's kill watch must reach an action that runs on during a stop).
+        """
         task = asyncio.ensure_future(loop_fn())
-        stop = asyncio.ensure_future(self.stopping.wait())
-        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        else:
-            stop.cancel()
+        drained = asyncio.ensure_future(self.drained.wait())
+        try:
+            done, _ = await asyncio.wait({task, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task in done:
             task.result()  # a background loop that ended by error ends the actor
+
+
+async def _hand_back(msgs: Sequence[Msg]) -> None:
+    for msg in msgs:
+        with contextlib.suppress(Exception):
+            await msg.nak()
+
+
+def _first_error(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 _SUBJECTS: dict[tuple[type[Event], str, str, str], str] = {}
