@@ -155,10 +155,10 @@ async def cmd_tail(args: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     async with operator.connect(config) as nc:
-        st = await operator.status(nc, config.runtime.heartbeat_s)
+        st = await operator.status(nc, config.runtime.heartbeat_s, args.stuck_after)
     if args.json:
         print(json.dumps(st.__dict__, indent=2, default=str))
-        return 0 if st.all_alive else EXIT_FAILED
+        return 0 if st.healthy else EXIT_FAILED
     print(f"mode: {st.mode}")
     kill = st.kill
     print("kill switch: " + (f"ENGAGED by {kill['by']}: {kill['reason']}"
@@ -166,8 +166,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print("actors:")
     for name, a in st.actors.items():
         if a["alive"]:
-            state = (f"alive  pid={a['pid']} last beat {a['age_s']}s ago "
-                     f"handled={a['handled']} metrics=:{a['metrics_port']}")
+            state = (f"{'STUCK' if a['stuck'] else 'alive':<6} pid={a['pid']} "
+                     f"last beat {a['age_s']}s ago handled={a['handled']} "
+                     f"metrics=:{a['metrics_port']}")
+            if a["in_flight"]:
+                state += (f" in_flight={a['in_flight']} "
+                          f"oldest in flight {a['oldest_in_flight_s']:.1f}s")
+            if a["stuck"]:
+                state += f" (> {a['stuck_after_s']:g}s: a handler is hung)"
         elif a.get("age_s") is not None:
             state = f"DEAD   (last beat {a['age_s']}s ago)"
         else:
@@ -179,7 +185,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print("consumer lag (pending / awaiting ack):")
     for name, c in st.consumers.items():
         print(f"  {name:<14} {c['pending']:>6} / {c['ack_pending']}")
-    return 0 if st.all_alive else EXIT_FAILED
+    return 0 if st.healthy else EXIT_FAILED
 
 
 async def _control(args: argparse.Namespace, event: m.Event, confirm: Callable[[bytes], bool],
@@ -286,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--seconds", type=float, default=0, help="stop after this long")
     st = add("status", cmd_status, "actors, mode, kill switch, open incidents, consumer lag")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--stuck-after", type=float, default=None, metavar="SECONDS",
+                    help="flag an actor STUCK when its oldest in-flight message is older "
+                         "(default: 3 x its longest ack_wait, at least 120 s)")
     mode = add("mode", cmd_mode, "set the governor's mode")
     mode.add_argument("mode", choices=("observe", "approve", "execute"))
     kill = add("kill", cmd_kill, "engage the kill switch: stop every execution now")

@@ -102,8 +102,32 @@ class Status:
     def all_alive(self) -> bool:
         return all(a.get("alive") for a in self.actors.values())
 
+    @property
+    def healthy(self) -> bool:
+        """Every actor alive and none stuck."""
+        return self.all_alive and not any(a.get("stuck") for a in self.actors.values())
 
-async def status(nc: Client, heartbeat_s: float) -> Status:
+
+# An actor is "stuck" when the oldest message one of its handlers holds is older than
+# this many times its consumers' longest ack_wait, and never less than STUCK_FLOOR_S: the
+# runtime keeps a long handler's message alive with in_progress, so only its age shows a
+# hung handler. The floor is twice the longest bounded handler of the defaults (the
+# Claude diagnoser's 60 s investigation); verifier checks (30 s) and steps (<= 10 s)
+# finish well within it.
+STUCK_ACK_WAITS = 3
+STUCK_FLOOR_S = 120.0
+
+
+def stuck_after_s(actor: str) -> float:
+    waits = [c.ack_wait_s for c in catalog.consumers_of(actor)]
+    return max([STUCK_FLOOR_S, *(STUCK_ACK_WAITS * w for w in waits)])
+
+
+async def status(nc: Client, heartbeat_s: float, stuck_after: float | None = None) -> Status:
+    """Each actor's last heartbeat, the mode, the kill flag, consumers, open incidents.
+
+    `stuck_after` (seconds) overrides every actor's stuck threshold (stuck_after_s).
+    """
     js = nc.jetstream(timeout=5)
     out = Status()
     now = time.time()
@@ -114,11 +138,16 @@ async def status(nc: Client, heartbeat_s: float) -> Status:
             beat = codec.decode(raw.data or b"", (m.Heartbeat,))
             assert isinstance(beat, m.Heartbeat)
             age = now - beat.ts
-            out.actors[actor] = {"alive": age < 3 * heartbeat_s + 1, "age_s": round(age, 2),
+            alive = age < 3 * heartbeat_s + 1
+            limit = stuck_after_s(actor) if stuck_after is None else stuck_after
+            out.actors[actor] = {"alive": alive, "age_s": round(age, 2),
                                  "pid": beat.pid, "handled": beat.handled,
-                                 "in_flight": beat.in_flight, "metrics_port": beat.metrics_port}
+                                 "in_flight": beat.in_flight, "metrics_port": beat.metrics_port,
+                                 "oldest_in_flight_s": beat.oldest_in_flight_s,
+                                 "stuck": alive and beat.oldest_in_flight_s > limit,
+                                 "stuck_after_s": limit}
         except (NotFoundError, codec.DecodeError):
-            out.actors[actor] = {"alive": False, "age_s": None}
+            out.actors[actor] = {"alive": False, "age_s": None, "stuck": False}
     gkv = Bucket(await js.key_value(catalog.GOVERNOR_BUCKET))
     out.mode = parse_mode(await gkv.get_bytes(MODE_KEY)) or "unset (governor not started)"
     out.kill = msgspec.structs.asdict(await read_kill(gkv))
