@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from actors.runtime.process import ActorCrashed
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import password_env
-from tests.harness import REPO, Bus
+from tests.harness import REPO, ActorProc, Bus
 
 ACTOR = "diagnoser"
 CONSUMER = catalog.consumers_of(ACTOR)[0]
@@ -120,6 +121,35 @@ async def test_a_worker_that_fails_outside_its_handler_ends_the_process(
         assert "dead-letter publish refused" in str(info.value)
     finally:
         run.cancel()  # a hung run cannot be awaited: its finally blocks on the dead queue
+
+
+def spawn_broken_fixture(bus: Bus) -> ActorProc:
+    """tests/fixture_actor.py as a real process: it rejects, and its dead-letter publish fails."""
+    log_path = bus.home / "fixture.log"
+    env = bus.env_for(ACTOR, FIXTURE_ACTOR=ACTOR, FIXTURE_MODE="reject",
+                      FIXTURE_BREAK="dead_letter", MENDERS_METRICS_PORT="0")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fixture_actor.py")],
+                                env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                cwd=REPO)
+    ap = ActorProc(ACTOR, proc, log_path)
+    bus.procs.append(ap)  # the bus fixture stops it if it is still running
+    return ap
+
+
+async def test_an_actor_process_whose_worker_fails_exits_non_zero_with_the_traceback_logged(
+        bus: Bus) -> None:
+    ap = spawn_broken_fixture(bus)
+    proc = ap.proc
+    await bus.wait_heartbeat(ACTOR)
+    await publish(bus, incident())
+    code = await asyncio.to_thread(proc.wait, BOUND_S)
+    assert code != 0, ap.log()[-3000:]
+    crashed = [json.loads(ln) for ln in ap.log().splitlines()
+               if ln.startswith("{") and '"crashed' in ln]
+    assert crashed and crashed[0]["level"] == "critical", ap.log()[-3000:]
+    assert "Traceback" in crashed[0]["exc"]
+    assert "injected: dead-letter publish fails" in crashed[0]["exc"]
 
 
 async def test_the_heartbeat_shows_the_oldest_in_flight_message_and_status_flags_it_stuck(
