@@ -206,6 +206,15 @@ class ControlCommand(Event, tag="control", frozen=True, kw_only=True):
     reason: str = ""
 
 
+class KillReengaged(Event, tag="kill.reengaged", frozen=True, kw_only=True):
+    """The governor found the kill switch released (or deleted) without its own
+    `resume` and engaged it again: releasing is the governor's alone, and audited."""
+
+    reason: str  # what the governor found, and what it did
+    found_by: str = ""  # the `by` of the flag it undid ("" if the key was deleted)
+    found_revision: int = 0  # the kill key's revision it undid (0: deleted or missing)
+
+
 # --- runtime ---------------------------------------------------------------------
 
 
@@ -248,6 +257,7 @@ ALL_MESSAGES: tuple[type[Event], ...] = (
     Verdict,
     HumanApproval,
     ControlCommand,
+    KillReengaged,
     Heartbeat,
     DeadLetter,
 )

@@ -47,6 +47,8 @@ def summary(event: m.Event) -> str:
         case m.ControlCommand(command=cmd, mode=mode, execution_id=xid, by=by):
             arg = mode or xid[:8]
             return f"{cmd} {arg} by {by}".replace("  ", " ")
+        case m.KillReengaged(reason=reason):
+            return f"KILL SWITCH RE-ENGAGED: {reason}"
         case m.Heartbeat(actor=a, pid=pid, in_flight=n, handled=h):
             return f"{a} pid={pid} in_flight={n} handled={h}"
         case m.DeadLetter(consumer=c, bus_subject=s, stream_seq=seq, reason=r):

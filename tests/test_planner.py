@@ -85,6 +85,39 @@ def test_failure_signals_of_the_current_plan_move_to_next_alternative() -> None:
     assert "timed_out" in out[1].rationale and "vetoed" in out[2].rationale
 
 
+def test_a_decision_that_ends_the_step_moves_on_and_one_that_does_not_waits() -> None:
+    d = diagnosis("i1", "recycle_pool", "restart_worker", "enable_cache")
+    p1, p2 = plan_id_for("i1", 1), plan_id_for("i1", 2)
+    _, out = run([
+        d,
+        # A released step that is killed or revoked ends in its executor's result.
+        m.Decision(incident_id="i1", outcome="killed", reason="kill", plan_id=p1),
+        m.Decision(incident_id="i1", outcome="revoked", reason="by ana", plan_id=p1),
+        # Revoked before release: no result will follow, the Decision is the end.
+        m.Decision(incident_id="i1", outcome="revoked", reason="by ana", plan_id=p1,
+                   ends_step=True),
+        # Released, but nobody reported before its slot ran out.
+        m.Decision(incident_id="i1", outcome="expired", reason="unreported", plan_id=p2,
+                   ends_step=True),
+    ])
+    assert [(p.attempt, p.steps[0].action) for p in out] == [
+        (1, "recycle_pool"), (2, "restart_worker"), (3, "enable_cache")]
+    assert "governor revoked" in out[1].rationale and "governor expired" in out[2].rationale
+
+
+@pytest.mark.parametrize("status", ["skipped", "unknown", "cancelled"])
+def test_an_executor_side_ending_moves_on_then_escalates(status: str) -> None:
+    """skipped (kill, revocation or expiry before the start), unknown (a crash
+    mid-effect), cancelled (kill or revocation while running)."""
+    d = diagnosis("i1", "recycle_pool", "enable_cache")
+    state, out = run([d] + [
+        m.ExecutionResult(incident_id="i1", execution_id=f"x{n}", plan_id=plan_id_for("i1", n),
+                          action="a", status=status)  # type: ignore[arg-type]
+        for n in (1, 2)])
+    assert [type(e).__name__ for e in out] == ["Plan", "Plan", "IncidentEscalated"]
+    assert status in out[-1].reason and state is not None and state.closed == "escalated"
+
+
 def test_unregistered_action_is_skipped() -> None:
     _, out = run([diagnosis("i1", "format_disk", "recycle_pool")])
     assert [p.steps[0].action for p in out] == ["recycle_pool"]

@@ -174,7 +174,12 @@ def test_judging_the_same_execution_again_does_not_count_itself() -> None:
 def test_prune_forgets_what_no_longer_matters() -> None:
     u = released(policy.Usage(), "a", until=NOW + 10)
     p = policy.prune(u, NOW + 100, keep_s=5)
-    assert p.grants == [] and p.in_flight == {} and p.last_run == {}
+    assert p.grants == [] and p.last_run == {}
+    # An expired slot is kept for the governor to end its step (an `expired` Decision),
+    # but counts against nothing.
+    assert list(p.in_flight) == ["a"]
+    assert judge(step(), cfg=gcfg(max_concurrent=1, action_cooldown_s=0), usage=p, eid="b",
+                 now=NOW + 100).outcome == "approve"
 
 
 def test_dag_problems_name_unknown_deps_cycles_and_duplicates_and_ready_follows_deps() -> None:

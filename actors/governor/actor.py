@@ -8,15 +8,30 @@ honours the same mode, kill switch, approvals and rate windows:
   limits                      rate windows, in-flight slots, cooldowns (policy.Usage)
   plan.<hash of plan_id>      each plan's progress: every step's status and the
                               events published for it (PlanProgress)
-  pending.<execution_id>      a step waiting for `menders approve|deny`
+  pending.<execution_id>      a step waiting for `menders approve|deny`; once settled
+                              it is kept, marked, until its events surely went out
 
 Each handler reads state, decides, writes state (compare-and-swap), then
 returns its events; their ids are derived from the execution id, so a
 redelivered message (after a crash between write and publish) re-emits the
-recorded events and JetStream dedup drops copies that had landed.
+recorded events and JetStream dedup drops copies that had landed. The
+background loop (approval timeouts, expired slots) publishes itself, so it
+keeps the marker (a settled pending, an expired slot) until it has published,
+and a restarted governor re-publishes whatever a marker still names.
+
+Every step ends in a message the planner can act on: an ExecutionResult from
+an executor, or a Decision with `ends_step` (vetoed, denied, revoked before
+release, or `expired`: released but no executor reported before its slot ran out).
+
+Keys that can no longer matter are deleted (the bucket has no TTL: that would
+expire the kill flag and the mode): settled pendings once published, a plan's
+progress PLAN_KEEP_S after its last step ended, a revocation once its execution
+ended (or could no longer start).
 
 Fail closed: an unreadable kill flag counts as engaged, a missing mode as
-observe, an unknown subject or an unloadable registry vetoes.
+observe, an unknown subject or an unloadable registry vetoes. Only the
+governor's resume releases the kill switch; a release it did not make is undone
+and reported (KillReengaged).
 """
 
 from __future__ import annotations
@@ -36,9 +51,13 @@ from actors.runtime.kv import Bucket, Records, watch_forever
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
 from bus_schemas.governor import (
+    FORGED_RELEASE,
     KILL_KEY,
+    MISSING_KILL,
     MODE_KEY,
     RELEASE_KEY,
+    REVOKED_PREFIX,
+    UNREADABLE_KILL,
     KillFlag,
     Release,
     Revocation,
@@ -48,9 +67,11 @@ from bus_schemas.governor import (
     encode_revocation,
     parse_kill,
     parse_mode,
+    parse_revocation,
     revoked_key,
 )
 from bus_schemas.messages import (
+    MAX_APPROVAL_TTL_S,
     ControlCommand,
     Decision,
     DecisionOutcome,
@@ -58,6 +79,7 @@ from bus_schemas.messages import (
     ExecutionApproved,
     ExecutionResult,
     HumanApproval,
+    KillReengaged,
     Mode,
     Plan,
     PlanStep,
@@ -69,13 +91,25 @@ log = get_logger("menders.governor")
 LIMITS_KEY = "limits"
 PLAN_PREFIX = "plan."
 PENDING_PREFIX = "pending."
-SLOT_GRACE_S = 30.0  # after not_after + timeout, no executor can still be acting
+TICK_S = 0.5  # the background loop's period
+PLAN_KEEP_S = 3600.0  # a finished plan's progress is kept this long: a redelivery is known
+# A settled pending is kept this long after its events were returned to the runtime, so
+# a redelivered approval (publish failed, nak) re-emits instead of finding nothing.
+SETTLED_KEEP_S = 120.0
+# A revocation older than this can concern nothing that may still start or run: every
+# approval expires within MAX_APPROVAL_TTL_S and every step has a timeout.
+REVOKED_KEEP_S = 2 * MAX_APPROVAL_TTL_S
+PURGE_EVERY_S = 30.0
 
 StepStatus = Literal[
     "waiting", "awaiting_approval", "approved", "succeeded", "failed", "vetoed", "denied",
     "revoked",
 ]
 NOT_SUCCEEDED = ("failed", "vetoed", "denied", "revoked")
+ENDED = ("succeeded", *NOT_SUCCEEDED)
+# Crash points of the governor, for tests: `_reached(point)` is called at each.
+CRASH_POINTS = ("plan_committed", "approval_committed", "expiry_committed",
+                "slot_expiry_committed")
 
 
 class StepState(msgspec.Struct, kw_only=True):
@@ -88,6 +122,7 @@ class StepState(msgspec.Struct, kw_only=True):
 class PlanProgress(msgspec.Struct, kw_only=True):
     plan: Plan
     steps: dict[str, StepState]
+    ended_at: float = 0.0  # when its last step ended; purged PLAN_KEEP_S later
 
 
 class Pending(msgspec.Struct, kw_only=True):
@@ -97,6 +132,9 @@ class Pending(msgspec.Struct, kw_only=True):
     subject: str
     requested_at: float
     expires_at: float
+    # Set when a human, the timeout or a revocation settled it: its events are in the
+    # plan's progress, and the key stays until they surely went out.
+    settled_at: float = 0.0
 
 
 def execution_id_for(plan_id: str, step_id: str) -> str:
@@ -120,11 +158,14 @@ class Governor(Actor):
         self.pendings = Records(self.kv, Pending)
         self.lock = asyncio.Lock()  # the consumer and the expiry loop share state
         await self.kv.create_bytes(MODE_KEY, encode_mode(self.cfg.mode))  # kept if it exists
-        self.pending: dict[str, Pending] = {}
+        self.pending: dict[str, Pending] = {}  # waiting for a human
+        self.settled: dict[str, Pending] = {}  # settled, key not deleted yet
         for key in await self.kv.keys(PENDING_PREFIX):
             got = await self.pendings.get(key)
             if got is not None:
-                self.pending[got.value.execution_id] = got.value
+                into = self.settled if got.value.settled_at else self.pending
+                into[got.value.execution_id] = got.value
+        self.next_purge = 0.0
         m = self.rt.metrics
         self.m_decisions = m.counter("menders_governor_decisions",
                                      "Governor decisions by outcome", ["outcome"])
@@ -139,6 +180,10 @@ class Governor(Actor):
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
         return (self._expire_loop, self._watch_kill)
 
+    async def _reached(self, point: str) -> None:
+        """A named crash point (CRASH_POINTS): state committed, events not yet out.
+        Tests override it to stop the process exactly there."""
+
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
         async with self.lock:
             if isinstance(event, Plan):
@@ -146,9 +191,9 @@ class Governor(Actor):
             elif isinstance(event, ExecutionResult):
                 out = await self._on_result(event, delivery.redelivered)
             elif isinstance(event, HumanApproval):
-                out = await self._on_approval(event)
+                out = await self._on_approval(event, delivery.redelivered)
             elif isinstance(event, ControlCommand):
-                out = await self._on_control(event)
+                out = await self._on_control(event, delivery.redelivered)
             else:
                 raise Reject(f"the governor does not handle {type(event).__name__}")
         for e in out:
@@ -178,6 +223,8 @@ class Governor(Actor):
 
     async def _save_progress(self, prog: PlanProgress, rev: int) -> None:
         """CAS write, like _save_usage."""
+        if not prog.ended_at and all(st.status in ENDED for st in prog.steps.values()):
+            prog.ended_at = time.time()
         await self.plans.save(plan_key(prog.plan.plan_id), prog, rev or None)
 
     async def _progress(self, plan_id: str) -> tuple[PlanProgress | None, int]:
@@ -218,6 +265,7 @@ class Governor(Actor):
                 out.append(self._set(prog, step, "vetoed", reason, plan.id))
         out += await self._advance(prog, plan.id, kind, actions)
         await self._save_progress(prog, rev)
+        await self._reached("plan_committed")
         return out
 
     async def _advance(self, prog: PlanProgress, cause_id: str, kind: str,
@@ -271,7 +319,7 @@ class Governor(Actor):
             not_after=now + self.cfg.approval_ttl_s)
         slot = policy.Slot(subject=plan.subject, action=step.action, plan_id=plan.plan_id,
                            incident_id=plan.incident_id,
-                           until=approved.not_after + step.timeout_s + SLOT_GRACE_S)
+                           until=approved.not_after + step.timeout_s + self.cfg.slot_grace_s)
         usage = policy.record_release(usage, st.execution_id, step, plan.subject, now, slot)
         st.status = "approved"
         st.detail = f"approved by {by}"
@@ -298,7 +346,9 @@ class Governor(Actor):
         st = prog.steps[step.step_id]
         st.status = status
         st.detail = reason
-        d = _decision(prog.plan, st.execution_id, step, outcome, reason, cause_id)
+        # Every outcome here but a wait is the end of a step that was never released.
+        d = _decision(prog.plan, st.execution_id, step, outcome, reason, cause_id,
+                      ends_step=status != "awaiting_approval")
         st.events.append(d)
         log.info("decision", extra={"execution_id": st.execution_id, "outcome": outcome,
                                     "reason": reason})
@@ -310,6 +360,7 @@ class Governor(Actor):
         usage, urev = await self._usage()
         if result.execution_id in usage.in_flight:
             await self._save_usage(policy.free_slot(usage, result.execution_id), urev)
+        await self._forget_revocation(result.execution_id)  # the execution ended
         prog, rev = await self._progress(result.plan_id)
         if prog is None:
             return []
@@ -327,21 +378,31 @@ class Governor(Actor):
         await self._save_progress(prog, rev)
         return out
 
-    async def _on_approval(self, ap: HumanApproval) -> list[Event]:
-        pending = await self._pending(ap.execution_id)
-        if pending is None:
+    async def _on_approval(self, ap: HumanApproval, redelivered: bool) -> list[Event]:
+        got = await self.pendings.get(PENDING_PREFIX + ap.execution_id)
+        if got is not None and got.value.settled_at:
+            # Settled already. A redelivery (we may have crashed before the runtime
+            # published) re-emits what was recorded; a second click emits nothing.
+            return await self._recorded_for(got.value) if redelivered else []
+        if got is None:
             log.warning("no execution awaits this approval (decided or unknown)",
                         extra={"execution_id": ap.execution_id, "by": ap.by})
             return []
-        return await self._settle(pending, ap.id, ap.approved, ap.by, ap.reason)
+        out = await self._settle(got.value, ap.id, ap.approved, ap.by, ap.reason)
+        await self._reached("approval_committed")
+        return out
 
     async def _pending(self, execution_id: str) -> Pending | None:
+        """The step waiting for a human under this id (None if none or settled)."""
         got = await self.pendings.get(PENDING_PREFIX + execution_id)
-        return None if got is None else got.value
+        return None if got is None or got.value.settled_at else got.value
 
     async def _settle(self, pending: Pending, cause_id: str, approved: bool, by: str,
                       reason: str, outcome: StepStatus = "denied") -> list[Event]:
-        """A waiting step's end: released by a human, or denied/revoked/timed out."""
+        """A waiting step's end: released by a human, or denied/revoked/timed out.
+
+        The events are recorded in the plan's progress and the pending key is kept,
+        marked settled, until they surely went out (see _expire_loop)."""
         prog, rev = await self._progress(pending.plan_id)
         out: list[Event] = []
         if prog is not None and prog.steps[pending.step_id].status == "awaiting_approval":
@@ -356,10 +417,23 @@ class Governor(Actor):
                 out += await self._release(prog, step, cause_id, by, kind, actions)
             out += await self._advance(prog, cause_id, kind, actions)
             await self._save_progress(prog, rev)
-        await self.kv.delete(PENDING_PREFIX + pending.execution_id)
+        settled = msgspec.structs.replace(pending, settled_at=time.time())
+        await self.pendings.put(PENDING_PREFIX + pending.execution_id, settled)
         self.pending.pop(pending.execution_id, None)
+        self.settled[pending.execution_id] = settled
         self.m_pending.set(len(self.pending))
         return out
+
+    async def _recorded_for(self, pending: Pending) -> list[Event]:
+        """What settling `pending` published: its step's events and the plan's Decisions
+        (dependents vetoed with it), never another step's approval."""
+        prog, _ = await self._progress(pending.plan_id)
+        if prog is None:
+            return []
+        mine = prog.steps[pending.step_id].events if pending.step_id in prog.steps else []
+        others = [e for sid, st in prog.steps.items() if sid != pending.step_id
+                  for e in st.events if isinstance(e, Decision)]
+        return [*mine, *others]
 
     async def _release(self, prog: PlanProgress, step: PlanStep, cause_id: str, by: str,
                        kind: str, actions: dict[str, ActionSpec]) -> list[Event]:
@@ -379,26 +453,121 @@ class Governor(Actor):
         return [approved]
 
     async def _expire_loop(self) -> None:
-        """Deny what waited longer than approval_timeout_s for a human."""
+        """Approval timeouts, expired slots, and forgetting what no longer matters.
+
+        Publish-safe: each settlement is committed with a marker (a settled pending,
+        a slot still in flight) that is removed only after its events were published,
+        so a crash in between re-publishes them (same ids: dedup drops copies) when a
+        governor starts again."""
+        for p in list(self.settled.values()):  # settled by a governor that then died
+            async with self.lock:
+                out = await self._recorded_for(p)
+            await self._publish_all(out)
+            await self._forget_pending(p.execution_id)
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(TICK_S)
             now = time.time()
-            for p in [p for p in self.pending.values() if p.expires_at <= now]:
-                async with self.lock:
-                    current = await self._pending(p.execution_id)
-                    if current is None:
-                        self.pending.pop(p.execution_id, None)
-                        continue
-                    out = await self._settle(current, derive_id("expiry", p.execution_id),
-                                             False, "the governor",
-                                             f"no human decision within "
-                                             f"{self.cfg.approval_timeout_s:g}s")
-                for e in out:
-                    await self.rt.publish(e)
+            await self._expire_approvals(now)
+            await self._expire_slots(now)
+            for p in [p for p in self.settled.values() if p.settled_at + SETTLED_KEEP_S < now]:
+                await self._forget_pending(p.execution_id)
+            if now >= self.next_purge:
+                self.next_purge = now + PURGE_EVERY_S
+                await self._purge(now)
+
+    async def _publish_all(self, events: Sequence[Event]) -> None:
+        for e in events:
+            await self.rt.publish(e)
+            self.m_decisions.labels(outcome=e.outcome if isinstance(e, Decision)
+                                    else "approved").inc()
+
+    async def _forget_pending(self, execution_id: str) -> None:
+        async with self.lock:
+            await self.kv.delete(PENDING_PREFIX + execution_id)
+            self.settled.pop(execution_id, None)
+
+    async def _expire_approvals(self, now: float) -> None:
+        """Deny what waited longer than approval_timeout_s for a human."""
+        for p in [p for p in self.pending.values() if p.expires_at <= now]:
+            async with self.lock:
+                current = await self._pending(p.execution_id)
+                if current is None:
+                    self.pending.pop(p.execution_id, None)
+                    continue
+                out = await self._settle(current, derive_id("expiry", p.execution_id),
+                                         False, "the governor",
+                                         f"no human decision within "
+                                         f"{self.cfg.approval_timeout_s:g}s")
+            await self._reached("expiry_committed")
+            await self._publish_all(out)
+            await self._forget_pending(p.execution_id)
+
+    async def _expire_slots(self, now: float) -> None:
+        """A released step that no executor reported on before its slot ran out ends here:
+        an `expired` Decision (ends_step), the step failed, its dependents vetoed."""
+        usage, _ = await self._usage()
+        for eid, slot in [(k, s) for k, s in usage.in_flight.items() if s.until <= now]:
+            async with self.lock:
+                out = await self._expire_step(eid, slot)
+            await self._reached("slot_expiry_committed")
+            await self._publish_all(out)
+            async with self.lock:
+                usage, urev = await self._usage()
+                if eid in usage.in_flight:
+                    await self._save_usage(policy.free_slot(usage, eid), urev)
+                await self._forget_revocation(eid)
+
+    async def _expire_step(self, eid: str, slot: policy.Slot) -> list[Event]:
+        prog, rev = await self._progress(slot.plan_id)
+        if prog is None:
+            return []
+        sid = next((s for s, st in prog.steps.items() if st.execution_id == eid), None)
+        if sid is None:
+            return []
+        st = prog.steps[sid]
+        if st.status != "approved":  # ended already, or expired by a governor that died
+            return [e for x in prog.steps.values() for e in x.events
+                    if isinstance(e, Decision) and e.ends_step]
+        step = next(s for s in prog.plan.steps if s.step_id == sid)
+        why = (f"released, but no executor reported on it before {time.ctime(slot.until)} "
+               f"(approval expired, step timeout and grace passed)")
+        st.status = "failed"
+        st.detail = f"expired: {why}"
+        d = _decision(prog.plan, eid, step, "expired", why, derive_id("expired", eid),
+                      ends_step=True)
+        st.events.append(d)
+        log.warning("released execution expired unreported", extra={"execution_id": eid})
+        kind, actions, _ = self._actions(prog.plan.subject)
+        out: list[Event] = [d, *await self._advance(prog, d.id, kind, actions)]
+        await self._save_progress(prog, rev)
+        return out
+
+    async def _forget_revocation(self, execution_id: str) -> None:
+        """The execution ended or can no longer start: its revocation can go (checked
+        first, so a delete marker is written only for a key that exists)."""
+        if await self.kv.get_bytes(revoked_key(execution_id)) is not None:
+            await self.kv.delete(revoked_key(execution_id))
+
+    async def _purge(self, now: float) -> None:
+        """Bound the bucket: finished plans after PLAN_KEEP_S, stale revocations."""
+        for key in await self.kv.keys(PLAN_PREFIX):
+            async with self.lock:
+                try:
+                    got = await self.plans.get(key)
+                except msgspec.DecodeError:
+                    continue  # not ours to judge: leave it for a human
+                if got is not None and got.value.ended_at \
+                        and got.value.ended_at + PLAN_KEEP_S < now:
+                    await self.kv.delete(key)
+        for key in await self.kv.keys(REVOKED_PREFIX):
+            raw = await self.kv.get_bytes(key)
+            rev = parse_revocation(raw) if raw is not None else None
+            if rev is not None and rev.at + REVOKED_KEEP_S < now:
+                await self.kv.delete(key)
 
     # --- control ------------------------------------------------------------------------
 
-    async def _on_control(self, cmd: ControlCommand) -> list[Event]:
+    async def _on_control(self, cmd: ControlCommand, redelivered: bool) -> list[Event]:
         log.info("control", extra={"command": cmd.command, "by": cmd.by, "reason": cmd.reason,
                                    "mode": cmd.mode, "execution_id": cmd.execution_id})
         if cmd.command == "mode":
@@ -407,8 +576,10 @@ class Governor(Actor):
             await self.kv.put(MODE_KEY, encode_mode(cmd.mode))
             return []
         if cmd.command == "kill":
-            flag = await self._kill()
-            if not flag.engaged:  # the operator usually wrote it already: keep its `at`
+            flag = parse_kill(await self.kv.get_bytes(KILL_KEY))
+            written = flag.engaged and flag.reason not in (UNREADABLE_KILL, MISSING_KILL)
+            if not written:  # the operator usually wrote it already: keep its `at`
+                # Released, missing or unreadable: write a readable engaged flag.
                 flag = KillFlag(engaged=True, by=cmd.by, reason=cmd.reason, at=cmd.ts)
                 await self.kv.put(KILL_KEY, encode_kill(flag))
             self.m_kill.set(1)
@@ -421,18 +592,22 @@ class Governor(Actor):
                 revision=rev, by=cmd.by, reason=cmd.reason, at=flag.at)))
             self.m_kill.set(0)
             return []
-        return await self._revoke(cmd)
+        return await self._revoke(cmd, redelivered)
 
-    async def _revoke(self, cmd: ControlCommand) -> list[Event]:
+    async def _revoke(self, cmd: ControlCommand, redelivered: bool) -> list[Event]:
         eid = cmd.execution_id
         if not eid:
             raise Reject("revoke command without an execution_id")
+        # Written first, whatever follows: executors refuse it, `menders revoke` sees it.
         rev = Revocation(execution_id=eid, by=cmd.by, reason=cmd.reason, at=cmd.ts)
         await self.kv.put(revoked_key(eid), encode_revocation(rev))
         why = f"revoked by {cmd.by}" + (f": {cmd.reason}" if cmd.reason else "")
-        pending = await self._pending(eid)
-        if pending is not None:  # never released: settle it here
-            return await self._settle(pending, cmd.id, False, cmd.by, cmd.reason, "revoked")
+        got = await self.pendings.get(PENDING_PREFIX + eid)
+        if got is not None and got.value.settled_at:
+            return await self._recorded_for(got.value) if redelivered else []
+        if got is not None:  # never released: it ends here, and no executor will see it
+            return await self._settle(got.value, cmd.id, False, cmd.by, cmd.reason,
+                                      "revoked")
         usage, _ = await self._usage()
         slot = usage.in_flight.get(eid)
         if slot is None:
@@ -454,25 +629,45 @@ class Governor(Actor):
                 for eid, s in usage.in_flight.items() if s.until > now]
 
     async def _watch_kill(self) -> None:
-        """The operator writes the kill flag directly: react without waiting for its command."""
+        """The operator writes the kill flag directly: react without waiting for its
+        command. A release that no resume of ours made (a put of a released flag, a
+        deleted key) is undone here and reported."""
 
         async def on_kill(_key: str, value: bytes | None) -> None:
-            flag = parse_kill(value)  # deleted (None) reads as engaged, as everywhere
-            self.m_kill.set(1 if flag.engaged else 0)
-            if flag.engaged:
-                async with self.lock:
-                    out = await self._kill_decisions(flag)
-                for e in out:
-                    await self.rt.publish(e)
+            async with self.lock:  # our own resume writes flag and release under it
+                flag = await self._kill()  # the one rule every reader uses
+                out: list[Event] = []
+                if flag.reason in (FORGED_RELEASE, MISSING_KILL):
+                    out.append(await self._reengage(flag))
+                    flag = await self._kill()
+                self.m_kill.set(1 if flag.engaged else 0)
+                if flag.engaged:
+                    out += await self._kill_decisions(flag)
+            await self._publish_all(out)
 
         await watch_forever(self.rt.nc, self.kv, KILL_KEY, on_kill)
 
+    async def _reengage(self, found: KillFlag) -> KillReengaged:
+        entry = await self.kv.get_entry(KILL_KEY)
+        was = (f"released by {found.by or 'unknown'} without `menders resume`"
+               if entry is not None else "deleted")
+        why = f"the kill switch was {was}; engaged again: only `menders resume` releases it"
+        now = time.time()
+        await self.kv.put(KILL_KEY, encode_kill(KillFlag(engaged=True, by="governor",
+                                                         reason=why, at=now)))
+        log.warning("kill switch release undone", extra={"reason": why})
+        revision = entry[1] if entry is not None else 0
+        return KillReengaged(id=derive_id("reengaged", revision, now), reason=why,
+                             found_by=found.by if entry is not None else "",
+                             found_revision=revision)
+
 
 def _decision(plan: Plan, execution_id: str, step: PlanStep, outcome: DecisionOutcome,
-              reason: str, cause_id: str) -> Decision:
+              reason: str, cause_id: str, ends_step: bool) -> Decision:
     return Decision(id=derive_id("decision", execution_id, outcome), incident_id=plan.incident_id,
                     causation_id=cause_id, subject=plan.subject, outcome=outcome, reason=reason,
-                    plan_id=plan.plan_id, execution_id=execution_id, step=step)
+                    plan_id=plan.plan_id, execution_id=execution_id, step=step,
+                    ends_step=ends_step)
 
 
 def _recorded(prog: PlanProgress) -> list[Event]:

@@ -72,10 +72,12 @@ def cooldown_key(subject: str, action: str) -> str:
 
 
 def prune(usage: Usage, now: float, keep_s: float) -> Usage:
-    """Forget what can no longer matter (old grants, expired slots and cooldowns)."""
+    """Forget what can no longer matter (old grants and cooldowns). Expired slots stay:
+    the governor's expiry ends their step (an `expired` Decision) and then frees them;
+    they no longer count against any limit."""
     return Usage(
         grants=[g for g in usage.grants if g.at > now - RATE_WINDOW_S],
-        in_flight={k: s for k, s in usage.in_flight.items() if s.until > now},
+        in_flight=dict(usage.in_flight),
         last_run={k: t for k, t in usage.last_run.items() if t > now - keep_s},
     )
 

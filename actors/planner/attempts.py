@@ -32,7 +32,9 @@ from bus_schemas.messages import (
 from subjects.base import ActionError, ActionSpec
 
 FAILED_STATUSES = frozenset({"failed", "timed_out", "unknown", "cancelled", "skipped"})
-# awaiting_approval waits; revoked and killed executions end in an ExecutionResult.
+# A Decision that ends the current plan's step: a refusal, or any Decision the governor
+# marks `ends_step` (revoked before release, expired unreported). awaiting_approval
+# waits; a `killed` or `revoked` released step ends in its executor's ExecutionResult.
 REFUSALS = frozenset({"vetoed", "denied"})
 SEEN_LIMIT = 64  # input ids remembered per incident: far more than one incident's events
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -121,7 +123,7 @@ def apply(state: IncidentState | None, event: Event, rules: Rules) -> Step | Non
             why = f"execution of {event.action} {event.status}"
             return _next(state, event, f"{why}: {event.detail}" if event.detail else why, rules)
     elif isinstance(event, Decision):
-        if event.plan_id == state.plan_id and event.outcome in REFUSALS:
+        if event.plan_id == state.plan_id and (event.outcome in REFUSALS or event.ends_step):
             return _next(state, event, f"governor {event.outcome}: {event.reason}", rules)
     return None
 

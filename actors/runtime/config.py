@@ -62,6 +62,9 @@ class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     approval_timeout_s: float = 600.0
     # An approved execution that no executor has started by then is refused (not_after).
     approval_ttl_s: float = 60.0
+    # After not_after + the step's timeout + this, no executor can still be acting on a
+    # released step: if none reported, the governor ends it (`expired`) and frees its slot.
+    slot_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         # msgspec turns this into a ValidationError at `$.governor`, which load() names.
