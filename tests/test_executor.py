@@ -15,6 +15,7 @@ from actors.cli import operator
 from actors.executor.ledger import Ledger, LedgerConflict, LedgerEntry
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
+from bus_schemas.governor import MODE_KEY
 from tests.harness import (
     Bus,
     Collector,
@@ -222,3 +223,47 @@ async def test_ledger_claims_once_and_guards_the_outcome(bus: Bus) -> None:
     assert (await ledger.read("e1")) == done and done.entry.result == result
     with pytest.raises(LedgerConflict):  # a stale revision cannot overwrite the outcome
         await ledger.finish(first, msgspec.structs.replace(result, status="failed"))
+
+
+async def test_an_approval_issued_under_execute_does_not_run_after_mode_approve(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor")
+    plan = plan_of(step("recycle_pool"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        approved = await approval_of(col, plan)
+        assert approved.approved_by == "policy"
+        await bus.publish(catalog.OPERATOR, m.ControlCommand(command="mode", mode="approve",
+                                                             by="tester"))
+        nc = await bus.connect(catalog.OPERATOR)
+        assert await operator.wait_for(nc, MODE_KEY, lambda v: v == b"approve", 10)
+        await start_crew(bus, "executor")  # the approval waited in the stream
+        res = await result_of(col, approved.execution_id)
+    assert res.status == "skipped" and "the mode is now approve" in res.detail
+    assert actions.count() == 0
+
+
+async def test_every_approval_expires_within_the_bound(bus: Bus, actions: RecordingServer
+                                                       ) -> None:
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor", "executor")
+    now = time.time()
+    forever = m.ExecutionApproved(
+        incident_id=m.new_id(), subject="shop", execution_id=m.new_id(), plan_id=m.new_id(),
+        step=step("recycle_pool"), ts=now, not_after=now + m.MAX_APPROVAL_TTL_S + 60)
+    # No not_after at all: not an approval (the schema requires it), dead-lettered.
+    unbounded = codec.encode(msgspec.structs.replace(forever, id=m.new_id(),
+                                                     execution_id=m.new_id()))
+    unbounded = unbounded.replace(f',"not_after":{forever.not_after!r}'.encode(), b"")
+    assert b"not_after" not in unbounded
+    async with bus.collect() as col:
+        await bus.publish("governor", forever)
+        res = await result_of(col, forever.execution_id)
+        nc = await bus.connect("governor")
+        await nc.jetstream().publish(catalog.bus_subject_of(forever), unbounded)
+        letter = await col.wait_for(lambda e: isinstance(e, m.DeadLetter)
+                                    and e.consumer == "executor")
+    assert res.status == "skipped" and "more than the 3600s any approval may be" in res.detail
+    assert "not_after" in letter[0].reason
+    assert actions.count() == 0

@@ -191,6 +191,8 @@ class Executor(Actor):
         monotonic clock: the owner's timestamps are never compared with ours.
         """
         e = rec.entry
+        if e.owner == self.owner and e.execution_id not in self.running:
+            return rec  # our own earlier attempt, which failed after its claim: nobody renews it
         lease_s = e.lease_s or self.lease_s
         log.warning("waiting on another executor's lease",
                     extra={"execution_id": e.execution_id, "owner": e.owner, "lease_s": lease_s})
@@ -273,11 +275,26 @@ class Executor(Actor):
                 await renewer  # at most one renewal in flight: then run.record is current
             self.running.pop(eid, None)
             run.done.set()
+        if not run.lost_lease:
+            try:
+                await self.ledger.finish(run.record, result)
+            except LedgerConflict:
+                run.lost_lease = True  # settled by another executor while we were away
         if run.lost_lease:
-            raise LostLease(f"execution {eid}: {run.cancel_reason}; its settler reports it")
-        await self.ledger.finish(run.record, result)
+            return await self._stand_down(eid)
         self.m_duration.labels(action=step.action).observe(result.finished_at - started)
         return self._done(result)
+
+    async def _stand_down(self, eid: str) -> ExecutionResult:
+        """Our lease lapsed (we hung or were stopped) and another executor settled the
+        execution: its outcome stands, ours is dropped."""
+        now = await self.ledger.read(eid)
+        owner = now.entry.owner if now is not None else "?"
+        log.warning("lost the ledger lease: another executor settled this execution",
+                    extra={"execution_id": eid, "owner": owner})
+        if now is None or now.entry.result is None:  # still being re-run: ask again later
+            raise LostLease(f"execution {eid} is now {owner}'s; no outcome recorded yet")
+        return now.entry.result
 
     async def _renew(self, run: Running) -> None:
         """Renew the lease until told to stop; losing it stops the action."""
