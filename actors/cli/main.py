@@ -23,7 +23,7 @@ from actors.runtime.config import Config, ConfigError
 from bus_schemas import catalog, codec, render
 from bus_schemas import messages as m
 from bus_schemas.errors import MendersError
-from bus_schemas.governor import KILL_KEY, MODE_KEY, parse_kill, parse_mode, revoked_key
+from bus_schemas.governor import MODE_KEY, parse_mode, revoked_key
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NATS = 1, 2, 3
 
@@ -216,9 +216,16 @@ async def cmd_kill(args: argparse.Namespace) -> int:
 
 
 async def cmd_resume(args: argparse.Namespace) -> int:
+    config = _load(args)
     event = m.ControlCommand(command="resume", by=args.by, reason=args.reason)
-    return await _control(args, event, lambda v: not parse_kill(v).engaged, KILL_KEY,
-                          "kill switch released")
+    async with operator.connect(config) as nc:
+        await operator.publish(nc, event)
+        if await operator.wait_released(nc, args.wait):
+            print("kill switch released")
+            return 0
+    print(f"published, but the governor has not released the kill switch within "
+          f"{args.wait:g}s (is it running? `menders status`)", file=sys.stderr)
+    return EXIT_FAILED
 
 
 async def cmd_revoke(args: argparse.Namespace) -> int:

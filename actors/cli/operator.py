@@ -86,6 +86,18 @@ async def wait_for(nc: Client, key: str, predicate: Callable[[bytes], bool],
     return False
 
 
+async def wait_released(nc: Client, timeout: float) -> bool:
+    """Until the kill switch reads released by the one rule every reader uses (the
+    governor's release at the flag's revision), not merely a flag that says so."""
+    gkv = await _governor_bucket(nc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not (await read_kill(gkv)).engaged:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def _governor_bucket(nc: Client) -> Bucket:
     return Bucket(await nc.jetstream(timeout=5).key_value(catalog.GOVERNOR_BUCKET))
 
