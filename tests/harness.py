@@ -420,6 +420,60 @@ def config_toml(url: str, **governor: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- A governor that stops itself at a crash point, for SIGKILL at a known moment ------
+
+STOP_AT_ENV = "MENDERS_TEST_GOVERNOR_STOP_AT"
+
+
+def run_stopping_governor() -> None:
+    """The real governor on the real Runtime, whose `_reached(point)` SIGSTOPs the
+    process at $MENDERS_TEST_GOVERNOR_STOP_AT: state committed, events not yet out."""
+    from actors.governor.actor import CRASH_POINTS, Governor
+    from actors.runtime import Runtime, config, logs
+
+    point = os.environ[STOP_AT_ENV]
+    assert point in CRASH_POINTS, point
+
+    class Stopping(Governor):
+        async def _reached(self, at: str) -> None:
+            if at == point:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+    cfg = config.load()
+    logs.setup("governor", cfg.runtime.log_level)
+    asyncio.run(Runtime("governor", cfg).run(Stopping))
+
+
+def spawn_stopping_governor(bus: Bus, point: str) -> ActorProc:
+    log_path = bus.home / f"governor-stopping-{len(bus.procs)}.log"
+    out = open(log_path, "wb")
+    env = bus.env_for("governor", **{STOP_AT_ENV: point})
+    env.setdefault("MENDERS_METRICS_PORT", "0")
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "from tests.harness import run_stopping_governor as r; r()"],
+                            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO)
+    out.close()
+    ap = ActorProc("governor", proc, log_path)
+    bus.procs.append(ap)
+    return ap
+
+
+def _stopped(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+async def wait_stopped(proc: ActorProc, within: float = 20.0) -> None:
+    """Until the process is stopped (SIGSTOP: state T in /proc/<pid>/stat)."""
+    deadline = time.monotonic() + within
+    while True:
+        if _stopped(proc.pid):
+            return
+        assert proc.alive(), f"exited instead of stopping:\n{proc.log()[-3000:]}"
+        assert time.monotonic() < deadline, f"never stopped:\n{proc.log()[-3000:]}"
+        await asyncio.sleep(0.02)
+
+
 def plan_of(*steps: m.PlanStep, subject: str = "shop") -> m.Plan:
     return m.Plan(plan_id=m.new_id(), incident_id=m.new_id(), subject=subject, invariant="p99",
                   attempt=1, steps=list(steps))

@@ -9,6 +9,7 @@ import nats.errors
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.harness import (
+    ActorProc,
     Bus,
     Collector,
     RecordingServer,
@@ -16,8 +17,10 @@ from tests.harness import (
     config_toml,
     plan_of,
     result_of,
+    spawn_stopping_governor,
     start_crew,
     step,
+    wait_stopped,
 )
 
 
@@ -154,16 +157,68 @@ async def test_approval_timeout_denies(bus: Bus, actions: RecordingServer) -> No
     assert d.reason == "denied by the governor: no human decision within 1s"
 
 
-async def test_without_a_governor_nothing_executes(bus: Bus, actions: RecordingServer) -> None:
-    bus.write_config(config_toml(actions.url))
-    await start_crew(bus, "executor")
-    plan = plan_of(step("recycle_pool"))
+async def died_at(bus: Bus, point: str) -> ActorProc:
+    """A governor that stops itself at `point`; SIGKILL it once it is there."""
+    gov = spawn_stopping_governor(bus, point)
+    await bus.wait_heartbeat("governor")
+    return gov
+
+
+async def test_a_timeout_denial_committed_when_the_governor_dies_is_published_by_its_successor(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url, mode="approve", approval_timeout_s=1.0))
+    gov = await died_at(bus, "expiry_committed")
+    plan = plan_of(step("enable_cache"))
     async with bus.collect() as col:
         await bus.publish("planner", plan)
-        await asyncio.sleep(3.0)
-    assert not col.events(m.ExecutionApproved)
-    assert not col.events(m.ExecutionResult)
-    assert actions.count() == 0
+        await wait_decisions(col, plan, 1)
+        await wait_stopped(gov)  # the denial is committed, not published
+        gov.kill()
+        assert not [d for d in col.events(m.Decision) if d.outcome == "denied"]
+        await start_crew(bus, "governor")
+        [denied] = await col.wait_for(lambda e: isinstance(e, m.Decision)
+                                      and e.outcome == "denied")
+    assert denied.plan_id == plan.plan_id and denied.ends_step
+    assert "no human decision within 1s" in denied.reason
+
+
+async def test_an_approval_in_flight_when_the_governor_dies_is_released_once_by_its_successor(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url, mode="approve"))
+    gov = await died_at(bus, "approval_committed")
+    await start_crew(bus, "executor")
+    plan = plan_of(step("enable_cache"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        waiting = (await wait_decisions(col, plan, 1))["s1"]
+        await bus.publish(catalog.OPERATOR, m.HumanApproval(
+            execution_id=waiting.execution_id, approved=True, by="alice"))
+        await wait_stopped(gov)  # the release is committed, not published
+        gov.kill()
+        # Nothing was approved on the bus, so nothing ran.
+        assert not col.events(m.ExecutionApproved) and actions.count() == 0
+        await start_crew(bus, "governor")
+        approved = await approval_of(col, plan)
+        res = await result_of(col, approved.execution_id)
+    assert approved.approved_by == "alice" and res.status == "succeeded"
+    assert actions.count("enable_cache") == 1
+
+
+async def test_a_plan_in_flight_when_the_governor_dies_is_judged_by_its_successor(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url))
+    gov = await died_at(bus, "plan_committed")
+    await start_crew(bus, "executor")
+    plan = plan_of(step("enable_cache"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        await wait_stopped(gov)  # judged and committed, nothing published
+        gov.kill()
+        assert not col.events(m.ExecutionApproved) and actions.count() == 0
+        await start_crew(bus, "governor")
+        approved = await approval_of(col, plan)
+        res = await result_of(col, approved.execution_id)
+    assert res.status == "succeeded" and actions.count("enable_cache") == 1
 
 
 async def test_only_the_governor_may_publish_approvals(bus: Bus, actions: RecordingServer
