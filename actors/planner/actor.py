@@ -2,8 +2,9 @@
 
 Attempt 1 is the diagnosis's top-ranked action as a one-step plan; the other
 ranked actions are kept as alternatives. A failed verdict, a failed (or
-timed out, unknown, cancelled, skipped) execution, or a veto or denial of the
-current plan moves to the next alternative as attempt n+1. After
+timed out, unknown, cancelled, skipped) execution, or a Decision that ends the
+current plan's step (a veto, a denial, or any with `ends_step`: revoked before
+release, expired unreported) moves to the next alternative as attempt n+1. After
 `planner.max_attempts` plans, or with no alternative left, the incident is
 escalated (an IncidentEscalated event plus the webhook). A diagnosis that
 asks for a human is escalated at once. A passed verdict or a resolved
