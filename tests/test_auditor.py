@@ -101,6 +101,8 @@ def one_of_each(incident: str) -> list[tuple[str, m.Event]]:
         ("diagnoser", m.IncidentSummary(**env, summary="p99 rose; restart fixed it",
                                         outcome="escalated", model="claude-haiku-4-5")),
         ("operator", m.ControlCommand(command="mode", mode="approve", by="ana")),
+        ("governor", m.KillReengaged(reason="released without `menders resume`",
+                                     found_by="mallory", found_revision=3)),
         ("executor", m.DeadLetter(actor="executor", consumer="executor",
                                   bus_subject=catalog.subject_for(m.ExecutionApproved,
                                                                 subject="webshop"),
@@ -184,7 +186,8 @@ async def test_every_kind_is_recorded_once_with_its_exact_bytes(bus: Bus) -> Non
     timeline = catalog.service_subject("auditor", "timeline")
     reply = msgspec.json.decode((await nc.request(timeline, b"inc0001", timeout=5)).data)
     assert reply["ok"] and reply["incident_id"] == "inc0001aaaa"
-    assert [e["id"] for e in reply["events"]] == [e.id for _, e in sent[:-2]] + [marker.id]
+    # The last three (control, kill re-engaged, dead letter) belong to no incident.
+    assert [e["id"] for e in reply["events"]] == [e.id for _, e in sent[:-3]] + [marker.id]
     bad = msgspec.json.decode(
         (await nc.request(timeline, b"nope", timeout=5)).data)
     assert not bad["ok"] and "no incident" in bad["error"]
