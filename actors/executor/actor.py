@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 import subjects
-from actors.executor.ledger import Ledger, LedgerConflict, LedgerEntry, Record
+from actors.executor.admission import kill_reason, refusal, revoke_reason
+from actors.executor.ledger import LeaseWatch, Ledger, LedgerConflict, LedgerEntry, Record
 from actors.runtime import Actor, Delivery, Reject, derive_id
 from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, watch_forever
@@ -54,11 +55,9 @@ from bus_schemas.governor import (
     KillFlag,
     parse_kill,
     parse_mode,
-    parse_revocation,
     revoked_key,
 )
 from bus_schemas.messages import (
-    MAX_APPROVAL_TTL_S,
     Event,
     ExecutionApproved,
     ExecutionResult,
@@ -193,26 +192,23 @@ class Executor(Actor):
         e = rec.entry
         if e.owner == self.owner and e.execution_id not in self.running:
             return rec  # our own earlier attempt, which failed after its claim: nobody renews it
-        lease_s = e.lease_s or self.lease_s
+        watch = LeaseWatch(rec.revision, e.lease_s or self.lease_s, time.monotonic())
         log.warning("waiting on another executor's lease",
-                    extra={"execution_id": e.execution_id, "owner": e.owner, "lease_s": lease_s})
-        seen_at = time.monotonic()
+                    extra={"execution_id": e.execution_id, "owner": e.owner,
+                           "lease_s": watch.lease_s})
         while True:
-            await asyncio.sleep(min(lease_s / 4, 0.5))
+            await asyncio.sleep(min(watch.lease_s / 4, 0.5))
             now = await self.ledger.read(e.execution_id)
             if now is None:
                 raise RuntimeError(f"ledger entry {e.execution_id} vanished")
             if now.entry.result is not None:
                 self.m_lease_waits.labels(outcome="settled").inc()
                 return now
-            if now.revision != rec.revision:
-                rec, seen_at = now, time.monotonic()  # renewed: the owner is alive
-                lease_s = rec.entry.lease_s or self.lease_s
-            elif time.monotonic() - seen_at >= lease_s:
+            if watch.lapsed(now.revision, now.entry.lease_s or self.lease_s, time.monotonic()):
                 self.m_lease_waits.labels(outcome="expired").inc()
                 log.warning("lease lapsed: its owner is gone",
-                            extra={"execution_id": e.execution_id, "owner": rec.entry.owner})
-                return rec
+                            extra={"execution_id": e.execution_id, "owner": now.entry.owner})
+                return now
 
     async def _settle_abandoned(self, event: ExecutionApproved, rec: Record) -> list[Event]:
         """The owner died (or hangs) mid-step: re-run an idempotent step, else `unknown`.
@@ -334,30 +330,18 @@ class Executor(Actor):
 
     async def _refusal(self, event: ExecutionApproved, last_look: bool = False) -> str | None:
         """Why this approval must not be acted on now, or None (fresh `get`s, fail closed)."""
-        flag = await read_kill(self.gkv)
+        kill = await read_kill(self.gkv)
         if last_look:
             await self._reached("kill_read")
-        if flag.engaged:
-            return _kill_reason(flag)
         revoked = await self.gkv.get_bytes(revoked_key(event.execution_id))
         if last_look:
             await self._reached("revocation_read")
-        if revoked is not None:
-            return _revoke_reason(revoked)
-        now = time.time()
-        if event.not_after - event.ts > MAX_APPROVAL_TTL_S:
-            return (f"approval valid for {event.not_after - event.ts:.0f}s, more than the "
-                    f"{MAX_APPROVAL_TTL_S:g}s any approval may be (not_after)")
-        if now > event.not_after:
-            return f"approval expired {now - event.not_after:.1f}s ago (not_after)"
         mode = parse_mode(await self.gkv.get_bytes(MODE_KEY))
         if last_look:
             await self._reached("mode_read")
-        if mode not in ("approve", "execute"):
-            return f"mode is {mode or 'unset'}: nothing executes"
-        if mode == "approve" and event.approved_by == "policy":
-            return ("approved by policy, but the mode is now approve: a human must approve "
-                    "each execution")
+        why = refusal(event, kill=kill, revoked=revoked, mode=mode, now=time.time())
+        if why is not None:
+            return why
         sc = self.config.subjects.get(event.subject)
         if sc is None:
             return f"subject {event.subject!r} is not configured here"
@@ -411,7 +395,7 @@ class Executor(Actor):
     def _on_kill(self, flag: KillFlag) -> None:
         if flag.engaged:
             for run in list(self.running.values()):
-                self._cancel(run, _kill_reason(flag), flag.at)
+                self._cancel(run, kill_reason(flag), flag.at)
 
     async def _watch_kill(self) -> None:
         async def on_value(_key: str, value: bytes | None) -> None:
@@ -426,7 +410,7 @@ class Executor(Actor):
         async def on_value(key: str, value: bytes | None) -> None:
             run = self.running.get(key[len(REVOKED_PREFIX):])
             if run is not None and value is not None:
-                self._cancel(run, _revoke_reason(value))
+                self._cancel(run, revoke_reason(value))
 
         await watch_forever(self.rt.nc, self.gkv, REVOKED_PREFIX + ">", on_value)
 
@@ -441,21 +425,9 @@ class Executor(Actor):
                 for eid, run in list(self.running.items()):
                     revoked = await self.gkv.get_bytes(revoked_key(eid))
                     if revoked is not None:
-                        self._cancel(run, _revoke_reason(revoked))
+                        self._cancel(run, revoke_reason(revoked))
             except Exception as exc:  # a NATS hiccup must not end the actor
                 log.warning("kill/revoke poll failed", extra={"err": repr(exc)})
-
-
-def _kill_reason(flag: KillFlag) -> str:
-    return f"kill switch engaged by {flag.by or 'unknown'}" + (
-        f": {flag.reason}" if flag.reason else "")
-
-
-def _revoke_reason(value: bytes) -> str:
-    rev = parse_revocation(value)
-    if rev is None:
-        return "revoked"
-    return f"revoked by {rev.by}" + (f": {rev.reason}" if rev.reason else "")
 
 
 ACTOR = Executor

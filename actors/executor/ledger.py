@@ -55,6 +55,25 @@ class Record:
     revision: int
 
 
+@dataclass
+class LeaseWatch:
+    """A reader's view of another owner's claim (pure: the caller passes its clock).
+
+    The lease has lapsed once no new revision was seen for `lease_s` of the
+    reader's own monotonic clock; every renewal is a new revision.
+    """
+
+    revision: int
+    lease_s: float
+    since: float  # the reader's clock when it last saw the claim change
+
+    def lapsed(self, revision: int, lease_s: float, now: float) -> bool:
+        if revision != self.revision:
+            self.revision, self.lease_s, self.since = revision, lease_s, now
+            return False
+        return now - self.since >= self.lease_s
+
+
 class LedgerConflict(kv.KvConflict):
     """Somebody else changed the entry between our read and our write."""
 

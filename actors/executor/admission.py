@@ -1,0 +1,46 @@
+"""May an approval start now? The executor's last word, as a pure function.
+
+actors/executor/actor.py reads the kill switch, the revocation and the mode
+with fresh KV `get`s and asks `refusal`; the property tests drive the same
+function through interleavings of kills, resumes, revocations, mode changes
+and clock steps.
+"""
+
+from __future__ import annotations
+
+from bus_schemas.governor import KillFlag, parse_revocation
+from bus_schemas.messages import MAX_APPROVAL_TTL_S, ExecutionApproved, Mode
+
+
+def refusal(approval: ExecutionApproved, *, kill: KillFlag, revoked: bytes | None,
+            mode: Mode | None, now: float) -> str | None:
+    """Why `approval` must not start at `now`, or None. Fail closed: an unreadable
+    or missing kill flag is engaged (kill_state), any revocation value revokes, an
+    unset mode executes nothing."""
+    if kill.engaged:
+        return kill_reason(kill)
+    if revoked is not None:
+        return revoke_reason(revoked)
+    if approval.not_after - approval.ts > MAX_APPROVAL_TTL_S:
+        return (f"approval valid for {approval.not_after - approval.ts:.0f}s, more than the "
+                f"{MAX_APPROVAL_TTL_S:g}s any approval may be (not_after)")
+    if now > approval.not_after:
+        return f"approval expired {now - approval.not_after:.1f}s ago (not_after)"
+    if mode not in ("approve", "execute"):
+        return f"mode is {mode or 'unset'}: nothing executes"
+    if mode == "approve" and approval.approved_by == "policy":
+        return ("approved by policy, but the mode is now approve: a human must approve "
+                "each execution")
+    return None
+
+
+def kill_reason(flag: KillFlag) -> str:
+    return f"kill switch engaged by {flag.by or 'unknown'}" + (
+        f": {flag.reason}" if flag.reason else "")
+
+
+def revoke_reason(value: bytes) -> str:
+    rev = parse_revocation(value)
+    if rev is None:
+        return "revoked"
+    return f"revoked by {rev.by}" + (f": {rev.reason}" if rev.reason else "")
