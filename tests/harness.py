@@ -423,18 +423,24 @@ def config_toml(url: str, **governor: Any) -> str:
 # --- A governor that stops itself at a crash point, for SIGKILL at a known moment ------
 
 STOP_AT_ENV = "MENDERS_TEST_GOVERNOR_STOP_AT"
+KEEP_ENV = "MENDERS_TEST_GOVERNOR_PLAN_KEEP_S"  # also purges that often
 
 
 def run_stopping_governor() -> None:
     """The real governor on the real Runtime, whose `_reached(point)` SIGSTOPs the
-    process at $MENDERS_TEST_GOVERNOR_STOP_AT: state committed, events not yet out."""
+    process at $MENDERS_TEST_GOVERNOR_STOP_AT (if set): state committed, events not
+    yet out. $MENDERS_TEST_GOVERNOR_PLAN_KEEP_S shortens how long ended plans are kept."""
     from actors.governor.actor import CRASH_POINTS, Governor
     from actors.runtime import Runtime, config, logs
 
-    point = os.environ[STOP_AT_ENV]
-    assert point in CRASH_POINTS, point
+    point = os.environ.get(STOP_AT_ENV, "")
+    assert not point or point in CRASH_POINTS, point
+    keep = float(os.environ.get(KEEP_ENV, Governor.plan_keep_s))
 
     class Stopping(Governor):
+        plan_keep_s = keep
+        purge_every_s = min(keep, Governor.purge_every_s)
+
         async def _reached(self, at: str) -> None:
             if at == point:
                 os.kill(os.getpid(), signal.SIGSTOP)
@@ -444,10 +450,10 @@ def run_stopping_governor() -> None:
     asyncio.run(Runtime("governor", cfg).run(Stopping))
 
 
-def spawn_stopping_governor(bus: Bus, point: str) -> ActorProc:
+def spawn_stopping_governor(bus: Bus, point: str = "", **env_extra: str) -> ActorProc:
     log_path = bus.home / f"governor-stopping-{len(bus.procs)}.log"
     out = open(log_path, "wb")
-    env = bus.env_for("governor", **{STOP_AT_ENV: point})
+    env = bus.env_for("governor", **{STOP_AT_ENV: point}, **env_extra)
     env.setdefault("MENDERS_METRICS_PORT", "0")
     proc = subprocess.Popen([sys.executable, "-c",
                              "from tests.harness import run_stopping_governor as r; r()"],

@@ -148,6 +148,8 @@ def plan_key(plan_id: str) -> str:
 
 class Governor(Actor):
     name = "governor"
+    plan_keep_s = PLAN_KEEP_S
+    purge_every_s = PURGE_EVERY_S
 
     async def setup(self) -> None:
         assert self.rt.js is not None
@@ -472,7 +474,7 @@ class Governor(Actor):
             for p in [p for p in self.settled.values() if p.settled_at + SETTLED_KEEP_S < now]:
                 await self._forget_pending(p.execution_id)
             if now >= self.next_purge:
-                self.next_purge = now + PURGE_EVERY_S
+                self.next_purge = now + self.purge_every_s
                 await self._purge(now)
 
     async def _publish_all(self, events: Sequence[Event]) -> None:
@@ -557,7 +559,7 @@ class Governor(Actor):
                 except msgspec.DecodeError:
                     continue  # not ours to judge: leave it for a human
                 if got is not None and got.value.ended_at \
-                        and got.value.ended_at + PLAN_KEEP_S < now:
+                        and got.value.ended_at + self.plan_keep_s < now:
                     await self.kv.delete(key)
         for key in await self.kv.keys(REVOKED_PREFIX):
             raw = await self.kv.get_bytes(key)
