@@ -58,12 +58,14 @@ def config(recorder_url: str) -> str:
     return subject_config(SUBJECT, recorder_url, extra="""\
 [governor]
 mode = "execute"
+approval_above = "high"
 max_per_subject_per_minute = 1000000
 max_per_minute = 1000000
 action_cooldown_s = 0.0
 max_concurrent = 1000
+allow = {{ {subject} = ["*"] }}
 
-""")
+""".format(subject=SUBJECT))
 
 
 class Tracker:

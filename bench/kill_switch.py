@@ -20,9 +20,11 @@ Each round:
    executor through its KV watch and for the running action to be cancelled.
    A round's number is the slowest execution of the round: every executor
    stopped.
-4. It releases the flag (the operator may write it) and starts again.
+4. It releases the flag as the governor's resume does (actors.runtime.killswitch.release:
+   a put by the operator releases nothing) and starts again.
 
-No governor process runs, so the bench writes the mode (`execute`) as admin.
+No governor process runs, so the bench writes the mode (`execute`) as admin and
+releases with the governor's credentials.
 """
 
 from __future__ import annotations
@@ -37,15 +39,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import msgspec
 from common import Recorder, bench_bus, machine, subject_config, summary_ms, write_result
 
 from actors.cli import operator
-from actors.executor.ledger import LedgerEntry
+from actors.executor.ledger import Ledger
+from actors.runtime import killswitch
 from actors.runtime.kv import Bucket
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
-from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, parse_kill
+from bus_schemas.governor import KILL_KEY, MODE_KEY, parse_kill
 
 SUBJECT = "bench"
 GOAL_P99_MS = 20.0
@@ -113,16 +115,16 @@ async def bench(executors: int, rounds: int) -> dict[str, Any]:
                 ajs = admin.jetstream(timeout=10)
                 gkv_admin = await ajs.key_value(catalog.GOVERNOR_BUCKET)
                 await gkv_admin.put(MODE_KEY, b"execute")
-                ledger = await ajs.key_value(catalog.EXEC_LEDGER_BUCKET)
+                ledger = Ledger(await ajs.key_value(catalog.EXEC_LEDGER_BUCKET))
                 op = await bus.connect(catalog.OPERATOR)
                 okv = await op.jetstream(timeout=10).key_value(catalog.GOVERNOR_BUCKET)
                 res = Results()
                 await op.subscribe(catalog.under("exec"), cb=res.on_msg)
                 gov = await bus.connect("governor")
+                gkv_gov = Bucket(await gov.jetstream(timeout=10).key_value(
+                    catalog.GOVERNOR_BUCKET))
                 for r in range(rounds):
-                    await okv.put(KILL_KEY, msgspec.json.encode(
-                        KillFlag(engaged=False, by="bench", reason="next round",
-                                 at=time.time())))
+                    await killswitch.release(gkv_gov, "bench", "next round")
                     holders: set[int] = set()
                     eids: list[str] = []
                     while holders != pids:
@@ -135,9 +137,9 @@ async def bench(executors: int, rounds: int) -> dict[str, Any]:
                         eids.append(ap.execution_id)
                         await res.until(lambda n=calls_before: len(recorder.calls) > n, 15,
                                         f"round {r}: the action call of {ap.execution_id}")
-                        got = await ledger.get(ap.execution_id)
-                        entry = msgspec.json.decode(got.value or b"", type=LedgerEntry)
-                        holders.add(int(entry.owner.partition("@")[0]))
+                        got = await ledger.read(ap.execution_id)
+                        assert got is not None, ap.execution_id
+                        holders.add(owner_pid(got.entry.owner))
                     approvals_needed.append(len(eids))
                     await operator.engage_kill(op, "bench", f"round {r}")
                     flag = parse_kill(await Bucket(okv).get_bytes(KILL_KEY))
@@ -170,6 +172,11 @@ async def bench(executors: int, rounds: int) -> dict[str, Any]:
                              and set(statuses) == {"cancelled"})},
         "elapsed_s": round(time.monotonic() - started, 1),
     }
+
+
+def owner_pid(owner: str) -> int:
+    """The PID in a ledger owner (host/pid/token)."""
+    return int(owner.split("/")[1])
 
 
 def summary_counts(xs: list[int]) -> dict[str, float]:

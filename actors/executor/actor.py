@@ -74,7 +74,7 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 # The await points between the ledger claim and the action's start, in order: a test
 # hook (`Executor._reached`) is called at each, so a race can be made to land in it.
-PRESTART = ("claimed", "started_published", "kill_read", "revocation_read", "mode_read")
+PRESTART = ("claimed", "started_published", "looked")
 
 
 @dataclass
@@ -329,16 +329,16 @@ class Executor(Actor):
         return self._result(event, "succeeded", run.task.result(), started)
 
     async def _refusal(self, event: ExecutionApproved, last_look: bool = False) -> str | None:
-        """Why this approval must not be acted on now, or None (fresh `get`s, fail closed)."""
-        kill = await read_kill(self.gkv)
+        """Why this approval must not be acted on now, or None (fresh `get`s, fail closed).
+
+        The four reads go out at once: one round trip, and one await point.
+        """
+        kill, revoked, mode_raw = await asyncio.gather(
+            read_kill(self.gkv), self.gkv.get_bytes(revoked_key(event.execution_id)),
+            self.gkv.get_bytes(MODE_KEY))
+        mode = parse_mode(mode_raw)
         if last_look:
-            await self._reached("kill_read")
-        revoked = await self.gkv.get_bytes(revoked_key(event.execution_id))
-        if last_look:
-            await self._reached("revocation_read")
-        mode = parse_mode(await self.gkv.get_bytes(MODE_KEY))
-        if last_look:
-            await self._reached("mode_read")
+            await self._reached("looked")
         why = refusal(event, kill=kill, revoked=revoked, mode=mode, now=time.time())
         if why is not None:
             return why
