@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import nats.errors
+import pytest
 
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
@@ -182,10 +183,13 @@ async def test_a_timeout_denial_committed_when_the_governor_dies_is_published_by
     assert "no human decision within 1s" in denied.reason
 
 
+@pytest.mark.parametrize("point", ["settle_progress_saved", "approval_committed"])
 async def test_an_approval_in_flight_when_the_governor_dies_is_released_once_by_its_successor(
-        bus: Bus, actions: RecordingServer) -> None:
+        bus: Bus, actions: RecordingServer, point: str) -> None:
+    """Dies after the plan's progress recorded the release (before or after the pending
+    was marked settled): its successor publishes that approval, once."""
     bus.write_config(config_toml(actions.url, mode="approve"))
-    gov = await died_at(bus, "approval_committed")
+    gov = await died_at(bus, point)
     await start_crew(bus, "executor")
     plan = plan_of(step("enable_cache"))
     async with bus.collect() as col:

@@ -108,8 +108,8 @@ StepStatus = Literal[
 NOT_SUCCEEDED = ("failed", "vetoed", "denied", "revoked")
 ENDED = ("succeeded", *NOT_SUCCEEDED)
 # Crash points of the governor, for tests: `_reached(point)` is called at each.
-CRASH_POINTS = ("plan_committed", "approval_committed", "expiry_committed",
-                "slot_expiry_committed")
+CRASH_POINTS = ("plan_committed", "settle_progress_saved", "approval_committed",
+                "expiry_committed", "slot_expiry_committed")
 
 
 class StepState(msgspec.Struct, kw_only=True):
@@ -419,6 +419,11 @@ class Governor(Actor):
                 out += await self._release(prog, step, cause_id, by, kind, actions)
             out += await self._advance(prog, cause_id, kind, actions)
             await self._save_progress(prog, rev)
+            await self._reached("settle_progress_saved")
+        elif prog is not None:
+            # Decided, but the pending was never marked: a governor died in between.
+            # What it decided is recorded; emit that again rather than nothing.
+            out = await self._recorded_for(pending)
         settled = msgspec.structs.replace(pending, settled_at=time.time())
         await self.pendings.put(PENDING_PREFIX + pending.execution_id, settled)
         self.pending.pop(pending.execution_id, None)
