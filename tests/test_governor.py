@@ -208,6 +208,23 @@ async def test_an_approval_in_flight_when_the_governor_dies_is_released_once_by_
     assert actions.count("enable_cache") == 1
 
 
+async def test_an_expiry_committed_when_the_governor_dies_is_published_by_its_successor(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url, approval_ttl_s=0.5, slot_grace_s=0.5))
+    gov = await died_at(bus, "slot_expiry_committed")  # and no executor: nobody reports
+    plan = plan_of(step("enable_cache"), step("recycle_pool", "after", depends_on=["s1"]))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        await approval_of(col, plan)
+        await wait_stopped(gov, within=30)  # the step failed in KV, nothing published
+        gov.kill()
+        assert not [d for d in col.events(m.Decision) if d.outcome == "expired"]
+        await start_crew(bus, "governor")
+        got = await wait_decisions(col, plan, 2)
+    assert got["s1"].outcome == "expired" and got["s1"].ends_step
+    assert got["after"].outcome == "vetoed" and "did not succeed (failed)" in got["after"].reason
+
+
 async def test_a_plan_in_flight_when_the_governor_dies_is_judged_by_its_successor(
         bus: Bus, actions: RecordingServer) -> None:
     bus.write_config(config_toml(actions.url))
