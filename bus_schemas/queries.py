@@ -127,7 +127,7 @@ class IncidentRow(msgspec.Struct, kw_only=True):
     subject: str
     invariant: str
     opened: float  # ts of its first recorded event
-    outcome: str  # open | resolved | escalated
+    outcome: str  # open | escalated (still broken) | resolved | escalated, then resolved
     events: int
 
 

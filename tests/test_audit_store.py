@@ -177,10 +177,18 @@ async def test_timeline_takes_a_unique_literal_prefix_and_incidents_list_each_ou
         await store.timeline("zzz")
     with pytest.raises(AuditError, match="no incident"):
         await store.timeline("a%")  # LIKE wildcards are literal
+    await append(store, opened("cafe01", "etcd"), 5)
+    await append(store, m.IncidentEscalated(incident_id="cafe01", subject="etcd",
+                                            reason="no quorum"), 6)
+    await append(store, m.IncidentResolved(incident_id="cafe01", subject="etcd",
+                                           invariant="quorum", reason="holds again"), 7)
     listed = await store.incidents()
     assert [(i.incident_id, i.subject, i.outcome) for i in listed] == [
+        ("cafe01", "etcd", "escalated, then resolved"),
         ("abd999", "ratelimit", "escalated"), ("abc123", "webshop", "open")]
-    assert [i.incident_id for i in await store.incidents(only_open=True)] == ["abc123"]
+    # Escalated is not ended: it is still broken, so it is listed among the open ones.
+    assert [i.incident_id for i in await store.incidents(only_open=True)] == [
+        "abd999", "abc123"]
     await store.close()
 
 

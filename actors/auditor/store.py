@@ -317,16 +317,16 @@ class AuditStore:
         async with self.db.execute(
             """SELECT incident_id, MIN(ts), COUNT(*),
                       MIN(CASE WHEN kind = 'incident.opened' THEN seq END),
-                      MAX(CASE WHEN kind IN ('incident.resolved', 'incident.escalated')
-                               THEN seq END)
+                      MIN(CASE WHEN kind = 'incident.escalated' THEN seq END),
+                      MAX(CASE WHEN kind = 'incident.resolved' THEN seq END)
                FROM events WHERE incident_id != '' GROUP BY incident_id
                ORDER BY MIN(seq) DESC""",
         ) as cur:
             groups = await cur.fetchall()
         out: list[IncidentRow] = []
-        for incident_id, opened, n, opened_seq, end_seq in groups:
-            outcome = await self._kind_at(end_seq) if end_seq else "open"
-            if only_open and outcome != "open":
+        for incident_id, opened, n, opened_seq, escalated_seq, resolved_seq in groups:
+            outcome = incident_outcome(escalated_seq, resolved_seq)
+            if only_open and outcome not in ("open", "escalated"):
                 continue
             subject, invariant = "", ""
             if opened_seq:
@@ -334,18 +334,23 @@ class AuditStore:
                 subject, invariant = first.subject, getattr(first, "invariant", "")
             out.append(IncidentRow(incident_id=str(incident_id), subject=subject,
                                    invariant=invariant, opened=float(opened),
-                                   outcome=outcome.removeprefix("incident."), events=int(n)))
+                                   outcome=outcome, events=int(n)))
             if len(out) >= limit:
                 break
         return out
-
-    async def _kind_at(self, seq: int) -> str:
-        async with self.db.execute("SELECT kind FROM events WHERE seq = ?", (seq,)) as cur:
-            row = await cur.fetchone()
-        return str(row[0]) if row else ""
 
     async def _event_at(self, seq: int) -> m.Event:
         async with self.db.execute("SELECT payload FROM events WHERE seq = ?", (seq,)) as cur:
             row = await cur.fetchone()
         assert row is not None
         return codec.decode(bytes(row[0]))
+
+
+def incident_outcome(escalated_seq: int | None, resolved_seq: int | None) -> str:
+    """How an incident stands, from the record positions of its first escalation and
+    its last resolution: an escalated incident is not ended while it is still broken."""
+    if resolved_seq is None:
+        return "escalated" if escalated_seq is not None else "open"
+    if escalated_seq is not None and escalated_seq < resolved_seq:
+        return "escalated, then resolved"
+    return "resolved"

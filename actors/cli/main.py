@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -179,9 +180,17 @@ async def cmd_status(args: argparse.Namespace) -> int:
         else:
             state = "DEAD   (never seen)"
         print(f"  {name:<10} {state}")
-    print(f"open incidents: {len(st.open_incidents)}")
+    escalated = [i for i in st.open_incidents if i["state"] == "escalated"]
+    print(f"open incidents: {len(st.open_incidents)}"
+          + (f" ({len(escalated)} escalated to a human, still broken)" if escalated else ""))
     for inc in st.open_incidents:
-        print(f"  {inc['incident_id'][:8]} {inc['subject']} {inc['invariant']}: {inc['summary']}")
+        state = "ESCALATED, still broken: " if inc["state"] == "escalated" else ""
+        print(f"  {inc['incident_id'][:8]} {inc['subject']} {inc['invariant']}: "
+              f"{state}{inc['summary']}")
+    if st.bad_events:
+        print(f"undecodable incident events: {len(st.bad_events)} (skipped), e.g.")
+        for line in st.bad_events[-3:]:
+            print(f"  {line}")
     print("consumer lag (pending / awaiting ack):")
     for name, c in st.consumers.items():
         print(f"  {name:<14} {c['pending']:>6} / {c['ack_pending']}")
@@ -338,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `menders status | head`: the reader has gone, which is not an error. Point
+        # stdout at devnull so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 __all__ = ["main"]

@@ -108,6 +108,7 @@ class Status:
     mode: str = "unknown"
     kill: dict[str, Any] = field(default_factory=dict)
     open_incidents: list[dict[str, Any]] = field(default_factory=list)
+    bad_events: list[str] = field(default_factory=list)  # undecodable incident events
     consumers: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -168,16 +169,20 @@ async def status(nc: Client, heartbeat_s: float, stuck_after: float | None = Non
         out.consumers[c.durable] = {"pending": info.num_pending or 0,
                                     "ack_pending": info.num_ack_pending or 0,
                                     "redelivered": info.num_redelivered or 0}
-    out.open_incidents = await open_incidents(js)
+    out.open_incidents, out.bad_events = await open_incidents(js)
     return out
 
 
-async def open_incidents(js: JetStreamContext) -> list[dict[str, Any]]:
-    """Fold the incident lifecycle: opened minus resolved and escalated."""
+async def open_incidents(js: JetStreamContext) -> tuple[list[dict[str, Any]], list[str]]:
+    """Fold the incident lifecycle into the incidents not yet resolved, each with its
+    state (`open`, or `escalated`: a human has it, and it is still broken), plus one
+    line per event that does not decode (counted and named, never a crash: any
+    actor's credentials can put one on an incident subject)."""
     opened: dict[str, dict[str, Any]] = {}
+    bad: list[str] = []
     info = await js.stream_info(catalog.EVENTS_STREAM)
     if not info.state.messages:
-        return []
+        return [], []
     sub = await js.subscribe(catalog.under("incident"), ordered_consumer=True,
                              deliver_policy=nats.js.api.DeliverPolicy.ALL)
     try:
@@ -186,19 +191,28 @@ async def open_incidents(js: JetStreamContext) -> list[dict[str, Any]]:
                 msg = await sub.next_msg(timeout=0.5)
             except nats.errors.TimeoutError:
                 break
-            event = codec.decode(msg.data)
+            try:
+                event = codec.decode(msg.data)
+            except codec.DecodeError as exc:
+                seq = msg.metadata.sequence.stream if msg.metadata.sequence else 0
+                bad.append(f"{catalog.EVENTS_STREAM} seq {seq} on {msg.subject}: {exc}"[:300])
+                event = None
             if isinstance(event, m.IncidentOpened):
                 opened[event.incident_id] = {"incident_id": event.incident_id,
                                              "subject": event.subject,
                                              "invariant": event.invariant,
-                                             "opened_at": event.ts, "summary": event.summary}
-            elif isinstance(event, m.IncidentResolved | m.IncidentEscalated):
+                                             "opened_at": event.ts, "summary": event.summary,
+                                             "state": "open"}
+            elif isinstance(event, m.IncidentEscalated) and event.incident_id in opened:
+                opened[event.incident_id]["state"] = "escalated"
+                opened[event.incident_id]["escalation"] = event.reason
+            elif isinstance(event, m.IncidentResolved):
                 opened.pop(event.incident_id, None)
             if msg.metadata.num_pending == 0:
                 break
     finally:
         await sub.unsubscribe()
-    return list(opened.values())
+    return list(opened.values()), bad
 
 
 __all__ = ["MODE_KEY", "OperatorError", "Status", "connect", "engage_kill", "publish", "status"]

@@ -1,0 +1,73 @@
+"""`menders status` as an operator meets it on a bus that holds bad and unfinished things."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bus_schemas import catalog
+from bus_schemas import messages as m
+from bus_schemas.natsconf import password_env
+from tests.harness import REPO, Bus
+
+pytestmark = pytest.mark.e2e  # every test runs `menders` as a process
+
+
+def env_of(bus: Bus) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MENDERS_")}
+    env.update(MENDERS_NATS_URL=bus.url, MENDERS_HOME=str(bus.home))
+    env[password_env(catalog.OPERATOR)] = bus.passwords[catalog.OPERATOR]
+    return env
+
+
+def status(bus: Bus, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "actors", "status", *args], env=env_of(bus),
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+
+
+def opened(incident_id: str) -> m.IncidentOpened:
+    return m.IncidentOpened(incident_id=incident_id, subject="webshop", invariant="p99_latency",
+                            summary="p99 950 ms > 250 ms", value=950, threshold=250)
+
+
+async def test_status_survives_an_undecodable_incident_event_and_shows_escalated_ones(
+        bus: Bus) -> None:
+    await bus.publish("detector", opened("aaaa1111"))
+    await bus.publish("detector", opened("bbbb2222"))
+    # Any actor that may publish incidents can put garbage there; it is kept 30 days.
+    seq = await bus.publish_raw(catalog.subject_for(m.IncidentOpened, subject="webshop"),
+                                b'{"kind": "incident.opened", "incident_id": 7', user="detector")
+    await bus.publish("planner", m.IncidentEscalated(incident_id="bbbb2222", subject="webshop",
+                                                     invariant="p99_latency",
+                                                     reason="out of ideas"))
+    await bus.publish("detector", opened("cccc3333"))
+    await bus.publish("detector", m.IncidentResolved(incident_id="cccc3333", subject="webshop",
+                                                     invariant="p99_latency", reason="holds"))
+    out = status(bus, "--json")
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 1  # no actor runs, and status says so
+    st = json.loads(out.stdout)
+    states = {i["incident_id"]: i["state"] for i in st["open_incidents"]}
+    assert states == {"aaaa1111": "open", "bbbb2222": "escalated"}
+    [bad] = st["bad_events"]
+    assert f"seq {seq} on menders.incident.webshop.opened" in bad
+    text = status(bus)
+    assert "Traceback" not in text.stderr, text.stderr
+    assert "open incidents: 2 (1 escalated to a human, still broken)" in text.stdout
+    assert "bbbb2222 webshop p99_latency: ESCALATED, still broken" in text.stdout
+    assert "undecodable incident events: 1 (skipped)" in text.stdout
+
+
+def test_status_into_a_closed_pipe_exits_quietly(bus: Bus) -> None:
+    # `menders status | head -0`: the reader is gone before anything is written.
+    proc = subprocess.Popen([sys.executable, "-m", "actors", "status"], env=env_of(bus),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0, err
+    assert err == "", err
