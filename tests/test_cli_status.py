@@ -39,8 +39,9 @@ async def test_status_survives_an_undecodable_incident_event_and_shows_escalated
     await bus.publish("detector", opened("aaaa1111"))
     await bus.publish("detector", opened("bbbb2222"))
     # Any actor that may publish incidents can put garbage there; it is kept 30 days.
-    seq = await bus.publish_raw(catalog.subject_for(m.IncidentOpened, subject="webshop"),
-                                b'{"kind": "incident.opened", "incident_id": 7', user="detector")
+    where = catalog.subject_for(m.IncidentOpened, subject="webshop")
+    seq = await bus.publish_raw(where, b'{"kind": "incident.opened", "incident_id": 7',
+                                user="detector")
     await bus.publish("planner", m.IncidentEscalated(incident_id="bbbb2222", subject="webshop",
                                                      invariant="p99_latency",
                                                      reason="out of ideas"))
@@ -54,7 +55,7 @@ async def test_status_survives_an_undecodable_incident_event_and_shows_escalated
     states = {i["incident_id"]: i["state"] for i in st["open_incidents"]}
     assert states == {"aaaa1111": "open", "bbbb2222": "escalated"}
     [bad] = st["bad_events"]
-    assert f"seq {seq} on menders.incident.webshop.opened" in bad
+    assert f"seq {seq} on {where}" in bad
     text = status(bus)
     assert "Traceback" not in text.stderr, text.stderr
     assert "open incidents: 2 (1 escalated to a human, still broken)" in text.stdout
