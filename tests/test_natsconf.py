@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,12 @@ def test_every_kv_bucket_with_rights_is_provisioned_and_has_a_writer() -> None:
     with_rights = set(catalog.KV_WRITERS) | set(catalog.KV_READERS) | set(catalog.KV_WATCHERS)
     assert with_rights == provisioned
     assert all(catalog.KV_WRITERS.get(b) for b in provisioned)
+
+
+def test_the_readmes_nats_cli_examples_use_the_operators_inbox_prefix() -> None:
+    # Without it the operator's requests (stream view, kv get) never get their replies.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    calls = [line for line in readme.splitlines() if line.startswith("alias mnats=")]
+    assert calls, "the README's nats CLI alias is gone"
+    assert all(f"--inbox-prefix {natsconf.inbox_prefix(catalog.OPERATOR)}" in c
+               and f"--user {catalog.OPERATOR}" in c for c in calls)
