@@ -75,6 +75,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when `pid` ends, where the OS has them."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return None
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -82,7 +93,16 @@ def _port_open(host: str, port: int) -> bool:
 
 
 class EmbeddedNats:
-    """One nats-server process on loopback, owned by whoever started it."""
+    """One nats-server process on loopback, owned by whoever started it.
+
+    `restart()` starts it again on the same port with the same store directory and
+    config, so JetStream's file-backed state (streams, consumers, KV) survives and
+    clients reconnect to the URL they know; `wait_exit()` returns once it died,
+    having reaped it (the supervisor keeps it alive with the two, actors.stack.
+    supervisor.Restartable).
+    """
+
+    name = "nats-server"
 
     def __init__(
         self,
@@ -105,6 +125,10 @@ class EmbeddedNats:
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     @property
     def log_path(self) -> Path:
@@ -160,6 +184,40 @@ class EmbeddedNats:
                 last = exc
                 await asyncio.sleep(0.05)
         raise NatsServerError(f"nats-server at {self.url} not ready after {timeout}s: {last!r}")
+
+    async def restart(self, timeout: float = 15.0) -> None:
+        """Start again after it died: same port, store directory and config."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise NatsServerError(f"nats-server pid {self.proc.pid} is still running")
+        await self.start(timeout)
+
+    async def wait_exit(self) -> int | None:
+        """Wait until the server process ends, reap it (no zombie), return its exit code.
+
+        Woken by a pidfd the moment the process ends (Linux 5.3+), else by polling."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            fd = _pidfd(proc.pid)
+            if fd is None:
+                while proc.poll() is None:  # noqa: ASYNC110  # no pidfd: only time to wait on
+                    await asyncio.sleep(0.1)
+            else:
+                loop = asyncio.get_running_loop()
+                ended: asyncio.Future[None] = loop.create_future()
+
+                def on_end() -> None:
+                    if not ended.done():
+                        ended.set_result(None)
+
+                loop.add_reader(fd, on_end)
+                try:
+                    await ended
+                finally:
+                    loop.remove_reader(fd)
+                    os.close(fd)
+        return proc.wait()  # it has ended: reaps at once
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

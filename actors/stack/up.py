@@ -75,7 +75,8 @@ class Stack:
             self.url = self.server.url
         credentials.write(self.home, self.passwords, self.url)
         await self._provision()
-        self.supervisor = Supervisor(self._specs(), self.config.supervisor)
+        # The embedded server is kept alive beside the children: restarted, never given up.
+        self.supervisor = Supervisor(self._specs(), self.config.supervisor, broker=self.server)
         await self.supervisor.start()
 
     async def _provision(self) -> None:
@@ -120,8 +121,11 @@ class Stack:
                                "--chaos-port", str(chaos_port),
                                "--data-dir", str(data_dir))
             chaos[name] = f"http://127.0.0.1:{chaos_port}"
+            # Supervised apart from the crew: never given up on (a crash loop of the
+            # subject is an incident for the crew, not a reason to stop it).
             specs.append(ChildSpec(f"subject:{name}", argv, child_env(**base),
-                                   str(logs / f"subject-{name}.log")))
+                                   str(logs / f"subject-{name}.log"),
+                                   keep_trying=True, role="subject"))
         self.chaos = chaos
         (self.home / CHAOS_FILE).write_text(json.dumps(chaos))
         return specs
