@@ -26,6 +26,7 @@ KILL_KEY = "kill"  # the one key the operator may write: engaging never waits fo
 # flag at any other revision (an operator's put, a `kv del`) is no release at all.
 RELEASE_KEY = "kill_release"
 REVOKED_PREFIX = "revoked."  # revoked.<execution_id>
+PENDING_PREFIX = "pending."  # pending.<execution_id>: a step waiting for a human
 
 UNREADABLE_KILL = "unreadable kill flag"
 MISSING_KILL = "no kill flag (missing or deleted)"
@@ -48,6 +49,23 @@ class Release(msgspec.Struct, kw_only=True):
     by: str = ""
     reason: str = ""
     at: float = 0.0
+
+
+class Pending(msgspec.Struct, kw_only=True):
+    """A step waiting for `menders approve|deny` (the governor writes it; status reads it)."""
+
+    execution_id: str
+    plan_id: str
+    step_id: str
+    subject: str
+    requested_at: float
+    expires_at: float  # then the governor denies it
+    incident_id: str = ""
+    action: str = ""
+    reason: str = ""  # why a human must decide
+    # Set when a human, the timeout or a revocation settled it: its events are in the
+    # plan's progress, and the key stays until they surely went out.
+    settled_at: float = 0.0
 
 
 class Revocation(msgspec.Struct, kw_only=True):

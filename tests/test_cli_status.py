@@ -6,13 +6,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from bus_schemas.natsconf import password_env
-from tests.harness import REPO, Bus
+from tests.harness import (
+    REPO,
+    Bus,
+    RecordingServer,
+    config_toml,
+    plan_of,
+    start_crew,
+    step,
+)
 
 pytestmark = pytest.mark.e2e  # every test runs `menders` as a process
 
@@ -72,3 +81,25 @@ def test_status_into_a_closed_pipe_exits_quietly(bus: Bus) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 0, err
     assert err == "", err
+
+
+async def test_status_lists_the_steps_waiting_for_a_human_with_their_deadlines(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url, mode="approve", approval_timeout_s=300.0))
+    await start_crew(bus, "governor")
+    plan = plan_of(step("recycle_pool"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        [waiting] = await col.wait_for(lambda e: isinstance(e, m.Decision)
+                                       and e.outcome == "awaiting_approval")
+    out = status(bus, "--json")
+    [p] = json.loads(out.stdout)["pending_approvals"]
+    assert p["execution_id"] == waiting.execution_id
+    assert (p["subject"], p["action"], p["incident_id"]) == ("shop", "recycle_pool",
+                                                            plan.incident_id)
+    assert 0 < p["expires_at"] - time.time() <= 300
+    text = status(bus).stdout
+    assert "waiting for a human: 1 (menders approve|deny <execution id>)" in text
+    assert f"{waiting.execution_id}  shop recycle_pool for incident {plan.incident_id[:8]}" in text
+    assert "approve mode: a human must approve" in text
+    assert actions.count() == 0

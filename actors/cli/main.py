@@ -187,6 +187,16 @@ async def cmd_status(args: argparse.Namespace) -> int:
         state = "ESCALATED, still broken: " if inc["state"] == "escalated" else ""
         print(f"  {inc['incident_id'][:8]} {inc['subject']} {inc['invariant']}: "
               f"{state}{inc['summary']}")
+    if st.pending_approvals:
+        print(f"waiting for a human: {len(st.pending_approvals)} "
+              "(menders approve|deny <execution id>)")
+        for p in st.pending_approvals:
+            if p.get("unreadable"):
+                print(f"  {p['execution_id']}  (unreadable record)")
+                continue
+            left = p["expires_at"] - time.time()
+            print(f"  {p['execution_id']}  {p['subject']} {p['action']} for incident "
+                  f"{p['incident_id'][:8]}, denied in {max(0.0, left):.0f}s: {p['reason']}")
     if st.bad_events:
         print(f"undecodable incident events: {len(st.bad_events)} (skipped), e.g.")
         for line in st.bad_events[-3:]:

@@ -23,12 +23,20 @@ from nats.js.errors import NotFoundError
 from actors.runtime import credentials
 from actors.runtime.config import Config
 from actors.runtime.killswitch import read_kill
-from actors.runtime.kv import Bucket
+from actors.runtime.kv import Bucket, Records, Unreadable
 from actors.runtime.publish import publish_event
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.errors import MendersError
-from bus_schemas.governor import KILL_KEY, MODE_KEY, KillFlag, encode_kill, parse_mode
+from bus_schemas.governor import (
+    KILL_KEY,
+    MODE_KEY,
+    PENDING_PREFIX,
+    KillFlag,
+    Pending,
+    encode_kill,
+    parse_mode,
+)
 from bus_schemas.natsconf import inbox_prefix
 
 
@@ -109,6 +117,7 @@ class Status:
     kill: dict[str, Any] = field(default_factory=dict)
     open_incidents: list[dict[str, Any]] = field(default_factory=list)
     bad_events: list[str] = field(default_factory=list)  # undecodable incident events
+    pending_approvals: list[dict[str, Any]] = field(default_factory=list)
     consumers: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -170,7 +179,24 @@ async def status(nc: Client, heartbeat_s: float, stuck_after: float | None = Non
                                     "ack_pending": info.num_ack_pending or 0,
                                     "redelivered": info.num_redelivered or 0}
     out.open_incidents, out.bad_events = await open_incidents(js)
+    out.pending_approvals = await pending_approvals(gkv)
     return out
+
+
+async def pending_approvals(gkv: Bucket) -> list[dict[str, Any]]:
+    """Steps waiting for `menders approve|deny`, soonest deadline first (settled ones,
+    kept only until their events went out, are not waiting)."""
+    records = Records(gkv, Pending)
+    out: list[dict[str, Any]] = []
+    for key in await gkv.keys(PENDING_PREFIX):
+        try:
+            got = await records.get(key)
+        except Unreadable:
+            out.append({"execution_id": key.removeprefix(PENDING_PREFIX), "unreadable": True})
+            continue
+        if got is not None and not got.value.settled_at:
+            out.append(msgspec.structs.asdict(got.value))
+    return sorted(out, key=lambda p: p.get("expires_at", 0.0))
 
 
 async def open_incidents(js: JetStreamContext) -> tuple[list[dict[str, Any]], list[str]]:

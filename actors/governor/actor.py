@@ -55,10 +55,12 @@ from bus_schemas.governor import (
     KILL_KEY,
     MISSING_KILL,
     MODE_KEY,
+    PENDING_PREFIX,
     RELEASE_KEY,
     REVOKED_PREFIX,
     UNREADABLE_KILL,
     KillFlag,
+    Pending,
     Release,
     Revocation,
     encode_kill,
@@ -90,7 +92,6 @@ log = get_logger("menders.governor")
 
 LIMITS_KEY = "limits"
 PLAN_PREFIX = "plan."
-PENDING_PREFIX = "pending."
 TICK_S = 0.5  # the background loop's period
 PLAN_KEEP_S = 3600.0  # a finished plan's progress is kept this long: a redelivery is known
 # A settled pending is kept this long after its events were returned to the runtime, so
@@ -123,18 +124,6 @@ class PlanProgress(msgspec.Struct, kw_only=True):
     plan: Plan
     steps: dict[str, StepState]
     ended_at: float = 0.0  # when its last step ended; purged PLAN_KEEP_S later
-
-
-class Pending(msgspec.Struct, kw_only=True):
-    execution_id: str
-    plan_id: str
-    step_id: str
-    subject: str
-    requested_at: float
-    expires_at: float
-    # Set when a human, the timeout or a revocation settled it: its events are in the
-    # plan's progress, and the key stays until they surely went out.
-    settled_at: float = 0.0
 
 
 def execution_id_for(plan_id: str, step_id: str) -> str:
@@ -335,7 +324,9 @@ class Governor(Actor):
         st = prog.steps[step.step_id]
         pending = Pending(execution_id=st.execution_id, plan_id=prog.plan.plan_id,
                           step_id=step.step_id, subject=prog.plan.subject, requested_at=now,
-                          expires_at=now + self.cfg.approval_timeout_s)
+                          expires_at=now + self.cfg.approval_timeout_s,
+                          incident_id=prog.plan.incident_id, action=step.action,
+                          reason=reason)
         await self.pendings.put(PENDING_PREFIX + st.execution_id, pending)
         self.pending[st.execution_id] = pending
         self.m_pending.set(len(self.pending))

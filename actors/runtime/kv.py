@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from actors.runtime.logs import get_logger
@@ -101,12 +101,25 @@ class Bucket:
             await self.kv.delete(key)
 
     async def keys(self, prefix: str) -> list[str]:
-        """Keys that start with `prefix` (nats-py filters by substring: check the start)."""
+        """Keys under `prefix`, which ends with "." (a key-token boundary).
+
+        A watch on `<prefix>>`, so the server sends only those keys (nats-py's own
+        `keys(filters=...)` reads every key of the bucket, filters by substring, and
+        logs a warning each time).
+        """
+        if not prefix.endswith("."):
+            raise ValueError(f"a key prefix ends with '.', not {prefix!r}")
+        watcher = await self.kv.watch(prefix + ">", ignore_deletes=True, meta_only=True)
+        found: list[str] = []
         try:
-            found = await self.kv.keys(filters=[prefix])
-        except NoKeysError:
-            return []
-        return [k for k in found if k.startswith(prefix)]
+            async for entry in watcher:
+                if entry is None:  # caught up
+                    break
+                found.append(entry.key)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return found
 
 
 class Records(Generic[T]):
