@@ -94,6 +94,15 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
+def _nats_port(pid: int) -> str | None:
+    """The -p argument of a nats-server process (None before its exec)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        argv = _cmdline(pid)
+        if "-p" in argv and "nats-server" in argv[0]:
+            return argv[argv.index("-p") + 1]
+    return None
+
+
 def _pids_with_home(home: Path) -> set[int]:
     needle = str(home).encode()
     found = set()
@@ -132,7 +141,42 @@ class Up:
     home: Path
     config: Path
     env: dict[str, str]
+    nats_port: int
+    shop_port: int
+    metrics_base: int
     proc: subprocess.Popen[str] | None = None
+
+    def write_config(self, backoff_initial_s: float, publish_timeout_s: float) -> None:
+        home = self.home
+        self.config.write_text(f"""\
+home = "{home}"
+
+[nats]
+port = {self.nats_port}
+
+[runtime]
+metrics_base_port = {self.metrics_base}
+heartbeat_s = 0.5
+publish_timeout_s = {publish_timeout_s}
+
+[supervisor]
+max_restarts = 2
+max_seconds = 60
+backoff_initial_s = {backoff_initial_s}
+backoff_max_s = 3.2
+stop_timeout_s = 10
+
+[governor]
+mode = "execute"
+allow = {{ {SHOP} = ["*"] }}
+approval_above = "medium"
+max_per_subject_per_minute = 20
+max_per_minute = 40
+
+[subjects.{SHOP}]
+url = "http://127.0.0.1:{self.shop_port}"
+scrape_interval_s = 0.5
+""")
 
     @property
     def log(self) -> str:
@@ -148,7 +192,8 @@ class Up:
                     out.append(rec)
         return out
 
-    def start(self) -> str:
+    def start(self, *, backoff_initial_s: float = 0.2, publish_timeout_s: float = 5.0) -> str:
+        self.write_config(backoff_initial_s, publish_timeout_s)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "actors", "--config", str(self.config), "up",
              "--child-logs"], env=self.env, cwd=REPO, stdout=subprocess.PIPE,
@@ -221,37 +266,9 @@ def up(tmp_path: Path) -> Iterator[Up]:
     home = tmp_path / "home"
     home.mkdir()
     config = tmp_path / "menders.toml"
-    config.write_text(f"""\
-home = "{home}"
-
-[nats]
-port = {free_port()}
-
-[runtime]
-metrics_base_port = {_free_port_range(len(catalog.ACTORS))}
-heartbeat_s = 0.5
-
-[supervisor]
-max_restarts = 2
-max_seconds = 60
-backoff_initial_s = 0.2
-backoff_max_s = 3.2
-stop_timeout_s = 10
-
-[governor]
-mode = "execute"
-allow = {{ {SHOP} = ["*"] }}
-approval_above = "medium"
-max_per_subject_per_minute = 20
-max_per_minute = 40
-
-[subjects.{SHOP}]
-url = "http://127.0.0.1:{free_port()}"
-scrape_interval_s = 0.5
-""")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MENDERS_")}
     env["MENDERS_HOME"] = str(home)
-    u = Up(home, config, env)
+    u = Up(home, config, env, free_port(), free_port(), _free_port_range(len(catalog.ACTORS)))
     try:
         yield u
     finally:
@@ -294,21 +311,25 @@ def _shop_pid(up: Up) -> int | None:
 
 @pytest.mark.timeout(240)
 async def test_a_killed_nats_server_is_restarted_and_no_actor_crashes(up: Up) -> None:
-    up.start()
+    # The broker stays down for the first backoff (3 s), longer than a KV request's
+    # timeout (1.5 s): every actor's KV calls fail for a while, as in a real outage.
+    up.start(backoff_initial_s=3.0, publish_timeout_s=1.5)
     pids = await up.actor_pids()
     assert up.proc is not None
     old = _nats_pid(up)
     assert old is not None, "no embedded nats-server under menders up"
-    port = _cmdline(old)[_cmdline(old).index("-p") + 1]
+    port = _nats_port(old)
+    assert port
 
     os.kill(old, signal.SIGKILL)
     # Reaped at once (no zombie left), and a new server on the same port, same store.
     await _until("the dead nats-server reaped", lambda: _stat(old) is None, 10,
                  lambda: f"still {_stat(old)}\n{up.log[-3000:]}")
-    new = await _until("a new nats-server", lambda: (p := _nats_pid(up)) and p != old and p,
+    new = await _until("a new nats-server",
+                       lambda: (p := _nats_pid(up)) and p != old and _nats_port(p) and p,
                        30, lambda: up.log[-3000:])
     assert isinstance(new, int)
-    assert _cmdline(new)[_cmdline(new).index("-p") + 1] == port
+    assert _nats_port(new) == port  # the same port, so every client's URL still holds
     assert up.proc.poll() is None, up.log[-3000:]
     assert "nats-server died, restarting" in up.log, up.log[-3000:]
 

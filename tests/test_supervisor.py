@@ -266,3 +266,89 @@ async def test_stop_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
     await sup.stop()
     proc = sup.children["stubborn"].proc
     assert proc is not None and proc.returncode == -signal.SIGKILL
+
+
+# --- what the supervisor never gives up on: a managed subject, the broker -----------------
+
+
+async def test_a_keep_trying_child_is_restarted_for_ever_and_the_crew_stays(
+        tmp_path: Path) -> None:
+    """A managed subject in a crash loop is restarted with a capped backoff, never given
+    up on, while a crew child beside it that dies once is restarted alone."""
+    subject = counting_child(tmp_path, "subject", "sys.exit(3)")
+    subject.keep_trying, subject.role = True, "subject"
+    flag = tmp_path / "actor-crashed"
+    # The actor dies once, while the subject is backing off: restarted at once regardless.
+    actor = counting_child(tmp_path, "actor", (
+        f"import pathlib, time; p = pathlib.Path({str(flag)!r})\n"
+        "if not p.exists(): p.touch(); time.sleep(0.3); sys.exit(1)\n"
+        "time.sleep(60)"))
+    sup = Supervisor([subject, actor], SupervisorConfig(
+        max_restarts=1, max_seconds=60, backoff_initial_s=0.01, backoff_max_s=0.2,
+        stop_timeout_s=5))
+    await sup.start()
+    watch = asyncio.ensure_future(sup.watch())
+    try:
+        deadline = time.monotonic() + 30
+        while len(runs_of(tmp_path, "subject")) < 8:  # far beyond max_restarts = 1
+            assert time.monotonic() < deadline, runs_of(tmp_path, "subject")
+            assert not watch.done(), watch
+            await asyncio.sleep(0.05)
+        assert not sup.gave_up and not sup.stopping.is_set()
+        assert sup.children["subject"].backoff_s == 0.2  # doubled up to its cap
+        assert len(runs_of(tmp_path, "actor")) == 2  # died once, restarted once, alone
+    finally:
+        await sup.stop()
+        watch.cancel()
+
+
+class FakeBroker:
+    """A Restartable: any process the supervisor must keep alive beside the children."""
+
+    name = "fake-broker"
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def restart(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import time; time.sleep(60)")
+        self.starts += 1
+
+    async def wait_exit(self) -> int | None:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+
+async def test_a_dead_broker_is_restarted_without_bound(tmp_path: Path) -> None:
+    steady = counting_child(tmp_path, "steady", "import time; time.sleep(60)")
+    broker = FakeBroker()
+    await broker.restart()
+    sup = Supervisor([steady], SupervisorConfig(max_restarts=1, max_seconds=60,
+                                                backoff_initial_s=0.01, backoff_max_s=0.05,
+                                                stop_timeout_s=5), broker=broker)
+    await sup.start()
+    watch = asyncio.ensure_future(sup.watch())
+    try:
+        for n in range(1, 5):  # more deaths than any child would be allowed
+            pid = broker.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while sup.broker_restarts < n:
+                assert time.monotonic() < deadline and not watch.done(), watch
+                await asyncio.sleep(0.02)
+            assert broker.pid != pid and not sup.broker_down.is_set()
+        assert broker.starts == 5 and not sup.gave_up
+        assert runs_of(tmp_path, "steady") == [sup.pids()["steady"]]
+    finally:
+        await sup.stop()
+        watch.cancel()
+        if broker.proc and broker.proc.returncode is None:
+            broker.proc.kill()
+            await broker.proc.wait()

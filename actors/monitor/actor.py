@@ -7,7 +7,9 @@ a task, so a slow scrape delays neither the next tick nor any other subject;
 at most `MAX_IN_FLIGHT` scrapes of one subject run at once and a tick that
 finds them all busy is skipped (counted), which bounds the load a hung
 subject can cause. A scrape that times out or fails is itself a symptom:
-it is published as an observation with up=False and the error.
+it is published as an observation with up=False and the error. A broker
+outage is not: observations that cannot be published are counted
+(`publish_failed`), logged once per outage, and the schedule goes on.
 
 The observer (the subject definition's `make_observer`) does the protocol
 work; the monitor only schedules, bounds and sanitises its output: metrics
@@ -38,6 +40,7 @@ import subjects
 from actors.monitor.history import History, answer_obs_query
 from actors.runtime import Actor, Delivery, Runtime
 from actors.runtime.logs import get_logger
+from actors.runtime.outage import Outage, is_outage
 from bus_schemas import catalog
 from bus_schemas.messages import Event, Observation
 from bus_schemas.queries import ObsReply
@@ -93,6 +96,8 @@ class Monitor(Actor):
         self.targets: dict[str, Target] = {}
         self.observers: dict[str, ObserverProtocol] = {}
         self.history: dict[str, History] = {}
+        # Per subject: a broker outage is logged once, not at every scrape.
+        self.outages: dict[str, Outage] = {}
         self.query_sub: Subscription | None = None
         self.scrapes = rt.metrics.counter(
             "menders_monitor_scrapes",
@@ -109,6 +114,7 @@ class Monitor(Actor):
             self.targets[name] = target
             self.observers[name] = subjects.load(cfg.kind).make_observer(target)
             self.history[name] = History()
+            self.outages[name] = Outage(f"publishing observations of {name}", log)
             log.info("watching", extra={"subject": name, "url": cfg.url,
                                         "interval_s": cfg.scrape_interval_s})
 
@@ -194,8 +200,13 @@ class Monitor(Actor):
             await self.rt.publish(obs)
         except Exception as exc:
             outcome = "publish_failed"
-            log.warning("observation not published", extra={"subject": target.name,
-                                                            "err": repr(exc)})
+            if is_outage(exc):  # the broker is down: say so once until it is back
+                self.outages[target.name].failed(exc)
+            else:
+                log.warning("observation not published", extra={"subject": target.name,
+                                                                "err": repr(exc)})
+        else:
+            self.outages[target.name].recovered()
         self.scrapes.labels(subject=target.name, outcome=outcome).inc()
 
 
