@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -93,6 +94,25 @@ class ActorProc:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_log(self, msg: str, within: float = 40.0) -> None:
+        """Until the process has logged a JSON line whose `msg` is `msg` (the runtime's
+        log format), or fail showing its log."""
+        deadline = time.monotonic() + within
+        while not any(_msg_of(line) == msg for line in self.log().splitlines()):
+            assert time.monotonic() < deadline, (
+                f"{self.name} (pid {self.pid}) never logged {msg!r}:\n{self.log()[-3000:]}")
+            await asyncio.sleep(0.05)
+
+    async def exit_code(self, within: float = 10.0) -> int:
+        return await asyncio.to_thread(self.proc.wait, within)
+
+
+def _msg_of(line: str) -> str:
+    try:
+        return str(json.loads(line).get("msg", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 @dataclass
@@ -500,6 +520,17 @@ async def result_of(col: Collector, execution_id: str, within: float = 20.0
     found = await col.wait_for(lambda e: isinstance(e, m.ExecutionResult)
                                and e.execution_id == execution_id, within)
     return found[0]
+
+
+async def one_running_step(bus: Bus, col: Collector, actions: RecordingServer,
+                           action: str = "rotate_logs") -> m.ExecutionApproved:
+    """Publish a one-step plan (a governor and an executor must run) and wait until
+    its action is in the recording server's hands."""
+    plan = plan_of(step(action))
+    await bus.publish("planner", plan)
+    approved = await approval_of(col, plan)
+    await asyncio.wait_for(actions.entered.wait(), 15)
+    return approved
 
 
 async def approval_of(col: Collector, plan: m.Plan, sid: str = "s1",

@@ -10,7 +10,6 @@ dead and a dead one that looks alive, depending on how long it stays stopped.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from tests.harness import (
     RecordingServer,
     approval_of,
     config_toml,
+    one_running_step,
     plan_of,
     result_of,
     start_crew,
@@ -37,13 +37,6 @@ from tests.harness import (
 
 def lease_config(url: str, lease_s: float) -> str:
     return config_toml(url) + f"[executor]\nlease_s = {lease_s}\n"
-
-
-async def wait_log(proc: ActorProc, text: str, within: float = 40.0) -> None:
-    deadline = time.monotonic() + within
-    while text not in proc.log():
-        assert time.monotonic() < deadline, f"{proc.name} never logged {text!r}:\n{proc.log()}"
-        await asyncio.sleep(0.05)
 
 
 async def beating(bus: Bus, proc: ActorProc, within: float = 20.0) -> None:
@@ -94,24 +87,21 @@ async def test_a_stopped_owner_with_a_fresh_lease_is_waited_for_not_reported_or_
     await start_crew(bus, "governor")
     owner = bus.spawn("executor")
     await bus.wait_heartbeat("executor")
-    plan = plan_of(step("rotate_logs"))
     async with bus.collect() as col:
-        await bus.publish("planner", plan)
-        approved = await approval_of(col, plan)
-        await asyncio.wait_for(actions.entered.wait(), 15)
+        approved = await one_running_step(bus, col, actions)
         other = bus.spawn("executor")
         await beating(bus, other)
         os.kill(owner.pid, signal.SIGSTOP)
         try:
             # The owner stops acking: after ack_wait the approval goes to the other one,
             # which finds a claim whose lease is still fresh and waits on it.
-            await wait_log(other, "waiting on another executor's lease")
+            await other.wait_log("waiting on another executor's lease")
             assert results_of(col, approved.execution_id) == []
             assert actions.count() == 1
         finally:
             os.kill(owner.pid, signal.SIGCONT)
         res = await result_of(col, approved.execution_id, within=30)
-        await wait_log(other, "already done: republishing the recorded result")
+        await other.wait_log("already done: republishing the recorded result")
     assert res.status in ("succeeded", "timed_out"), res  # the owner's own outcome
     assert {r.id for r in results_of(col, approved.execution_id)} == {res.id}
     assert actions.count() == 1, "the waiting executor re-ran a step whose owner was alive"
@@ -126,11 +116,8 @@ async def test_a_stopped_owner_whose_lease_lapsed_is_settled_and_stands_down(
     await start_crew(bus, "governor")
     owner = bus.spawn("executor")
     await bus.wait_heartbeat("executor")
-    plan = plan_of(step(action))
     async with bus.collect() as col:
-        await bus.publish("planner", plan)
-        approved = await approval_of(col, plan)
-        await asyncio.wait_for(actions.entered.wait(), 15)
+        approved = await one_running_step(bus, col, actions, action)
         if calls == 2:
             actions.block_s[action] = 0.0  # the re-run answers at once
         other = bus.spawn("executor")
@@ -138,12 +125,12 @@ async def test_a_stopped_owner_whose_lease_lapsed_is_settled_and_stands_down(
         os.kill(owner.pid, signal.SIGSTOP)
         try:
             res = await result_of(col, approved.execution_id, within=40)
-            await wait_log(other, "lease lapsed")
+            await other.wait_log("lease lapsed: its owner is gone")
         finally:
             os.kill(owner.pid, signal.SIGCONT)
         # Back to life, the owner's next renewal fails: it stops its action and reports
         # nothing of its own (the settler's outcome stands).
-        await wait_log(owner, "lost the ledger lease")
+        await owner.wait_log("lost the ledger lease: another executor settled this execution")
     assert res.status == status, res
     assert {r.id for r in results_of(col, approved.execution_id)} == {res.id}
     assert {r.status for r in results_of(col, approved.execution_id)} == {status}
@@ -157,11 +144,8 @@ async def test_sigkill_mid_idempotent_step_reruns_it_once_its_lease_lapses(
     await start_crew(bus, "governor")
     owner = bus.spawn("executor")
     await bus.wait_heartbeat("executor")
-    plan = plan_of(step("rotate_logs"))
     async with bus.collect() as col:
-        await bus.publish("planner", plan)
-        approved = await approval_of(col, plan)
-        await asyncio.wait_for(actions.entered.wait(), 15)
+        approved = await one_running_step(bus, col, actions)
         actions.block_s["rotate_logs"] = 0.0
         owner.kill()
         await start_crew(bus, "executor")

@@ -13,45 +13,19 @@ down) and only then engages the kill or revokes.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-
 from actors.cli import operator
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from tests.harness import (
-    ActorProc,
     Bus,
     RecordingServer,
-    approval_of,
     config_toml,
-    plan_of,
+    one_running_step,
     result_of,
     start_crew,
-    step,
 )
 
 BLOCK_S = 30.0  # the action's own duration: far beyond every bound below
-
-
-async def stopping(proc: ActorProc, within: float = 10.0) -> None:
-    """Wait until the process has logged that it is stopping (its SIGTERM handler ran)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        for line in proc.log().splitlines():
-            try:
-                if json.loads(line).get("msg") == "stopping":
-                    return
-            except ValueError:
-                continue
-        assert proc.alive(), f"exited before stopping was seen:\n{proc.log()[-3000:]}"
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never logged 'stopping':\n{proc.log()[-3000:]}")
-
-
-async def exit_code(proc: ActorProc, within: float = 10.0) -> int:
-    return await asyncio.to_thread(proc.proc.wait, within)
 
 
 async def test_a_kill_during_a_graceful_stop_still_cancels_the_running_action(
@@ -61,19 +35,16 @@ async def test_a_kill_during_a_graceful_stop_still_cancels_the_running_action(
     await start_crew(bus, "governor")
     executor = bus.spawn("executor")
     await bus.wait_heartbeat("executor")
-    plan = plan_of(step("rotate_logs"))
     async with bus.collect() as col:
-        await bus.publish("planner", plan)
-        approved = await approval_of(col, plan)
-        await asyncio.wait_for(actions.entered.wait(), 15)
+        approved = await one_running_step(bus, col, actions)
         executor.proc.terminate()  # SIGTERM: a rolling restart, a Ctrl-C
-        await stopping(executor)
+        await executor.wait_log("stopping", within=10)
         nc = await bus.connect(catalog.OPERATOR)
         await operator.engage_kill(nc, "tester", "stop during drain")
         res = await result_of(col, approved.execution_id, within=5)
     assert res.status == "cancelled", res
     assert "kill switch engaged by tester: stop during drain" in res.detail
-    assert await exit_code(executor) == 0, executor.log()[-3000:]
+    assert await executor.exit_code() == 0, executor.log()[-3000:]
     assert actions.count("rotate_logs") == 1
 
 
@@ -84,20 +55,17 @@ async def test_a_revocation_during_a_graceful_stop_still_cancels_the_running_act
     await start_crew(bus, "governor")
     executor = bus.spawn("executor")
     await bus.wait_heartbeat("executor")
-    plan = plan_of(step("rotate_logs"))
     async with bus.collect() as col:
-        await bus.publish("planner", plan)
-        approved = await approval_of(col, plan)
-        await asyncio.wait_for(actions.entered.wait(), 15)
+        approved = await one_running_step(bus, col, actions)
         executor.proc.terminate()
-        await stopping(executor)
+        await executor.wait_log("stopping", within=10)
         await bus.publish(catalog.OPERATOR, m.ControlCommand(
             command="revoke", execution_id=approved.execution_id, by="tester",
             reason="wrong fix"))
         res = await result_of(col, approved.execution_id, within=5)
     assert res.status == "cancelled", res
     assert "revoked by tester: wrong fix" in res.detail
-    assert await exit_code(executor) == 0, executor.log()[-3000:]
+    assert await executor.exit_code() == 0, executor.log()[-3000:]
 
 
 async def test_heartbeats_go_on_while_a_stopping_actor_drains(
@@ -107,16 +75,13 @@ async def test_heartbeats_go_on_while_a_stopping_actor_drains(
     await start_crew(bus, "governor")
     executor = bus.spawn("executor")
     await bus.wait_heartbeat("executor")
-    plan = plan_of(step("rotate_logs"))
     async with bus.collect() as col:
-        await bus.publish("planner", plan)
-        approved = await approval_of(col, plan)
-        await asyncio.wait_for(actions.entered.wait(), 15)
+        approved = await one_running_step(bus, col, actions)
         executor.proc.terminate()
-        await stopping(executor)
+        await executor.wait_log("stopping", within=10)
         beat = await bus.wait_heartbeat("executor", timeout=5)
         assert beat.in_flight == 1  # still beating, and still holding the execution
         nc = await bus.connect(catalog.OPERATOR)
         await operator.engage_kill(nc, "tester", "done")
         await result_of(col, approved.execution_id, within=5)
-    assert await exit_code(executor) == 0, executor.log()[-3000:]
+    assert await executor.exit_code() == 0, executor.log()[-3000:]

@@ -36,7 +36,21 @@ async def release(bucket: Bucket, by: str, reason: str) -> KillFlag:
     """The governor's resume: the released flag, then the record of its revision (until
     that record lands, readers still see engaged: the safe order)."""
     flag = KillFlag(engaged=False, by=by, reason=reason, at=time.time())
-    rev = await bucket.put(KILL_KEY, encode_kill(flag))
-    await bucket.put(RELEASE_KEY, encode_release(Release(revision=rev, by=by, reason=reason,
-                                                         at=flag.at)))
+    await _record(bucket, flag, await bucket.put(KILL_KEY, encode_kill(flag)))
     return flag
+
+
+async def initial_release(bucket: Bucket) -> bool:
+    """Provisioning: a new install starts released, as if the governor had resumed (a
+    missing flag reads as engaged). An existing flag is never touched."""
+    flag = KillFlag(engaged=False, by="provisioning", reason="new install", at=time.time())
+    rev = await bucket.create_bytes(KILL_KEY, encode_kill(flag))
+    if rev is None:
+        return False
+    await _record(bucket, flag, rev)
+    return True
+
+
+async def _record(bucket: Bucket, flag: KillFlag, revision: int) -> None:
+    await bucket.put(RELEASE_KEY, encode_release(Release(revision=revision, by=flag.by,
+                                                         reason=flag.reason, at=flag.at)))

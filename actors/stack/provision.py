@@ -7,22 +7,14 @@ consumer with an arbitrary filter.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext, api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from actors.runtime import killswitch
 from actors.runtime.kv import Bucket
 from bus_schemas import catalog
-from bus_schemas.governor import (
-    KILL_KEY,
-    RELEASE_KEY,
-    KillFlag,
-    Release,
-    encode_kill,
-    encode_release,
-)
 
 
 @dataclass
@@ -91,21 +83,9 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> ProvisionReport:
         except BucketNotFoundError:
             await js.create_key_value(kv_config(b, replicas))
             report.created.append(f"kv {b.name}")
-    if await initial_release(Bucket(await js.key_value(catalog.GOVERNOR_BUCKET))):
+    if await killswitch.initial_release(Bucket(await js.key_value(catalog.GOVERNOR_BUCKET))):
         report.created.append("kill switch (released)")
     return report
-
-
-async def initial_release(gkv: Bucket) -> bool:
-    """A new install starts released, as if the governor had resumed: a missing flag
-    reads as engaged (bus_schemas.governor). An existing flag is never touched."""
-    flag = KillFlag(engaged=False, by="provisioning", reason="new install", at=time.time())
-    rev = await gkv.create_bytes(KILL_KEY, encode_kill(flag))
-    if rev is None:
-        return False
-    await gkv.put(RELEASE_KEY, encode_release(Release(revision=rev, by=flag.by,
-                                                      reason=flag.reason, at=flag.at)))
-    return True
 
 
 def kv_config(b: catalog.KvBucket, replicas: int = 1) -> api.KeyValueConfig:
