@@ -66,7 +66,7 @@ def is_outage(exc: BaseException) -> bool:
         return bool(exc.exceptions) and all(is_outage(e) for e in exc.exceptions)
     if isinstance(exc, OUTAGE_ERRORS):
         return True
-    return isinstance(exc, nats.js.errors.APIError) and exc.code == 503
+    return isinstance(exc, nats.js.errors.APIError) and getattr(exc, "code", None) == 503
 
 
 class Outage:
