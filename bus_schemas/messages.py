@@ -78,6 +78,40 @@ class IncidentEscalated(Event, tag="incident.escalated", frozen=True, kw_only=Tr
     attempts: int = 0
 
 
+ObstacleKind = Literal["kill", "mode", "limit", "approval", "expired", "other"]
+
+
+class IncidentParked(Event, tag="incident.parked", frozen=True, kw_only=True):
+    """The planner holds an incident back: its step was refused for a reason that is not
+    the fix's fault (kill switch, observe mode, a rate window...). No attempt is used;
+    it is planned again when the obstacle lifts (or at `retry_at`)."""
+
+    invariant: str = ""
+    obstacle: ObstacleKind
+    reason: str
+    attempt: int = 0  # the attempt that will be retried
+    action: str = ""
+    retry_at: float = 0.0  # the planner's next try at the latest (epoch seconds)
+
+
+class IncidentRecurring(Event, tag="incident.recurring", frozen=True, kw_only=True):
+    """The same invariant broke on the same subject again and again within a window:
+    one recurring problem for a human, while the crew keeps fixing what is safe."""
+
+    invariant: str
+    count: int  # incidents of this invariant on this subject within the window
+    window_s: float
+    incidents: list[str] = []  # their ids, oldest first
+    reason: str = ""
+
+
+class RetryRequested(Event, tag="incident.retry", frozen=True, kw_only=True):
+    """A human asks the planner to work an incident again (`menders retry`)."""
+
+    by: str
+    reason: str = ""
+
+
 class IncidentSummary(Event, tag="incident.summary", frozen=True, kw_only=True):
     """A one-paragraph account of a closed incident, written by a small model."""
 
@@ -103,6 +137,34 @@ class Diagnosis(Event, tag="diagnosis", frozen=True, kw_only=True):
     actions: list[RecommendedAction] = []  # ranked, best first
     source: str = "runbook"  # runbook | claude | claude->runbook fallback
     escalate: bool = False  # the diagnoser judges this beyond the crew's actions
+    # The DiagnosisRequested this answers ("" for the first diagnosis of an opened
+    # incident): the planner ignores an answer to a request it no longer waits for.
+    request_id: str = ""
+    symptoms: dict[str, float] = {}  # what the diagnosis was made on (fresh ones on a request)
+
+
+class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt that ran on an incident: what was done, how it ended, what it changed."""
+
+    attempt: int
+    action: str
+    params: dict[str, Any] = {}
+    outcome: str  # verdict_failed | failed | timed_out | unknown | verified_elsewhere ...
+    reason: str = ""  # the verdict's or the result's words
+    symptoms_before: dict[str, float] = {}  # those the diagnosis that chose it was made on
+    symptoms_after: dict[str, float] = {}  # those the next diagnosis was made on, once known
+
+
+class DiagnosisRequested(Event, tag="diagnosis.requested", frozen=True, kw_only=True):
+    """The planner asks for a fresh diagnosis of an open incident, on fresh observations,
+    with the record of what was tried (after a failed attempt, or a human's retry)."""
+
+    invariant: str
+    reason: str  # why a fresh look is needed
+    attempt: int  # the attempt the answer will be planned as
+    history: list[AttemptRecord] = []
+    symptoms: dict[str, float] = {}  # the last known, if the monitor cannot answer
+    excluded: list[str] = []  # actions a human (or policy) said no to on this incident
 
 
 class PlanStep(msgspec.Struct, frozen=True, kw_only=True):
@@ -206,6 +268,16 @@ class ControlCommand(Event, tag="control", frozen=True, kw_only=True):
     reason: str = ""
 
 
+class PolicyChanged(Event, tag="policy.changed", frozen=True, kw_only=True):
+    """The governor applied a change of policy (a resume, a mode): what was held back
+    may be planned again."""
+
+    change: Literal["resume", "mode"]
+    mode: Mode | None = None
+    by: str = ""
+    reason: str = ""
+
+
 class KillReengaged(Event, tag="kill.reengaged", frozen=True, kw_only=True):
     """The governor found the kill switch released (or deleted) without its own
     `resume` and engaged it again: releasing is the governor's alone, and audited."""
@@ -247,8 +319,12 @@ ALL_MESSAGES: tuple[type[Event], ...] = (
     IncidentUpdated,
     IncidentResolved,
     IncidentEscalated,
+    IncidentParked,
+    IncidentRecurring,
+    RetryRequested,
     IncidentSummary,
     Diagnosis,
+    DiagnosisRequested,
     Plan,
     ExecutionApproved,
     Decision,
@@ -257,6 +333,7 @@ ALL_MESSAGES: tuple[type[Event], ...] = (
     Verdict,
     HumanApproval,
     ControlCommand,
+    PolicyChanged,
     KillReengaged,
     Heartbeat,
     DeadLetter,

@@ -40,6 +40,19 @@ def summary(event: m.Event) -> str:
             return f"{xid[:8]} {action} {status.upper()} {d}".rstrip()
         case m.Verdict(invariant=inv, passed=ok, reason=reason):
             return f"{'PASS' if ok else 'FAIL'} {inv}: {reason}"
+        case m.IncidentParked(obstacle=kind, reason=reason, action=action, retry_at=at):
+            when = f"; next try by {time.strftime('%H:%M:%S', time.localtime(at))}" if at else ""
+            return f"PARKED ({kind}) {action}: {reason}{when}"
+        case m.IncidentRecurring(invariant=inv, count=n, window_s=w, incidents=ids):
+            shown = ", ".join(i[:8] for i in ids[-6:])
+            return f"RECURRING {inv}: {n} incidents within {w:g}s ({shown})"
+        case m.RetryRequested(by=by, reason=reason):
+            return f"retry asked by {by}" + (f": {reason}" if reason else "")
+        case m.DiagnosisRequested(attempt=n, reason=reason, history=tried):
+            done = ", ".join(f"{h.action}:{h.outcome}" for h in tried) or "nothing yet"
+            return f"for attempt {n} ({reason}); tried: {done}"
+        case m.PolicyChanged(change=change, mode=mode, by=by):
+            return f"{change}{' ' + mode if mode else ''} by {by}".strip()
         case m.IncidentSummary(outcome=outcome, summary=text):
             return f"[{outcome}] {text}"
         case m.HumanApproval(execution_id=xid, approved=ok, by=by):

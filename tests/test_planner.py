@@ -13,7 +13,15 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from actors.planner.attempts import IncidentState, Rules, apply, plan_id_for
+from actors.planner.attempts import (
+    IncidentState,
+    Rules,
+    SubjectIndex,
+    apply,
+    diagnosis_overdue,
+    plan_id_for,
+    recurrence,
+)
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from subjects.base import ActionSpec, NoParams
@@ -66,56 +74,164 @@ def test_diagnosis_gives_one_step_plan_of_the_top_action() -> None:
     assert state is not None and [a.action for a in state.alternatives] == ["recycle_pool"]
 
 
-def test_failure_signals_of_the_current_plan_move_to_next_alternative() -> None:
+def answer(req: m.DiagnosisRequested, *actions: str, escalate: bool = False,
+           symptoms: dict[str, float] | None = None) -> m.Diagnosis:
+    """The diagnoser's fresh diagnosis answering `req`."""
+    return m.Diagnosis(incident_id=req.incident_id, subject="webshop", invariant=req.invariant,
+                       hypothesis="fresh look", confidence=0.8, escalate=escalate,
+                       request_id=req.id, symptoms=symptoms or {"p99_ms": 900.0},
+                       actions=[m.RecommendedAction(action=a) for a in actions])
+
+
+def kinds(out: list[Any]) -> list[str]:
+    return [type(e).__name__ for e in out]
+
+
+def test_a_failed_attempt_asks_for_a_fresh_diagnosis_and_plans_from_its_answer() -> None:
     d = diagnosis("i1", "recycle_pool", "restart_worker", "enable_cache")
     p1 = plan_id_for("i1", 1)
-    p2 = plan_id_for("i1", 2)
-    _, out = run([
+    state, out = run([
         d,
         m.Decision(incident_id="i1", outcome="awaiting_approval", reason="risk", plan_id=p1),
         m.ExecutionResult(incident_id="i1", execution_id="x", plan_id=p1,
                           action="recycle_pool", status="succeeded"),
-        m.ExecutionResult(incident_id="i1", execution_id="x", plan_id=p1,
-                          action="recycle_pool", status="timed_out"),
-        verdict("i1", p1),  # stale: plan 2 is current now
-        m.Decision(incident_id="i1", outcome="vetoed", reason="rate limit", plan_id=p2),
+        verdict("i1", p1),
     ])
-    assert [(p.attempt, p.steps[0].action) for p in out] == [
-        (1, "recycle_pool"), (2, "restart_worker"), (3, "enable_cache")]
-    assert "timed_out" in out[1].rationale and "vetoed" in out[2].rationale
+    assert kinds(out) == ["Plan", "DiagnosisRequested"]
+    req = out[-1]
+    assert req.attempt == 2 and "verdict failed" in req.reason
+    [h] = req.history
+    assert (h.attempt, h.action, h.outcome) == (1, "recycle_pool", "verdict_failed")
+    # The first diagnosis's leftovers are not used: the answer names enable_cache.
+    late = answer(msgspec.structs.replace(req, id="old-request"), "restart_worker")
+    state, out2 = run_from(state, [late, answer(req, "enable_cache")])
+    assert kinds(out2) == ["Plan"] and out2[0].steps[0].action == "enable_cache"
+    assert out2[0].attempt == 2 and state is not None
+    assert state.history[0].symptoms_after == {"p99_ms": 900.0}
 
 
-def test_a_decision_that_ends_the_step_moves_on_and_one_that_does_not_waits() -> None:
-    d = diagnosis("i1", "recycle_pool", "restart_worker", "enable_cache")
-    p1, p2 = plan_id_for("i1", 1), plan_id_for("i1", 2)
-    _, out = run([
-        d,
-        # A released step that is killed or revoked ends in its executor's result.
-        m.Decision(incident_id="i1", outcome="killed", reason="kill", plan_id=p1),
-        m.Decision(incident_id="i1", outcome="revoked", reason="by ana", plan_id=p1),
-        # Revoked before release: no result will follow, the Decision is the end.
-        m.Decision(incident_id="i1", outcome="revoked", reason="by ana", plan_id=p1,
-                   ends_step=True),
-        # Released, but nobody reported before its slot ran out.
-        m.Decision(incident_id="i1", outcome="expired", reason="unreported", plan_id=p2,
-                   ends_step=True),
-    ])
-    assert [(p.attempt, p.steps[0].action) for p in out] == [
-        (1, "recycle_pool"), (2, "restart_worker"), (3, "enable_cache")]
-    assert "governor revoked" in out[1].rationale and "governor expired" in out[2].rationale
+def run_from(state: IncidentState | None, events: list[m.Event],
+             rules: Rules = RULES, now: float = 0.0) -> tuple[IncidentState | None, list[Any]]:
+    out: list[Any] = []
+    for e in events:
+        step = apply(state, e, rules, now)
+        if step is not None:
+            state = step.state
+            out += step.events
+    return state, out
 
 
-@pytest.mark.parametrize("status", ["skipped", "unknown", "cancelled"])
-def test_an_executor_side_ending_moves_on_then_escalates(status: str) -> None:
-    """skipped (kill, revocation or expiry before the start), unknown (a crash
-    mid-effect), cancelled (kill or revocation while running)."""
+@pytest.mark.parametrize("status", ["failed", "timed_out", "unknown"])
+def test_a_step_that_ran_and_failed_uses_an_attempt(status: str) -> None:
+    rules = Rules(max_attempts=2, spec_for=RULES.spec_for)
+    state, out = run([diagnosis("i1", "recycle_pool", "enable_cache")], rules)
+    for n in (1, 2):
+        state, more = run_from(state, [m.ExecutionResult(
+            incident_id="i1", execution_id=f"x{n}", plan_id=plan_id_for("i1", n),
+            action="a", status=status)], rules)  # type: ignore[arg-type]
+        out += more
+        if isinstance(more[-1], m.DiagnosisRequested):
+            state, more = run_from(state, [answer(more[-1], "enable_cache")], rules)
+            out += more
+    assert kinds(out) == ["Plan", "DiagnosisRequested", "Plan", "IncidentEscalated"]
+    assert status in out[-1].reason and out[-1].attempts == 2
+    assert state is not None and state.closed == "escalated"
+
+
+def test_vetoes_under_the_kill_switch_park_without_using_attempts() -> None:
     d = diagnosis("i1", "recycle_pool", "enable_cache")
-    state, out = run([d] + [
-        m.ExecutionResult(incident_id="i1", execution_id=f"x{n}", plan_id=plan_id_for("i1", n),
-                          action="a", status=status)  # type: ignore[arg-type]
-        for n in (1, 2)])
-    assert [type(e).__name__ for e in out] == ["Plan", "Plan", "IncidentEscalated"]
-    assert status in out[-1].reason and state is not None and state.closed == "escalated"
+    state, _ = run([d])
+    for n in range(1, 8):  # far more than max_attempts
+        state, more = run_from(state, [m.Decision(
+            incident_id="i1", outcome="vetoed", reason="kill switch engaged",
+            plan_id=plan_id_for("i1", n), ends_step=True)], now=100.0 * n)
+        assert kinds(more) == ["IncidentParked"], more
+        parked = more[0]
+        assert parked.obstacle == "kill" and parked.action == "recycle_pool"
+        assert state is not None and state.attempt == 0 and state.parked == "kill"
+        state, more = run_from(state, [m.RetryRequested(incident_id="i1", by="ana")])  # or a resume
+        [plan] = more
+        assert plan.steps[0].action == "recycle_pool" and plan.attempt == 1
+        assert plan.plan_id == plan_id_for("i1", n + 1)
+    assert state is not None and not state.closed
+
+
+@pytest.mark.parametrize(("outcome", "reason", "kind"), [
+    ("vetoed", "observe mode: nothing executes", "mode"),
+    ("vetoed", "rate limit: 6 executions on 'webshop' in the last minute (max 6)", "limit"),
+    ("vetoed", "cooldown: 'recycle_pool' on 'webshop' ran 1.0s ago (cooldown 5s)", "limit"),
+    ("vetoed", "concurrency limit: 2 executions in flight (max 2)", "limit"),
+    ("denied", "denied by the governor: no human decision within 600s", "approval"),
+    ("expired", "released, no executor reported", "expired"),
+])
+def test_obstacles_park_with_a_bounded_backoff(outcome: str, reason: str, kind: str) -> None:
+    rules = Rules(max_attempts=3, spec_for=RULES.spec_for, park_retry_s=5, park_retry_max_s=60)
+    state, _ = run([diagnosis("i1", "recycle_pool")], rules)
+    delays = []
+    for n in range(1, 7):
+        state, more = run_from(state, [m.Decision(
+            incident_id="i1", outcome=outcome, reason=reason,  # type: ignore[arg-type]
+            plan_id=plan_id_for("i1", n), ends_step=True)], rules, now=1000.0)
+        [parked] = more
+        assert parked.obstacle == kind
+        delays.append(parked.retry_at - 1000.0)
+        assert state is not None
+        state, more = run_from(state, [m.RetryRequested(incident_id="i1", by="ana")], rules)
+        assert kinds(more) == ["Plan"]
+    assert all(0 < d <= 60 for d in delays)
+    if kind not in ("kill", "mode"):
+        assert delays == sorted(delays) and delays[0] == 5 and delays[-1] == 60
+
+
+@pytest.mark.parametrize(("event", "what"), [
+    (m.Decision(incident_id="i1", outcome="denied", reason="denied by ana: no",
+                plan_id=plan_id_for("i1", 1), ends_step=True), "denied"),
+    (m.Decision(incident_id="i1", outcome="revoked", reason="revoked by ana",
+                plan_id=plan_id_for("i1", 1), ends_step=True), "revoked"),
+    (m.Decision(incident_id="i1", outcome="vetoed", plan_id=plan_id_for("i1", 1),
+                reason="action 'recycle_pool' is not in the allow-list of 'webshop'",
+                ends_step=True), "allow-list"),
+    (m.ExecutionResult(incident_id="i1", execution_id="x", plan_id=plan_id_for("i1", 1),
+                       action="recycle_pool", status="skipped", detail="revoked by ana: r"),
+     "revoked"),
+])
+def test_a_no_to_an_action_plans_the_next_without_an_attempt(event: m.Event, what: str) -> None:
+    state, out = run([diagnosis("i1", "recycle_pool", "enable_cache"), event])
+    assert kinds(out) == ["Plan", "Plan"]
+    assert out[1].steps[0].action == "enable_cache" and out[1].attempt == 1
+    assert what in out[1].rationale
+    assert state is not None and state.excluded == ["recycle_pool"]
+    # A later fresh diagnosis proposing it again does not bring it back.
+    state, more = run_from(state, [verdict("i1", out[1].plan_id)])
+    state, more = run_from(state, [answer(more[-1], "recycle_pool")])
+    assert kinds(more) == ["IncidentEscalated"] and "nothing not tried" in more[0].reason
+
+
+@pytest.mark.parametrize(("detail", "kind"), [
+    ("kill switch engaged by bob: drill", "kill"),
+    ("mode is observe: nothing executes", "mode"),
+    ("approved by policy, but the mode is now approve: a human must approve", "mode"),
+    ("approval expired 3.0s ago (not_after)", "expired"),
+])
+@pytest.mark.parametrize("status", ["skipped", "cancelled"])
+def test_skips_and_cancellations_by_an_obstacle_park(detail: str, kind: str, status: str) -> None:
+    state, out = run([diagnosis("i1", "recycle_pool"), m.ExecutionResult(
+        incident_id="i1", execution_id="x", plan_id=plan_id_for("i1", 1),
+        action="recycle_pool", status=status, detail=detail)])  # type: ignore[arg-type]
+    assert kinds(out) == ["Plan", "IncidentParked"] and out[1].obstacle == kind
+    assert state is not None and state.attempt == 0
+
+
+def test_a_decision_that_does_not_end_the_step_waits() -> None:
+    _, out = run([
+        diagnosis("i1", "recycle_pool", "restart_worker"),
+        m.Decision(incident_id="i1", outcome="killed", reason="kill", plan_id=plan_id_for("i1", 1)),
+        m.Decision(incident_id="i1", outcome="revoked", reason="by ana",
+                   plan_id=plan_id_for("i1", 1)),
+        m.Decision(incident_id="i1", outcome="awaiting_approval", reason="risk",
+                   plan_id=plan_id_for("i1", 1)),
+    ])
+    assert kinds(out) == ["Plan"]
 
 
 def test_unregistered_action_is_skipped() -> None:
@@ -123,21 +239,51 @@ def test_unregistered_action_is_skipped() -> None:
     assert [p.steps[0].action for p in out] == ["recycle_pool"]
 
 
-def test_max_attempts_then_escalation_and_nothing_after() -> None:
+def test_max_attempts_then_escalation_then_only_resolution_or_a_human() -> None:
     rules = Rules(max_attempts=2, spec_for=RULES.spec_for)
-    d = diagnosis("i1", "recycle_pool", "restart_worker", "enable_cache")
-    state, out = run([d, verdict("i1", plan_id_for("i1", 1)),
-                      verdict("i1", plan_id_for("i1", 2)),
-                      verdict("i1", plan_id_for("i1", 2))], rules)
-    assert [type(e).__name__ for e in out] == ["Plan", "Plan", "IncidentEscalated"]
+    state, out = run([diagnosis("i1", "recycle_pool", "restart_worker", "enable_cache"),
+                      verdict("i1", plan_id_for("i1", 1))], rules)
+    state, more = run_from(state, [answer(out[-1], "restart_worker", "enable_cache"),
+                                   verdict("i1", plan_id_for("i1", 2)),
+                                   verdict("i1", plan_id_for("i1", 2))], rules)
+    out += more
+    assert kinds(out) == ["Plan", "DiagnosisRequested", "Plan", "IncidentEscalated"]
     esc = out[-1]
     assert esc.attempts == 2 and "2 attempt(s) failed" in esc.reason
     assert state is not None and state.closed == "escalated"
+    # Escalated is not ended: a human's retry re-enters with a fresh budget and look.
+    state, more = run_from(state, [m.RetryRequested(incident_id="i1", by="ana")], rules)
+    [req] = more
+    assert isinstance(req, m.DiagnosisRequested) and "ana asked for a retry" in req.reason
+    assert [h.action for h in req.history] == ["recycle_pool", "restart_worker"]
+    state, more = run_from(state, [answer(req, "enable_cache")], rules)
+    assert kinds(more) == ["Plan"] and more[0].attempt == 3
+    state, more = run_from(state, [verdict("i1", more[0].plan_id)], rules)
+    assert kinds(more) == ["DiagnosisRequested"]  # the fresh budget is not spent yet
 
 
-def test_running_out_of_alternatives_escalates() -> None:
-    _, out = run([diagnosis("i1", "recycle_pool"), verdict("i1", plan_id_for("i1", 1))])
-    assert isinstance(out[-1], m.IncidentEscalated) and "no alternative" in out[-1].reason
+def test_an_escalated_incident_ends_only_when_resolved() -> None:
+    state, out = run([diagnosis("i1", "recycle_pool"), verdict("i1", plan_id_for("i1", 1))])
+    state, out = run_from(state, [answer(out[-1])])
+    assert kinds(out) == ["IncidentEscalated"] and state is not None
+    state, out = run_from(state, [verdict("i1", plan_id_for("i1", 1), passed=True)])
+    assert state is not None and state.closed == "escalated"
+    state, out = run_from(state, [m.IncidentResolved(incident_id="i1", subject="webshop",
+                                                     invariant="latency_p99", reason="holds")])
+    assert state is not None and state.closed == "resolved"
+    assert state.reason.startswith("escalated, then resolved")
+    _, out = run_from(state, [m.RetryRequested(incident_id="i1", by="ana")])
+    assert out == []
+
+
+def test_an_escalated_incident_re_enters_when_its_value_moves_by_the_factor() -> None:
+    state, out = run([diagnosis("i1", escalate=True)])
+    upd = [m.IncidentUpdated(incident_id="i1", subject="webshop", invariant="latency_p99",
+                             value=v) for v in (900.0, 1200.0, 600.0, 1900.0)]
+    state, out = run_from(state, upd[:3])
+    assert out == [] and state is not None and state.escalated_value == 900.0
+    state, out = run_from(state, upd[3:])
+    assert kinds(out) == ["DiagnosisRequested"] and "moved from 900 to 1900" in out[0].reason
 
 
 def test_escalating_or_empty_diagnosis_escalates_without_plan() -> None:
@@ -161,6 +307,28 @@ def test_resolved_or_verified_incident_is_closed() -> None:
 def test_a_later_diagnosis_does_not_restart_the_count() -> None:
     _, out = run([diagnosis("i1", "recycle_pool"), diagnosis("i1", "restart_worker")])
     assert len(out) == 1
+
+
+def test_an_unanswered_re_diagnosis_falls_back_to_the_untried_leftovers() -> None:
+    state, _ = run([diagnosis("i1", "recycle_pool", "enable_cache"),
+                      verdict("i1", plan_id_for("i1", 1))])
+    assert state is not None
+    step = diagnosis_overdue(state, m.Event(incident_id="i1"), RULES)
+    assert step is not None and kinds(step.events) == ["Plan"]
+    assert step.events[0].steps[0].action == "enable_cache"
+
+
+def test_recurrence_is_escalated_once_per_window() -> None:
+    index = SubjectIndex()
+    got = [recurrence(index, "webshop", "error_rate", f"i{n}", 100.0 * n, 3, 600.0)
+           for n in range(1, 6)]
+    assert [g is not None for g in got] == [False, False, True, False, False]
+    rec = got[2]
+    assert rec is not None and rec.count == 3 and rec.incidents == ["i1", "i2", "i3"]
+    # Quiet for a window, then it counts anew.
+    later = [recurrence(index, "webshop", "error_rate", f"j{n}", 5000.0 + 10 * n, 3, 600.0)
+             for n in range(3)]
+    assert [g is not None for g in later] == [False, False, True]
 
 
 # --- the actor process on a real bus --------------------------------------------------

@@ -28,7 +28,8 @@ import subjects
 from actors.executor.admission import refusal
 from actors.executor.ledger import LeaseWatch
 from actors.governor import policy
-from actors.planner.attempts import IncidentState, Rules, apply
+from actors.planner import attempts
+from actors.planner.attempts import IncidentState, Rules, apply, unpark
 from actors.runtime import derive_id
 from actors.runtime.config import GovernorConfig
 from bus_schemas import messages as m
@@ -49,6 +50,9 @@ LEASE_S = 10.0
 SLOT_GRACE_S = 30.0
 
 Mode = Literal["observe", "approve", "execute"]
+
+
+PlannerStep = attempts.Step
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Crew(RuleBasedStateMachine):
         self.usage = policy.Usage()
         self.rules = Rules(max_attempts=3, spec_for=lambda _s, a: ACTIONS.get(a))
         self.incidents: dict[str, IncidentState | None] = {}
+        self.diagnosed: dict[str, list[m.RecommendedAction]] = {}
         self.steps: dict[str, Step] = {}
         self.claims: dict[str, Claim] = {}
         self.starts: list[Start] = []
@@ -131,13 +136,32 @@ class Crew(RuleBasedStateMachine):
 
     def _planner(self, event: m.Event) -> None:
         iid = event.incident_id
-        step = apply(self.incidents.get(iid), event, self.rules)
+        self._planner_step(iid, apply(self.incidents.get(iid), event, self.rules, self.w.now))
+
+    def _planner_step(self, iid: str, step: PlannerStep | None) -> None:
         if step is None:
             return
         self.incidents[iid] = step.state
         for out in step.events:
             if isinstance(out, m.Plan) and out.steps:
                 self._governor_plan(out)
+            elif isinstance(out, m.DiagnosisRequested):
+                # The diagnoser answers at once: the first diagnosis's actions, minus
+                # those tried and failed (the evidence never changes in this model).
+                tried = {h.action for h in out.history}
+                self._planner(m.Diagnosis(
+                    incident_id=iid, subject=SUBJECT, invariant="p99", hypothesis="h",
+                    request_id=out.id, actions=[a for a in self.diagnosed[iid]
+                                                if a.action not in tried]))
+
+    def _wake(self, kinds: tuple[str, ...] = ()) -> None:
+        """The planner's background loop: parked incidents whose obstacle lifted (a
+        PolicyChanged for kill and mode) or whose backoff ran out are planned again."""
+        for iid, state in list(self.incidents.items()):
+            if state is not None and state.parked and (
+                    state.parked in kinds or state.retry_at <= self.w.now):
+                cause = m.Event(id=derive_id("tick", iid, state.plans), incident_id=iid)
+                self._planner_step(iid, unpark(state, cause, self.rules, self.w.now))
 
     def _kill_engaged(self) -> bool:
         return kill_state(self.w.kill, self.w.release).engaged
@@ -220,6 +244,7 @@ class Crew(RuleBasedStateMachine):
                         invariant="p99", hypothesis="h", actions=[m.RecommendedAction(action=a)
                                                  for a in [first, *rest]])
         self.incidents[d.incident_id] = None
+        self.diagnosed[d.incident_id] = list(d.actions)
         self._planner(d)
 
     def _awaiting(self) -> list[Step]:
@@ -247,6 +272,7 @@ class Crew(RuleBasedStateMachine):
         self.w.kill = (encode_kill(KillFlag(engaged=False, by="ana")), self._rev())
         self.w.release = encode_release(Release(revision=self.w.kill[1], by="ana"))
         self.w.truly_released = True
+        self._wake(("kill", "mode"))  # the governor's PolicyChanged
 
     @rule(delete=st.booleans())
     def forged_release(self, delete: bool) -> None:  # `kv del kill`, or a put by hand
@@ -272,6 +298,7 @@ class Crew(RuleBasedStateMachine):
     @rule(mode=st.sampled_from(["observe", "approve", "execute"]))
     def mode(self, mode: Mode) -> None:
         self.w.mode = mode
+        self._wake(("kill", "mode"))  # the governor's PolicyChanged
 
     # --- time ------------------------------------------------------------------------------
 
@@ -285,6 +312,7 @@ class Crew(RuleBasedStateMachine):
                   and not self._held_by_anyone(s.eid)):
                 self.usage = policy.free_slot(self.usage, s.eid)
                 self._decide(s, "expired", ends=True)  # released; nobody reported
+        self._wake()
 
     # --- executors ---------------------------------------------------------------------------
 
@@ -417,7 +445,11 @@ class Crew(RuleBasedStateMachine):
         assert len(flying) <= self.cfg.max_concurrent
 
     def teardown(self) -> None:
-        # Liveness: let the clock run and every executor drain, then all must have ended.
+        # Liveness: the obstacles lift (the operator resumes, the mode is execute), the
+        # clock runs and every executor drains; then every step and incident must have
+        # ended (escalated counts: a human has it).
+        self.resume()
+        self.mode("execute")
         for _ in range(20):
             for s in list(self.steps.values()):
                 if s.in_stream:

@@ -1,14 +1,20 @@
-"""The planner actor: a plan per diagnosis, the next alternative on failure, then a human.
+"""The planner actor: a plan per diagnosis, a fresh diagnosis after a failed attempt,
+parking while something outside the fix holds it back, then a human.
 
-Attempt 1 is the diagnosis's top-ranked action as a one-step plan; the other
-ranked actions are kept as alternatives. A failed verdict, a failed (or
-timed out, unknown, cancelled, skipped) execution, or a Decision that ends the
-current plan's step (a veto, a denial, or any with `ends_step`: revoked before
-release, expired unreported) moves to the next alternative as attempt n+1. After
-`planner.max_attempts` plans, or with no alternative left, the incident is
-escalated (an IncidentEscalated event plus the webhook). A diagnosis that
-asks for a human is escalated at once. A passed verdict or a resolved
-incident closes the incident for the planner.
+The rules are pure (actors/planner/attempts.py). Attempt 1 is the diagnosis's
+top-ranked action as a one-step plan. An attempt that ran and failed (failed
+verdict; failed, timed-out or unknown step) is recorded, and the planner asks
+the diagnoser for a fresh diagnosis (DiagnosisRequested, with the attempt
+history); the Diagnosis that answers it (its `request_id`) is planned as
+attempt n+1. A step held back by the kill switch, observe mode, a rate window,
+an approval nobody gave or an expiry *parks* the incident (IncidentParked, no
+attempt used); a human's denial, an operator's revocation or an allow-list veto
+excludes that action and plans the next at once. After `planner.max_attempts`
+attempts, or with nothing new to try, the incident is escalated (an
+IncidentEscalated event plus the webhook), which is not the end: it stays in
+the planner's index (gauge, webhook reminders with backoff) and re-enters on
+`menders retry` or an update whose value moved by `reentry_factor`; it ends
+when the detector resolves it.
 
 One cause often breaks several invariants at once (a leaked pool breaks
 saturation, latency and error rate): each is its own incident, but they must
@@ -17,15 +23,20 @@ under way for another open incident of the same subject *follows* that
 leader: it gets a Plan with no steps and `follows` set, and runs nothing. If
 the leader escalates, its followers escalate with it; if the leader's fix
 verifies, each follower has `follow_grace_s` to resolve by itself and is then
-planned on its own, without the action that already ran. Likewise, an
+diagnosed afresh on its own, knowing the action that already ran. Likewise, an
 incident diagnosed while another fix of the subject is being verified, whose
 diagnosis names a different fix or asks for a human, waits for that change
-to settle (symptoms just after a fix often still carry the fault it fixed):
-it is judged on its own after the grace, or at once if the change failed.
-The per-subject
-record of leaders and followers lives in the same bucket (key
-`subject.<name>`), and a background loop plans the followers whose grace
-ran out.
+to settle (symptoms just after a fix often still carry the fault it fixed).
+
+Background, once a second per subject: plan followers whose grace ran out,
+parked incidents whose backoff ran out (a resume or mode change, the
+governor's PolicyChanged, wakes them at once), incidents whose re-diagnosis
+was never answered (`rediagnosis_timeout_s`: the last diagnosis's untried
+leftovers), and remind the webhook of escalated incidents still broken.
+
+Recurrence: the same invariant opening `recurrence_count` times on one subject
+within `recurrence_window_s` is escalated once as one recurring problem
+(IncidentRecurring plus the webhook); each occurrence is still planned.
 
 State: one JSON record per incident in the KV bucket `menders_planner`
 (key: the incident id), written with compare-and-swap before the outputs
@@ -33,6 +44,8 @@ are published. Each record keeps the ids of the inputs already applied and
 the outputs of the last one, so a redelivered input republishes exactly the
 same events (same ids: the stream drops the copies) instead of planning
 again, and a restarted planner carries on at the attempt it had reached.
+The per-subject index (key `subject.<name>`) holds leaders, followers,
+parked, diagnosing and escalated incidents and the recent openings.
 """
 
 from __future__ import annotations
@@ -53,11 +66,14 @@ from actors.planner.attempts import (
     Step,
     SubjectIndex,
     apply,
+    diagnosis_overdue,
     escalate_with,
     follow,
     index_key,
     plan_on_own,
+    recurrence,
     state_key,
+    unpark,
 )
 from actors.planner.escalation import EscalationWebhook
 from actors.runtime import Actor, Delivery, Reject, derive_id
@@ -65,13 +81,22 @@ from actors.runtime.kv import Bucket, Records
 from bus_schemas import catalog
 from bus_schemas.messages import (
     Diagnosis,
+    DiagnosisRequested,
     Event,
     IncidentEscalated,
+    IncidentParked,
+    IncidentRecurring,
     Plan,
+    PolicyChanged,
+    RetryRequested,
 )
 from subjects.base import ActionSpec
 
 log = logging.getLogger("menders.planner")
+
+TICK_S = 1.0
+WOKEN_BY_POLICY = ("kill", "mode")  # parked kinds a PolicyChanged lifts
+
 
 class Planner(Actor):
     name = "planner"
@@ -81,15 +106,31 @@ class Planner(Actor):
         bucket = Bucket(await self.rt.js.key_value(catalog.PLANNER_BUCKET))
         self.states = Records(bucket, IncidentState)
         self.indexes = Records(bucket, SubjectIndex)
-        self.rules = Rules(self.config.planner.max_attempts, self._spec)
-        self.lock = asyncio.Lock()  # the consumer and the grace loop share the index
+        cfg = self.config.planner
+        self.rules = Rules(cfg.max_attempts, self._spec, park_retry_s=cfg.park_retry_s,
+                           park_retry_max_s=cfg.park_retry_max_s,
+                           reentry_factor=cfg.reentry_factor)
+        self.lock = asyncio.Lock()  # the consumer and the background loop share the index
         metrics = self.rt.metrics
         self.plans = metrics.counter("menders_plans", "Plans made, by attempt", ["attempt"])
         self.escalations = metrics.counter(
             "menders_escalations", "Incidents escalated to a human, by reason "
-            "(diagnosis, max_attempts, no_alternatives, no_actions)", ["reason"])
+            "(diagnosis, max_attempts, no_alternatives, no_actions, nothing_new, with_leader)",
+            ["reason"])
+        self.parks = metrics.counter(
+            "menders_planner_parks", "Incidents parked, by obstacle (kill, mode, limit, "
+            "approval, expired, other)", ["obstacle"])
+        self.rediagnoses = metrics.counter(
+            "menders_planner_rediagnoses", "Fresh diagnoses asked for", [])
+        self.recurrences = metrics.counter(
+            "menders_planner_recurrences", "Recurring problems escalated", [])
+        self.g_escalated = metrics.gauge(
+            "menders_planner_escalated_open", "Escalated incidents still broken, by subject",
+            ["subject"])
+        self.g_parked = metrics.gauge(
+            "menders_planner_parked", "Parked incidents, by subject", ["subject"])
         self.webhook = EscalationWebhook(
-            self.config.planner.escalation_webhook,
+            cfg.escalation_webhook,
             metrics.counter("menders_escalation_webhook", "Escalation webhook POSTs, by "
                             "outcome (sent, failed)", ["outcome"]))
 
@@ -101,9 +142,14 @@ class Planner(Actor):
         return definition.actions.get(action) if definition is not None else None
 
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
+        if isinstance(event, PolicyChanged):
+            async with self.lock:
+                await self._wake_parked(event)
+            return ()
         if not event.incident_id:
-            if isinstance(event, Diagnosis):
-                raise Reject("a diagnosis without an incident id cannot be planned")
+            if isinstance(event, Diagnosis | RetryRequested):
+                raise Reject(f"a {type(event).__name__} without an incident id names no "
+                             "incident to plan")
             return ()  # e.g. a kill decision that names no incident: not ours
         async with self.lock:
             return await self._handle(event)
@@ -117,13 +163,20 @@ class Planner(Actor):
             log.info("replaying the outputs of a redelivered input")
             self._notify(state.outbox)
             return state.outbox
-        step = apply(state, event, self.rules)
+        if isinstance(event, RetryRequested) and state is None:
+            raise Reject(f"menders retry: the planner knows no incident {event.incident_id!r}")
+        now = time.time()
+        step = apply(state, event, self.rules, now)
         if step is None:
+            if isinstance(event, RetryRequested):
+                log.info("retry asked for an incident being worked: nothing to do",
+                         extra={"closed": state.closed if state else ""})
             return ()
-        step, others = await self._correlate(step, event)
+        first = state is None and isinstance(event, Diagnosis)
+        step, others = await self._correlate(step, event, first, now)
         seen = [*(state.seen if state else []), event.id][-SEEN_LIMIT:]
         new = msgspec.structs.replace(step.state, seen=seen, last_input=event.id,
-                                      outbox=step.events + others, updated_at=time.time())
+                                      outbox=step.events + others, updated_at=now)
         await self._save(key, new, revision)  # before publishing: see the module doc
         self._count(step)
         self._notify(step.events + others)
@@ -131,18 +184,26 @@ class Planner(Actor):
 
     # --- one cause, one fix -------------------------------------------------------------
 
-    async def _correlate(self, step: Step, event: Event) -> tuple[Step, list[Output]]:
-        """Keep the subject's leader/follower index in step with this incident's step.
+    async def _correlate(self, step: Step, event: Event, first: bool,
+                         now: float) -> tuple[Step, list[Output]]:
+        """Keep the subject's index in step with this incident's step.
 
         Returns the (possibly rewritten) step and events for other incidents
-        (followers escalated with their leader).
+        (followers escalated with their leader) or about the subject (recurrence).
         """
         st = step.state
         index, rev = await self._load_index(st.subject)
         others: list[Output] = []
         incident = st.incident_id
+        if first:
+            cfg = self.config.planner
+            rec = recurrence(index, st.subject, st.invariant, incident, now,
+                             cfg.recurrence_count, cfg.recurrence_window_s)
+            if rec is not None:
+                others.append(rec)
         plan = next((e for e in step.events if isinstance(e, Plan)), None)
-        if isinstance(event, Diagnosis) and (plan is not None or step.state.closed):
+        if (isinstance(event, Diagnosis) and not event.request_id
+                and (plan is not None or step.state.closed)):
             action = plan.steps[0].action if plan is not None else ""
             others_active = {i: a for i, a in index.leaders.items() if i != incident}
             same = next((i for i, a in others_active.items() if a == action), None)
@@ -161,85 +222,170 @@ class Planner(Actor):
                 index.settling.append(incident)
             elif plan is not None:
                 index.leaders[incident] = action
-        elif plan is not None and incident in index.leaders:
+        elif plan is not None and plan.steps:
             index.leaders[incident] = plan.steps[0].action
         if step.state.closed:
-            index.followers.pop(incident, None)
-            index.waiting.pop(incident, None)
-            index.done_action.pop(incident, None)
-            if incident in index.settling:
-                index.settling.remove(incident)
-            if index.leaders.pop(incident, None) is not None:
-                mine = [f for f, lead in index.followers.items() if lead == incident]
-                for f in mine:
-                    del index.followers[f]
-                    settling = f in index.settling
-                    if step.state.closed == "escalated" and not settling:
-                        esc = next(e for e in step.events if isinstance(e, IncidentEscalated))
-                        others += await self._escalate_follower(f, esc)
-                    elif step.state.closed == "escalated":
-                        index.waiting[f] = time.time()  # the change settled badly: own plan now
-                        index.done_action[f] = ""
-                    else:
-                        index.waiting[f] = time.time() + self.config.planner.follow_grace_s
-                        index.done_action[f] = st.action
+            others += await self._closed(index, step)
+        self._book(index, step.state, now)
         await self._save_index(st.subject, index, rev)
         return step, others
 
-    async def _escalate_follower(self, incident: str, leader: IncidentEscalated) -> list[Output]:
+    async def _closed(self, index: SubjectIndex, step: Step) -> list[Output]:
+        incident = step.state.incident_id
+        others: list[Output] = []
+        index.followers.pop(incident, None)
+        index.waiting.pop(incident, None)
+        index.done_action.pop(incident, None)
+        if incident in index.settling:
+            index.settling.remove(incident)
+        if index.leaders.pop(incident, None) is not None:
+            mine = [f for f, lead in index.followers.items() if lead == incident]
+            for f in mine:
+                del index.followers[f]
+                settling = f in index.settling
+                if step.state.closed == "escalated" and not settling:
+                    esc = next(e for e in step.events if isinstance(e, IncidentEscalated))
+                    others += await self._escalate_follower(f, esc, index)
+                elif step.state.closed == "escalated":
+                    index.waiting[f] = time.time()  # the change settled badly: own look now
+                    index.done_action[f] = ""
+                else:
+                    index.waiting[f] = time.time() + self.config.planner.follow_grace_s
+                    index.done_action[f] = step.state.action
+        return others
+
+    def _book(self, index: SubjectIndex, st: IncidentState, now: float) -> None:
+        """Parked, diagnosing and escalated incidents, as the background loop needs them."""
+        i = st.incident_id
+        if st.parked:
+            index.parked[i] = st.retry_at
+            index.parked_kind[i] = st.parked
+        else:
+            index.parked.pop(i, None)
+            index.parked_kind.pop(i, None)
+        if st.request_id:
+            index.diagnosing[i] = st.requested_at + self.config.planner.rediagnosis_timeout_s
+        else:
+            index.diagnosing.pop(i, None)
+        if st.closed == "escalated":
+            index.escalated.setdefault(i, now + self.config.planner.reminder_s)
+        else:
+            index.escalated.pop(i, None)
+            index.reminders.pop(i, None)
+
+    async def _escalate_follower(self, incident: str, leader: IncidentEscalated,
+                                 index: SubjectIndex) -> list[Output]:
         key = state_key(incident)
         state, rev = await self._load(key)
         if state is None or state.closed:
             return []
         step = escalate_with(state, leader)
-        await self._save(key, msgspec.structs.replace(step.state, updated_at=time.time()), rev)
+        now = time.time()
+        await self._save(key, msgspec.structs.replace(step.state, updated_at=now), rev)
+        self._book(index, step.state, now)
         self._count(step)
         return list(step.events)
 
-    async def _grace_loop(self) -> None:
-        """Plan, on its own, each follower whose leader's fix verified but which stayed broken."""
+    async def _wake_parked(self, change: PolicyChanged) -> None:
+        """A resume or a mode change: what the kill switch or the mode held back is due."""
+        now = time.time()
+        for subject in self.config.subjects:
+            index, rev = await self._load_index(subject)
+            due = [i for i, kind in index.parked_kind.items() if kind in WOKEN_BY_POLICY]
+            if not due:
+                continue
+            for i in due:
+                index.parked[i] = now
+            await self._save_index(subject, index, rev)
+            log.info("parked incidents woken", extra={"change": change.change,
+                                                      "subject": subject, "count": len(due)})
+
+    # --- the background loop --------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(TICK_S)
             for subject in self.config.subjects:
                 async with self.lock:
-                    events = await self._expire_waiting(subject)
+                    events = await self._tick(subject)
                 for e in events:
                     await self.rt.publish(e)
                 self._notify(events)
 
-    async def _expire_waiting(self, subject: str) -> list[Output]:
+    async def _tick(self, subject: str) -> list[Output]:
         index, rev = await self._load_index(subject)
         now = time.time()
-        due = [f for f, deadline in index.waiting.items() if deadline <= now]
-        if not due:
-            return []
         out: list[Output] = []
-        for f in due:
+        changed = False
+        for f in [f for f, deadline in index.waiting.items() if deadline <= now]:
+            changed = True
             done = index.done_action.pop(f, "")
             del index.waiting[f]
             if f in index.settling:
                 index.settling.remove(f)
-            key = state_key(f)
-            state, srev = await self._load(key)
-            if state is None or state.closed:
-                continue
-            cause = Event(id=derive_id("grace", f), incident_id=state.follows, subject=subject)
-            step = plan_on_own(state, done, cause, self.rules)
-            plan = next((e for e in step.events if isinstance(e, Plan)), None)
-            if plan is not None:
-                index.leaders[f] = plan.steps[0].action
-            await self._save(key, msgspec.structs.replace(step.state, updated_at=now), srev)
-            self._count(step)
-            out += step.events
-        await self._save_index(subject, index, rev)
+            out += await self._advance(index, f, now, self._on_own(done, now),
+                                       cause_of=lambda s: s.follows, tag="grace")
+        for i in [i for i, at in index.parked.items() if at <= now]:
+            changed = True
+            out += await self._advance(index, i, now, lambda s, c: unpark(
+                s, c, self.rules, now), tag=f"unpark{index.parked[i]}")
+        for i in [i for i, at in index.diagnosing.items() if at <= now]:
+            changed = True
+            out += await self._advance(index, i, now, lambda s, c: diagnosis_overdue(
+                s, c, self.rules), tag="overdue")
+        for i in [i for i, at in index.escalated.items() if at <= now]:
+            changed = True
+            n = index.reminders.get(i, 0) + 1
+            index.reminders[i] = n
+            cfg = self.config.planner
+            index.escalated[i] = now + min(cfg.reminder_s * 2 ** min(n, 30), cfg.reminder_max_s)
+            self.webhook.remind(i, subject, n)
+        self.g_escalated.labels(subject=subject).set(len(index.escalated))
+        self.g_parked.labels(subject=subject).set(len(index.parked))
+        if changed:
+            await self._save_index(subject, index, rev)
         return out
+
+    def _on_own(self, done: str, now: float) -> Callable[[IncidentState, Event], Step | None]:
+        return lambda state, cause: plan_on_own(state, done, cause, self.rules, now)
+
+    async def _advance(self, index: SubjectIndex, incident: str, now: float,
+                       rule: Callable[[IncidentState, Event], Step | None],
+                       cause_of: Callable[[IncidentState], str] = lambda s: s.incident_id,
+                       tag: str = "") -> list[Output]:
+        """Apply one background rule to one incident of the index."""
+        key = state_key(incident)
+        state, srev = await self._load(key)
+        if state is None or state.closed in ("resolved", "verified"):
+            index.parked.pop(incident, None)
+            index.parked_kind.pop(incident, None)
+            index.diagnosing.pop(incident, None)
+            return []
+        cause = Event(id=derive_id("tick", incident, tag, state.plans, state.requests),
+                      incident_id=cause_of(state) or incident, subject=state.subject)
+        step = rule(state, cause)
+        if step is None:
+            self._book(index, state, now)
+            return []
+        plan = next((e for e in step.events if isinstance(e, Plan)), None)
+        if plan is not None and plan.steps:
+            index.leaders[incident] = plan.steps[0].action
+        if step.state.closed:
+            extra = await self._closed(index, step)
+        else:
+            extra = []
+        self._book(index, step.state, now)
+        await self._save(key, msgspec.structs.replace(step.state, outbox=step.events + extra,
+                                                      updated_at=now), srev)
+        self._count(step)
+        return step.events + extra
 
     async def _load_index(self, subject: str) -> tuple[SubjectIndex, int | None]:
         got = await self.indexes.get(index_key(subject))
         return (SubjectIndex(), None) if got is None else (got.value, got.revision)
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
-        return (self._grace_loop,)
+        return (self._tick_loop,)
 
     async def _load(self, key: str) -> tuple[IncidentState | None, int | None]:
         got = await self.states.get(key)
@@ -256,10 +402,18 @@ class Planner(Actor):
     def _count(self, step: Step) -> None:
         for e in step.events:
             if isinstance(e, Plan):
-                self.plans.labels(attempt=str(e.attempt)).inc()
-                log.info("planned", extra={"attempt": e.attempt, "plan_id": e.plan_id,
-                                           "action": e.steps[0].action})
-            else:
+                if e.steps:
+                    self.plans.labels(attempt=str(e.attempt)).inc()
+                    log.info("planned", extra={"attempt": e.attempt, "plan_id": e.plan_id,
+                                               "action": e.steps[0].action})
+            elif isinstance(e, IncidentParked):
+                self.parks.labels(obstacle=e.obstacle).inc()
+                log.info("parked", extra={"obstacle": e.obstacle, "reason": e.reason[:200]})
+            elif isinstance(e, DiagnosisRequested):
+                self.rediagnoses.labels().inc()
+                log.info("fresh diagnosis asked", extra={"attempt": e.attempt,
+                                                         "reason": e.reason[:200]})
+            elif isinstance(e, IncidentEscalated):
                 self.escalations.labels(reason=step.escalation).inc()
                 log.warning("escalated", extra={"reason": e.reason, "attempts": e.attempts})
 
@@ -267,6 +421,10 @@ class Planner(Actor):
         for e in events:
             if isinstance(e, IncidentEscalated):
                 self.webhook.notify(e)
+            elif isinstance(e, IncidentRecurring):
+                self.recurrences.labels().inc()
+                log.warning("recurring", extra={"invariant": e.invariant, "count": e.count})
+                self.webhook.notify_recurring(e)
 
 
 ACTOR = Planner

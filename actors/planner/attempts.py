@@ -1,45 +1,83 @@
 """The planner's rules, pure: one incident's plan attempts as a state machine.
 
-`apply(state, event, rules)` takes the incident's record (None for a new one)
-and one input (a diagnosis, a decision, a result, a verdict, a resolution) and
-returns the next record and the events to publish, or None when the input
-changes nothing. No I/O and no clock: actor.py loads and saves the record with
-a compare-and-swap and publishes the outputs, so a redelivered input replays
-the same outputs instead of planning again.
+`apply(state, event, rules, now)` takes the incident's record (None for a new
+one), one input (a diagnosis, a decision, a result, a verdict, an update, a
+resolution, a human's retry) and the time, and returns the next record and the
+events to publish, or None when the input changes nothing. No I/O and no
+clock of its own: actor.py loads and saves the record with a compare-and-swap
+and publishes the outputs, so a redelivered input replays the same outputs
+instead of planning again.
+
+An *attempt* is an action that ran. How a step ends decides what follows
+(`ending_of`):
+
+- it ran and did not fix it (a failed verdict; a failed, timed-out or unknown
+  step): the attempt is used and recorded, and the next plan comes from a
+  *fresh diagnosis* (DiagnosisRequested, carrying the attempt history), not
+  from the first diagnosis's leftovers; after `max_attempts` it escalates;
+- it was held back by something that is not the fix's fault (kill switch,
+  observe mode, a rate/cooldown/concurrency window, an approval nobody gave in
+  time, an expiry, a skip or cancellation for one of those): the incident is
+  *parked* (IncidentParked), no attempt is used, and the same action is planned
+  again when the obstacle lifts (`unpark`) or, at the latest, after a bounded,
+  doubling backoff;
+- it was refused for this action (a human's denial, an operator's revocation,
+  an allow-list or registry veto): the action is excluded for this incident
+  and the next alternative is planned at once, without using an attempt.
+
+Escalated is not ended: an escalated incident still closes on its resolution
+("escalated, then resolved"), and re-enters the loop, with a fresh attempt
+budget and a fresh diagnosis, on a human's retry or on an update whose value
+moved by `reentry_factor` since it escalated.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import msgspec
 
 from actors.runtime import derive_id
 from bus_schemas.messages import (
+    AttemptRecord,
     Decision,
     Diagnosis,
+    DiagnosisRequested,
     Event,
     ExecutionResult,
     IncidentEscalated,
+    IncidentParked,
+    IncidentRecurring,
     IncidentResolved,
+    IncidentUpdated,
+    ObstacleKind,
     Plan,
     PlanStep,
     RecommendedAction,
+    RetryRequested,
     Verdict,
 )
 from subjects.base import ActionError, ActionSpec
 
-FAILED_STATUSES = frozenset({"failed", "timed_out", "unknown", "cancelled", "skipped"})
+# Ran, and did not fix it: an attempt used, a fresh diagnosis next.
+FAILED_STATUSES = frozenset({"failed", "timed_out", "unknown"})
+# Did not run (or was stopped): why (the executor's detail) decides park or refusal.
+BLOCKED_STATUSES = frozenset({"cancelled", "skipped"})
 # A Decision that ends the current plan's step: a refusal, or any Decision the governor
 # marks `ends_step` (revoked before release, expired unreported). awaiting_approval
 # waits; a `killed` or `revoked` released step ends in its executor's ExecutionResult.
 REFUSALS = frozenset({"vetoed", "denied"})
+FINAL = frozenset({"resolved", "verified"})  # closed for good; "escalated" is not final
 SEEN_LIMIT = 64  # input ids remembered per incident: far more than one incident's events
+HISTORY_LIMIT = 20  # attempt records kept per incident (and sent with each request)
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
-Output = Plan | IncidentEscalated
+Output = Plan | IncidentEscalated | DiagnosisRequested | IncidentParked | IncidentRecurring
+Ending = Literal["failed", "park", "refused"]
 
 
 class IncidentState(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,11 +85,26 @@ class IncidentState(msgspec.Struct, frozen=True, kw_only=True):
     subject: str = ""
     invariant: str = ""
     hypothesis: str = ""
-    attempt: int = 0  # plans made so far
-    plan_id: str = ""  # the current plan
+    attempt: int = 0  # attempts used: plans whose action ran (or runs now)
+    plans: int = 0  # plans made, parked and refused ones included (the plan ids)
+    attempt_base: int = 0  # `attempt` when a human's retry (or new evidence) restarted the budget
+    plan_id: str = ""  # the current plan ("" while parked or waiting for a diagnosis)
     action: str = ""  # the current plan's action
+    current: RecommendedAction | None = None  # the current plan's action and params
     alternatives: list[RecommendedAction] = []  # not tried yet, best first
-    closed: str = ""  # "" while open; resolved | verified | escalated
+    symptoms: dict[str, float] = {}  # what the current diagnosis was made on
+    history: list[AttemptRecord] = []  # the attempts that ran, oldest first
+    excluded: list[str] = []  # actions refused for this incident (denied, revoked, vetoed)
+    request_id: str = ""  # the DiagnosisRequested whose answer is awaited
+    requests: int = 0  # requests made (their ids)
+    requested_at: float = 0.0
+    parked: str = ""  # the obstacle kind while parked
+    park_reason: str = ""
+    parks: int = 0  # parks in a row, for the backoff
+    retry_at: float = 0.0  # when a parked incident is tried again at the latest
+    closed: str = ""  # "" while open; resolved | verified (final) | escalated (not final)
+    escalated_value: float = 0.0  # the incident's value when it escalated (0: unknown yet)
+    reentries: int = 0  # times an escalated incident re-entered the loop
     follows: str = ""  # the leader incident whose remediation this one waits on
     wants_human: str = ""  # the diagnosis asked for a human: the escalation reason, kept
     reason: str = ""  # why it closed
@@ -62,7 +115,8 @@ class IncidentState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SubjectIndex(msgspec.Struct, kw_only=True):
-    """Which incidents of one subject lead a remediation, and who follows whom."""
+    """Which incidents of one subject lead a remediation, and who follows whom; which
+    are parked, waiting for a diagnosis, escalated; which invariants keep breaking."""
 
     leaders: dict[str, str] = {}  # incident id -> the action of its current plan
     followers: dict[str, str] = {}  # follower incident id -> leader incident id
@@ -71,12 +125,22 @@ class SubjectIndex(msgspec.Struct, kw_only=True):
     # Followers that wait for a *different* remediation to settle (their own diagnosis
     # named another fix, or none): they do not escalate with the leader.
     settling: list[str] = []
+    parked: dict[str, float] = {}  # parked incident -> when to try it again
+    parked_kind: dict[str, str] = {}  # parked incident -> its obstacle kind
+    diagnosing: dict[str, float] = {}  # incident waiting for a fresh diagnosis -> give up at
+    escalated: dict[str, float] = {}  # escalated, still broken -> next webhook reminder at
+    reminders: dict[str, int] = {}  # reminders sent per escalated incident (the backoff)
+    recent: list[tuple[str, str, float]] = []  # (invariant, incident, first seen), in window
+    recurring: dict[str, float] = {}  # invariant -> when its recurrence was escalated
 
 
 @dataclass(frozen=True)
 class Rules:
     max_attempts: int
     spec_for: Callable[[str, str], ActionSpec | None]  # (managed subject, action)
+    park_retry_s: float = 5.0
+    park_retry_max_s: float = 300.0
+    reentry_factor: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -95,36 +159,92 @@ def index_key(subject: str) -> str:
     return f"subject.{subject}"
 
 
-def plan_id_for(incident_id: str, attempt: int) -> str:
-    # One id per (incident, attempt), whatever input led to it: no duplicate plans.
-    return derive_id("plan", incident_id, attempt)
+def plan_id_for(incident_id: str, n: int) -> str:
+    # One id per (incident, n-th plan), whatever input led to it: no duplicate plans.
+    # Without parks or refusals the n-th plan is attempt n.
+    return derive_id("plan", incident_id, n)
+
+
+# --- how a step ended -------------------------------------------------------------------
+
+
+def ending_of(event: Decision | ExecutionResult) -> tuple[Ending, ObstacleKind]:
+    """Whether a step's end is a failed fix, an obstacle to wait out, or a "no" to the
+    action. Only the governor's and the executor's own words are read."""
+    if isinstance(event, ExecutionResult):
+        if event.status in FAILED_STATUSES:
+            return "failed", "other"
+        why = event.detail
+        if why.startswith("kill switch"):
+            return "park", "kill"
+        if why.startswith("revoked"):
+            return "refused", "other"
+        if why.startswith("mode is") or "mode is now approve" in why:
+            return "park", "mode"
+        if why.startswith(("approval expired", "approval valid for")):
+            return "park", "expired"
+        return "park", "other"
+    why = event.reason
+    if event.outcome == "vetoed":
+        if why.startswith("kill switch"):
+            return "park", "kill"
+        if why.startswith("observe mode"):
+            return "park", "mode"
+        if why.startswith(("concurrency limit", "rate limit", "cooldown")):
+            return "park", "limit"
+        return "refused", "other"  # registry, parameters, allow-list, dependencies
+    if event.outcome == "denied":
+        if "no human decision within" in why:
+            return "park", "approval"  # nobody looked: not a "no"
+        return "refused", "other"
+    if event.outcome == "revoked":
+        return "refused", "other"
+    if event.outcome == "expired":
+        return "park", "expired"
+    return "park", "other"
 
 
 # --- the pure state machine ---------------------------------------------------------
 
 
-def apply(state: IncidentState | None, event: Event, rules: Rules) -> Step | None:
+def apply(state: IncidentState | None, event: Event, rules: Rules,
+          now: float = 0.0) -> Step | None:
     """The planner's reaction to one input, or None when it changes nothing."""
-    if state is not None and state.closed:
+    if state is not None and state.closed in FINAL:
         return None
-    if isinstance(event, Diagnosis):
-        return _on_diagnosis(state, event, rules)
     if isinstance(event, IncidentResolved):
+        if state is not None and state.closed == "escalated":
+            return _close(state, "resolved", f"escalated, then resolved: {event.reason}")
         return _close(state or _fresh(event), "resolved", event.reason)
+    if state is not None and state.closed == "escalated":
+        return _on_escalated(state, event, rules, now)
+    if isinstance(event, Diagnosis):
+        return _on_diagnosis(state, event, rules, now)
+    if isinstance(event, RetryRequested):
+        if state is None or not state.parked:
+            return None  # unknown, or being worked already
+        return unpark(state, event, rules, now)
     if state is None or not state.plan_id:
         return None  # nothing of ours to judge yet
     if isinstance(event, Verdict):
         if event.passed:
             return _close(state, "verified", event.reason)
         if event.plan_id == state.plan_id:
-            return _next(state, event, f"verdict failed: {event.reason}", rules)
+            return _failed(state, event, "verdict_failed", f"verdict failed: {event.reason}",
+                           rules, now)
     elif isinstance(event, ExecutionResult):
-        if event.plan_id == state.plan_id and event.status in FAILED_STATUSES:
+        if event.plan_id == state.plan_id and event.status in FAILED_STATUSES | BLOCKED_STATUSES:
             why = f"execution of {event.action} {event.status}"
-            return _next(state, event, f"{why}: {event.detail}" if event.detail else why, rules)
+            why = f"{why}: {event.detail}" if event.detail else why
+            ending, kind = ending_of(event)
+            if ending == "failed":
+                return _failed(state, event, event.status, why, rules, now)
+            return _blocked(state, event, ending, kind, why, rules, now)
     elif isinstance(event, Decision):
         if event.plan_id == state.plan_id and (event.outcome in REFUSALS or event.ends_step):
-            return _next(state, event, f"governor {event.outcome}: {event.reason}", rules)
+            ending, kind = ending_of(event)
+            why = f"governor {event.outcome}: {event.reason}"
+            return _blocked(state, event, ending, kind, why, rules, now)
     return None
 
 
@@ -134,36 +254,76 @@ def _fresh(event: Event) -> IncidentState:
 
 
 def _close(state: IncidentState, how: str, reason: str) -> Step:
-    return Step(msgspec.structs.replace(state, closed=how, reason=reason))
+    return Step(msgspec.structs.replace(state, closed=how, reason=reason, plan_id="",
+                                        parked="", request_id=""))
 
 
-def _on_diagnosis(state: IncidentState | None, d: Diagnosis, rules: Rules) -> Step | None:
-    if state is not None and (state.attempt > 0 or state.follows):
+def _on_diagnosis(state: IncidentState | None, d: Diagnosis, rules: Rules,
+                  now: float) -> Step | None:
+    if state is not None and state.request_id:
+        if d.request_id != state.request_id:
+            return None  # the first diagnosis again, or a late answer to an older request
+        return _on_answer(state, d, rules)
+    if d.request_id:
+        return None  # an answer nobody waits for (any more)
+    if state is not None and (state.plans > 0 or state.attempt > 0 or state.follows
+                              or state.requests > 0):
         return None  # planned already: a later diagnosis does not restart the count
     state = msgspec.structs.replace(state or _fresh(d), subject=d.subject,
                                     invariant=d.invariant, hypothesis=d.hypothesis,
-                                    alternatives=list(d.actions))
+                                    alternatives=list(d.actions), symptoms=dict(d.symptoms))
     if d.escalate:
         return _escalate(state, d, "diagnosis", f"the diagnosis asks for a human: {d.hypothesis}")
     return _next(state, d, "", rules)
 
 
+def _on_answer(state: IncidentState, d: Diagnosis, rules: Rules) -> Step:
+    """The fresh diagnosis a request asked for: plan attempt n+1 from it."""
+    history = list(state.history)
+    if history and not history[-1].symptoms_after and d.symptoms:
+        history[-1] = msgspec.structs.replace(history[-1], symptoms_after=dict(d.symptoms))
+    usable = [a for a in d.actions if a.action not in state.excluded]
+    state = msgspec.structs.replace(state, request_id="", hypothesis=d.hypothesis,
+                                    symptoms=dict(d.symptoms) or state.symptoms,
+                                    history=history, alternatives=usable)
+    if d.escalate:
+        return _escalate(state, d, "diagnosis",
+                         f"the fresh diagnosis asks for a human: {d.hypothesis}")
+    if not usable:
+        return _escalate(state, d, "nothing_new",
+                         f"the fresh diagnosis recommends nothing not tried or refused yet "
+                         f"after {_used(state)} attempt(s) ({_tried(state)}): {d.hypothesis}")
+    last = history[-1] if history else None
+    why = f"a fresh diagnosis after {last.action} {last.outcome}" if last else "a fresh diagnosis"
+    return _next(state, d, why, rules)
+
+
+def _used(state: IncidentState) -> int:
+    return state.attempt - state.attempt_base
+
+
+def _tried(state: IncidentState) -> str:
+    return ", ".join(f"{h.action}: {h.outcome}" for h in state.history[-5:]) or "nothing ran"
+
+
 def _next(state: IncidentState, cause: Event, why: str, rules: Rules) -> Step:
-    """The next viable alternative as attempt n+1, or the escalation."""
-    alternatives = list(state.alternatives)
+    """The next viable alternative as the next plan, or the escalation."""
+    alternatives = [a for a in state.alternatives if a.action not in state.excluded]
     unusable: list[str] = []
     while True:
-        if state.attempt >= rules.max_attempts:
+        if _used(state) >= rules.max_attempts:
             return _escalate(state, cause, "max_attempts",
-                             f"{state.attempt} attempt(s) failed, the last: {why}")
+                             f"{_used(state)} attempt(s) failed ({_tried(state)}), the last: "
+                             f"{why}")
         if not alternatives:
-            if state.attempt == 0:
-                detail = f" ({'; '.join(unusable)})" if unusable else ""
+            if state.attempt == 0 and not state.history:
+                detail = "; ".join(unusable + [f"{a}: refused" for a in state.excluded])
+                detail = f" ({detail})" if detail else ""
                 return _escalate(state, cause, "no_actions",
                                  f"the diagnosis recommends no usable action{detail}")
             return _escalate(state, cause, "no_alternatives",
-                             f"no alternative left after {state.attempt} attempt(s), "
-                             f"the last: {why}")
+                             f"no alternative left after {_used(state)} attempt(s) "
+                             f"({_tried(state)}), the last: {why}")
         rec = alternatives.pop(0)
         spec = rules.spec_for(state.subject, rec.action)
         if spec is None:
@@ -180,7 +340,8 @@ def _next(state: IncidentState, cause: Event, why: str, rules: Rules) -> Step:
 def _plan(state: IncidentState, cause: Event, rec: RecommendedAction, spec: ActionSpec,
           rest: list[RecommendedAction], why: str) -> Step:
     attempt = state.attempt + 1
-    plan_id = plan_id_for(state.incident_id, attempt)
+    plans = state.plans + 1
+    plan_id = plan_id_for(state.incident_id, plans)
     step = PlanStep(step_id=derive_id(plan_id, "step", 1), action=rec.action,
                     params=rec.params, risk=spec.risk, idempotent=spec.idempotent,
                     timeout_s=spec.timeout_s)
@@ -190,9 +351,111 @@ def _plan(state: IncidentState, cause: Event, rec: RecommendedAction, spec: Acti
     plan = Plan(id=plan_id, incident_id=state.incident_id, causation_id=cause.id,
                 subject=state.subject, plan_id=plan_id, invariant=state.invariant,
                 attempt=attempt, steps=[step], rationale=rationale)
-    new = msgspec.structs.replace(state, attempt=attempt, plan_id=plan_id, action=rec.action,
-                                  alternatives=rest)
+    new = msgspec.structs.replace(state, attempt=attempt, plans=plans, plan_id=plan_id,
+                                  action=rec.action, current=rec, alternatives=rest,
+                                  parked="", park_reason="", retry_at=0.0)
     return Step(new, [plan])
+
+
+def _failed(state: IncidentState, cause: Event, outcome: str, why: str, rules: Rules,
+            now: float) -> Step:
+    """The current attempt ran and did not fix it: record it, then a fresh diagnosis."""
+    record = AttemptRecord(attempt=state.attempt, action=state.action,
+                           params=dict(state.current.params) if state.current else {},
+                           outcome=outcome, reason=why[:500],
+                           symptoms_before=dict(state.symptoms))
+    state = msgspec.structs.replace(state, history=[*state.history, record][-HISTORY_LIMIT:],
+                                    plan_id="", parks=0)
+    if _used(state) >= rules.max_attempts:
+        return _escalate(state, cause, "max_attempts",
+                         f"{_used(state)} attempt(s) failed ({_tried(state)}), the last: {why}")
+    return request_diagnosis(state, cause, why, now)
+
+
+def request_diagnosis(state: IncidentState, cause: Event, why: str, now: float) -> Step:
+    """Ask for a fresh diagnosis on fresh observations, with the attempt history."""
+    n = state.requests + 1
+    req = DiagnosisRequested(id=derive_id("rediagnosis", state.incident_id, n),
+                             incident_id=state.incident_id, causation_id=cause.id,
+                             subject=state.subject, invariant=state.invariant,
+                             reason=why[:500], attempt=state.attempt + 1,
+                             history=list(state.history), symptoms=dict(state.symptoms),
+                             excluded=list(state.excluded))
+    new = msgspec.structs.replace(state, request_id=req.id, requests=n, requested_at=now,
+                                  plan_id="", parked="", park_reason="", retry_at=0.0)
+    return Step(new, [req])
+
+
+def diagnosis_overdue(state: IncidentState, cause: Event, rules: Rules) -> Step | None:
+    """No fresh diagnosis came in time: plan from the last one's untried leftovers."""
+    if not state.request_id or state.closed:
+        return None
+    tried = {h.action for h in state.history}
+    rest = [a for a in state.alternatives if a.action not in tried]
+    state = msgspec.structs.replace(state, request_id="", alternatives=rest)
+    return _next(state, cause, "no fresh diagnosis came in time; the last one's leftovers",
+                 rules)
+
+
+def _blocked(state: IncidentState, cause: Event, ending: Ending, kind: ObstacleKind,
+             why: str, rules: Rules, now: float) -> Step:
+    """The step did not run for a reason that is not the fix's fault: no attempt used."""
+    state = msgspec.structs.replace(state, attempt=max(state.attempt - 1, 0), plan_id="")
+    if ending == "refused":
+        excluded = [*state.excluded, state.action] if state.action not in state.excluded \
+            else state.excluded
+        state = msgspec.structs.replace(state, excluded=excluded, current=None)
+        return _next(state, cause, why, rules)
+    parks = state.parks + 1
+    if kind in ("kill", "mode"):
+        delay = rules.park_retry_max_s  # woken by the governor's PolicyChanged
+    else:
+        delay = min(rules.park_retry_s * 2 ** min(parks - 1, 30), rules.park_retry_max_s)
+    retry_at = now + delay
+    event = IncidentParked(id=derive_id("parked", state.incident_id, state.plans),
+                           incident_id=state.incident_id, causation_id=cause.id,
+                           subject=state.subject, invariant=state.invariant, obstacle=kind,
+                           reason=why[:500], attempt=state.attempt + 1, action=state.action,
+                           retry_at=retry_at)
+    new = msgspec.structs.replace(state, parked=kind, park_reason=why[:500], parks=parks,
+                                  retry_at=retry_at)
+    return Step(new, [event])
+
+
+def unpark(state: IncidentState, cause: Event, rules: Rules, now: float) -> Step | None:
+    """The obstacle lifted (or its backoff ran out): plan the same action again."""
+    if not state.parked or state.closed:
+        return None
+    why = f"retry after {state.parked} ({state.park_reason})"
+    rec = state.current
+    spec = rules.spec_for(state.subject, rec.action) if rec is not None else None
+    if rec is None or spec is None:
+        return _next(msgspec.structs.replace(state, parked=""), cause, why, rules)
+    return _plan(state, cause, rec, spec, list(state.alternatives), why)
+
+
+def _on_escalated(state: IncidentState, event: Event, rules: Rules, now: float) -> Step | None:
+    if isinstance(event, RetryRequested):
+        who = f"{event.by} asked for a retry" + (f": {event.reason}" if event.reason else "")
+        return reenter(state, event, who, now)
+    if isinstance(event, IncidentUpdated) and math.isfinite(event.value) and event.value > 0:
+        ref = state.escalated_value
+        if ref <= 0:
+            return Step(msgspec.structs.replace(state, escalated_value=event.value))
+        ratio = max(ref, event.value) / min(ref, event.value)
+        if ratio >= rules.reentry_factor:
+            return reenter(state, event, f"the evidence changed: {event.invariant} moved from "
+                                         f"{ref:g} to {event.value:g} since the escalation",
+                           now)
+    return None
+
+
+def reenter(state: IncidentState, cause: Event, why: str, now: float) -> Step:
+    """An escalated incident back in the loop: a fresh budget, a fresh diagnosis."""
+    state = msgspec.structs.replace(state, closed="", reason="", attempt_base=state.attempt,
+                                    reentries=state.reentries + 1, escalated_value=0.0,
+                                    follows="", wants_human="", parks=0)
+    return request_diagnosis(state, cause, why, now)
 
 
 def follow(state: IncidentState, diagnosis: Diagnosis, leader: str, why: str) -> Step:
@@ -203,9 +466,10 @@ def follow(state: IncidentState, diagnosis: Diagnosis, leader: str, why: str) ->
                 steps=[], follows=leader, rationale=why)
     wants_human = (f"the diagnosis asks for a human: {diagnosis.hypothesis}"
                    if diagnosis.escalate else "")
-    new = msgspec.structs.replace(state, follows=leader, attempt=0, plan_id="", action="",
+    new = msgspec.structs.replace(state, follows=leader, attempt=0, plans=0, plan_id="",
+                                  action="", current=None,
                                   alternatives=list(diagnosis.actions), closed="", reason="",
-                                  wants_human=wants_human)
+                                  wants_human=wants_human, symptoms=dict(diagnosis.symptoms))
     return Step(new, [plan])
 
 
@@ -214,24 +478,57 @@ def escalate_with(state: IncidentState, leader: IncidentEscalated) -> Step:
                      f"escalated with incident {leader.incident_id}: {leader.reason}")
 
 
-def plan_on_own(state: IncidentState, done_action: str, cause: Event, rules: Rules) -> Step:
-    """A follower whose leader's fix verified but which did not resolve: its own plan."""
+def plan_on_own(state: IncidentState, done_action: str, cause: Event, rules: Rules,
+                now: float = 0.0) -> Step:
+    """A follower whose leader's fix verified but which did not resolve (or whose leader's
+    change failed): a fresh diagnosis of its own, knowing what already ran."""
     rest = [a for a in state.alternatives if a.action != done_action]
     state = msgspec.structs.replace(state, follows="", alternatives=rest)
     if state.wants_human:
         return _escalate(state, cause, "diagnosis", state.wants_human)
     why = (f"{done_action} settled on incident {cause.incident_id} but this one stayed broken"
            if done_action else f"incident {cause.incident_id}'s remediation did not settle")
-    return _next(state, cause, why, rules)
+    if done_action:
+        record = AttemptRecord(attempt=0, action=done_action, outcome="ran_for_another",
+                               reason=why, symptoms_before=dict(state.symptoms))
+        state = msgspec.structs.replace(state, history=[*state.history, record])
+    return request_diagnosis(state, cause, why, now)
 
 
 def _escalate(state: IncidentState, cause: Event, category: str, reason: str) -> Step:
-    esc = IncidentEscalated(id=derive_id("escalated", state.incident_id),
+    tag = [state.reentries] if state.reentries else []
+    esc = IncidentEscalated(id=derive_id("escalated", state.incident_id, *tag),
                             incident_id=state.incident_id, causation_id=cause.id,
                             subject=state.subject, invariant=state.invariant,
-                            reason=reason, attempts=state.attempt)
-    new = msgspec.structs.replace(state, closed="escalated", reason=reason)
+                            reason=reason, attempts=_used(state))
+    new = msgspec.structs.replace(state, closed="escalated", reason=reason, plan_id="",
+                                  request_id="", parked="")
     return Step(new, [esc], escalation=category)
 
 
-# --- the actor ------------------------------------------------------------------------
+# --- recurrence, per subject ------------------------------------------------------------
+
+
+def recurrence(index: SubjectIndex, subject: str, invariant: str, incident: str, now: float,
+               count: int, window_s: float) -> IncidentRecurring | None:
+    """Note that `incident` of `invariant` opened now; the one recurrence escalation when
+    this makes `count` incidents of it within `window_s` (once, until the window is
+    quiet again). Mutates `index`."""
+    index.recent = [r for r in index.recent if r[2] > now - window_s]
+    if not any(r[1] == incident for r in index.recent):
+        index.recent.append((invariant, incident, now))
+    same = [r for r in index.recent if r[0] == invariant]
+    if len(same) < 2:
+        index.recurring.pop(invariant, None)  # quiet again: a new recurrence counts anew
+    if len(same) < count or invariant in index.recurring:
+        return None
+    index.recurring[invariant] = now
+    ids = [r[1] for r in same]
+    return IncidentRecurring(
+        id=derive_id("recurring", subject, invariant, ids[0]), incident_id=incident,
+        subject=subject, invariant=invariant, count=len(same), window_s=window_s,
+        incidents=ids,
+        reason=f"{invariant} broke {len(same)} times on {subject} within {window_s:g}s: one "
+               f"recurring problem for a human; the crew keeps fixing each occurrence")
+
+

@@ -1,6 +1,9 @@
 """The escalation webhook: tell a human, without ever holding up the planner.
 
-Each escalation is POSTed as JSON from a background task, with a bounded
+Three bodies: an escalation (`incident.escalated`), a reminder that an escalated
+incident is still broken (`incident.still_escalated`, sent with a doubling
+backoff until it resolves or re-enters the loop) and a recurring problem
+(`incident.recurring`). Each is POSTed as JSON from a background task, with a bounded
 timeout and a few retries; a failure is logged and counted, never raised.
 Delivery is at least once (a redelivered escalation may be POSTed again), so
 the body carries the escalation's id, also sent as `Idempotency-Key`. The
@@ -17,8 +20,9 @@ from typing import Any
 import aiohttp
 from prometheus_client import Counter
 
+from actors.runtime import derive_id
 from actors.runtime.metrics import Bound
-from bus_schemas.messages import IncidentEscalated
+from bus_schemas.messages import IncidentEscalated, IncidentRecurring
 
 log = logging.getLogger("menders.escalation")
 
@@ -39,6 +43,34 @@ def webhook_body(esc: IncidentEscalated) -> dict[str, Any]:
     }
 
 
+def reminder_body(incident_id: str, subject: str, n: int) -> dict[str, Any]:
+    return {
+        "text": f"menders reminder #{n}: incident {incident_id} ({subject}) is escalated "
+                f"and still broken (`menders retry {incident_id}` puts it back in the loop)",
+        "event": "incident.still_escalated",
+        "id": derive_id("reminder", incident_id, n),
+        "incident_id": incident_id,
+        "subject": subject,
+        "reminder": n,
+    }
+
+
+def recurring_body(rec: IncidentRecurring) -> dict[str, Any]:
+    return {
+        "text": f"menders: {rec.invariant} on {rec.subject} is a recurring problem: "
+                f"{rec.count} incidents within {rec.window_s:g}s ({', '.join(rec.incidents)}); "
+                "the crew keeps fixing each, a human should find the cause",
+        "event": "incident.recurring",
+        "id": rec.id,
+        "incident_id": rec.incident_id,
+        "subject": rec.subject,
+        "invariant": rec.invariant,
+        "count": rec.count,
+        "incidents": rec.incidents,
+        "ts": rec.ts,
+    }
+
+
 class EscalationWebhook:
     def __init__(self, url: str, sent: Bound[Counter], *, timeout_s: float = 5.0,
                  tries: int = 3, backoff_s: float = 0.5) -> None:
@@ -52,9 +84,18 @@ class EscalationWebhook:
 
     def notify(self, esc: IncidentEscalated) -> None:
         """Schedule the POST and return at once."""
+        self._post(webhook_body(esc))
+
+    def remind(self, incident_id: str, subject: str, n: int) -> None:
+        self._post(reminder_body(incident_id, subject, n))
+
+    def notify_recurring(self, rec: IncidentRecurring) -> None:
+        self._post(recurring_body(rec))
+
+    def _post(self, body: dict[str, Any]) -> None:
         if not self.url:
             return
-        task = asyncio.create_task(self._deliver(esc))
+        task = asyncio.create_task(self._deliver(body))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -64,14 +105,13 @@ class EscalationWebhook:
             self.sent.labels(outcome="failed").inc()
             log.error("escalation webhook crashed", extra={"err": repr(exc)})
 
-    async def _deliver(self, esc: IncidentEscalated) -> None:
+    async def _deliver(self, body: dict[str, Any]) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
-        body = webhook_body(esc)
         for attempt in range(1, self.tries + 1):
             try:
                 async with self._session.post(self.url, json=body,
-                                              headers={"Idempotency-Key": esc.id}) as resp:
+                                              headers={"Idempotency-Key": body["id"]}) as resp:
                     if resp.status < 300:
                         self.sent.labels(outcome="sent").inc()
                         log.info("escalation webhook sent", extra={"status": resp.status})

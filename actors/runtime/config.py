@@ -83,6 +83,41 @@ class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # An incident that followed another's remediation gets this long, after that
     # remediation verified, to resolve by itself before it is planned on its own.
     follow_grace_s: float = 10.0
+    # A parked incident (kill switch, observe mode, a rate window...) is tried again after
+    # park_retry_s, doubling per park up to park_retry_max_s; a resume or a mode change
+    # wakes it at once. Each try is one plan.
+    park_retry_s: float = 5.0
+    park_retry_max_s: float = 300.0
+    # A re-diagnosis the diagnoser never answers: plan from the last diagnosis's leftovers.
+    rediagnosis_timeout_s: float = 60.0
+    # Escalated and still broken: remind the webhook after this, doubling up to the max.
+    reminder_s: float = 600.0
+    reminder_max_s: float = 6 * 3600.0
+    # An escalated incident re-enters the loop when its value moved by this factor.
+    reentry_factor: float = 2.0
+    # The same invariant opening recurrence_count times on one subject within
+    # recurrence_window_s is one recurring problem: escalated once, still fixed.
+    recurrence_count: int = 3
+    recurrence_window_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.recurrence_count < 2:
+            raise ValueError("planner.max_attempts must be >= 1 and recurrence_count >= 2")
+        if not 0 < self.park_retry_s <= self.park_retry_max_s:
+            raise ValueError("planner.park_retry_s must be > 0 and <= park_retry_max_s")
+        if self.reentry_factor <= 1.0:
+            raise ValueError("planner.reentry_factor must be > 1")
+
+
+class DiagnoserConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # The evidence changed (so an action that failed may be tried again) when the set of
+    # broken invariants differs, or a symptom named by an invariant or a runbook condition
+    # moved by this factor (values under evidence_floor count as evidence_floor).
+    evidence_factor: float = 2.0
+    evidence_floor: float = 0.01
+    # A re-diagnosis looks at the monitor's observations of this many last seconds.
+    fresh_window_s: float = 5.0
+    fresh_timeout_s: float = 2.0
 
 
 class VerifierConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -144,6 +179,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     governor: GovernorConfig = msgspec.field(default_factory=GovernorConfig)
     planner: PlannerConfig = msgspec.field(default_factory=PlannerConfig)
+    diagnoser: DiagnoserConfig = msgspec.field(default_factory=DiagnoserConfig)
     verifier: VerifierConfig = msgspec.field(default_factory=VerifierConfig)
     executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
     llm: LlmConfig = msgspec.field(default_factory=LlmConfig)
