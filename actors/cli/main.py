@@ -272,6 +272,47 @@ async def cmd_deny(args: argparse.Namespace) -> int:
     return await _approval(args, False)
 
 
+async def cmd_retry(args: argparse.Namespace) -> int:
+    """Put an incident back in the loop (an escalated one above all): the planner asks
+    for a fresh diagnosis with a fresh attempt budget, or re-plans a parked one now."""
+    config = _load(args)
+    async with operator.connect(config) as nc:
+        incidents, _ = await operator.open_incidents(nc.jetstream())
+        found = [i for i in incidents if i["incident_id"].startswith(args.incident)]
+        if len(found) != 1:
+            what = "no open incident" if not found else f"{len(found)} open incidents"
+            raise CliError(f"{what} match {args.incident!r} (`menders status` lists them)")
+        inc = found[0]
+        event = m.RetryRequested(incident_id=inc["incident_id"], subject=inc["subject"],
+                                 by=args.by, reason=args.reason)
+        col: asyncio.Queue[m.Event] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            try:
+                e = codec.decode(msg.data)
+            except codec.DecodeError:
+                return
+            if e.causation_id == event.id:
+                await col.put(e)
+
+        # What the planner answers a retry with: a fresh diagnosis asked, or a new plan.
+        subs = [await nc.subscribe(catalog.subject_for(k, subject=inc["subject"]), cb=on_msg)
+                for k in (m.Plan, m.DiagnosisRequested)]
+        await operator.publish(nc, event)
+        print(f"retry of incident {inc['incident_id']} ({inc['state']}) sent to the planner")
+        try:
+            answer = await asyncio.wait_for(col.get(), args.wait)
+        except TimeoutError:
+            print(f"the planner did not take it up within {args.wait:g}s: it is being worked "
+                  "already, or the planner is down (`menders status`)", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            for s_ in subs:
+                await s_.unsubscribe()
+        print(f"planner: {render.summary(answer)}")
+    return 0
+
+
 async def cmd_audit(args: argparse.Namespace) -> int:
     from actors.cli.audit import run_audit
 
@@ -331,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("execution_id")
     deny = add("deny", cmd_deny, "deny an execution awaiting a human")
     deny.add_argument("execution_id")
-    for sp in (mode, kill, resume, revoke, approve, deny):
+    retry = add("retry", cmd_retry, "work an escalated (or parked) incident again: a fresh "
+                "diagnosis and a fresh attempt budget")
+    retry.add_argument("incident", help="incident id (or a unique prefix)")
+    for sp in (mode, kill, resume, revoke, approve, deny, retry):
         sp.add_argument("--by", default="operator", help="who you are, for the record")
         sp.add_argument("--reason", default="", help="why, for the record")
         sp.add_argument("--wait", type=float, default=5.0,

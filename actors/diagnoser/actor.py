@@ -22,17 +22,27 @@ import msgspec
 import nats.errors
 
 import subjects
-from actors.diagnoser.runbook import RunbookDiagnoser, no_match
+from actors.diagnoser.runbook import RunbookDiagnoser, exclude_tried, no_match
 from actors.runtime import Actor, Delivery, Reject, Runtime
 from bus_schemas import catalog
 from bus_schemas.messages import (
+    AttemptRecord,
     Diagnosis,
+    DiagnosisRequested,
     Event,
     IncidentEscalated,
     IncidentOpened,
     IncidentResolved,
 )
-from bus_schemas.queries import PastIncident, SimilarQuery, SimilarReply
+from bus_schemas.queries import (
+    LogsInput,
+    ObservationsInput,
+    ObsQuery,
+    ObsReply,
+    PastIncident,
+    SimilarQuery,
+    SimilarReply,
+)
 from subjects.base import SubjectDefinition
 from subjects.rules import check_rules
 
@@ -45,8 +55,8 @@ log = logging.getLogger("menders.diagnoser")
 class Diagnoser(Protocol):
     source: str
 
-    async def diagnose(self, incident: IncidentOpened,
-                       definition: SubjectDefinition) -> Diagnosis: ...
+    async def diagnose(self, incident: IncidentOpened, definition: SubjectDefinition,
+                       history: Sequence[AttemptRecord] = ()) -> Diagnosis: ...
 
 
 # The memory only reorders a runbook's alternatives: never worth stalling the loop for.
@@ -119,9 +129,13 @@ class DiagnoserActor(Actor):
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
         if isinstance(event, IncidentResolved | IncidentEscalated):
             return await self._summarize(event)
+        if isinstance(event, DiagnosisRequested):
+            if not event.incident_id:
+                raise Reject("a diagnosis request without an incident id")
+            return await self._rediagnose(event)
         if not isinstance(event, IncidentOpened):
-            raise Reject(f"the diagnoser takes incident.opened, resolved and escalated only, "
-                         f"not {type(event).__name__}")
+            raise Reject(f"the diagnoser takes incident.opened, resolved and escalated and "
+                         f"diagnosis.requested only, not {type(event).__name__}")
         started = time.perf_counter()
         definition = self._definition(event.subject)
         if definition is None:
@@ -129,6 +143,76 @@ class DiagnoserActor(Actor):
                                         "nothing to diagnose against")
         else:
             diagnosis = await self.diagnoser.diagnose(event, definition)
+        diagnosis = msgspec.structs.replace(diagnosis, symptoms=dict(event.symptoms))
+        return self._done(diagnosis, started)
+
+    async def _rediagnose(self, req: DiagnosisRequested) -> Sequence[Event]:
+        """A fresh diagnosis on fresh observations, knowing what was tried (issue 9)."""
+        started = time.perf_counter()
+        definition = self._definition(req.subject)
+        incident, note = await self._fresh_incident(req, definition)
+        if definition is None:
+            diagnosis = no_match(incident, f"no subject definition for {req.subject!r}: "
+                                           "nothing to diagnose against")
+        else:
+            diagnosis = await self.diagnoser.diagnose(incident, definition, req.history)
+            cfg = self.config.diagnoser
+            diagnosis = exclude_tried(diagnosis, req.history, req.excluded, incident.symptoms,
+                                      definition, cfg.evidence_factor, cfg.evidence_floor)
+        evidence = [f"fresh look for attempt {req.attempt}: {req.reason}", note,
+                    *diagnosis.evidence]
+        diagnosis = msgspec.structs.replace(diagnosis, request_id=req.id,
+                                            symptoms=dict(incident.symptoms),
+                                            evidence=[e for e in evidence if e])
+        return self._done(diagnosis, started)
+
+    async def _fresh_incident(self, req: DiagnosisRequested,
+                              definition: SubjectDefinition | None
+                              ) -> tuple[IncidentOpened, str]:
+        """The incident as it looks now: the monitor's last few seconds of observations
+        (mean per metric) and recent log lines; the request's symptoms if it cannot say."""
+        cfg = self.config.diagnoser
+        symptoms, logs, note = dict(req.symptoms), [], ""
+        points = await self._ask_monitor(ObsQuery(subject=req.subject, observations=(
+            ObservationsInput(since_s=max(cfg.fresh_window_s, 1.0), max_points=30))))
+        fresh = [p for p in (points.points if points else []) if p.up]
+        if fresh:
+            sums: dict[str, list[float]] = {}
+            for p in fresh:
+                for k, v in p.metrics.items():
+                    sums.setdefault(k, []).append(v)
+            symptoms = {k: sum(vs) / len(vs) for k, vs in sums.items()}
+            note = f"fresh symptoms: the mean of {len(fresh)} observation(s) of the last " \
+                   f"{cfg.fresh_window_s:g}s"
+        else:
+            note = "no fresh observations from the monitor: the last known symptoms are used"
+        lines = await self._ask_monitor(ObsQuery(subject=req.subject, logs=LogsInput(
+            limit=100, since_s=max(cfg.fresh_window_s * 6, 1.0))))
+        if lines is not None:
+            logs = list(lines.lines)
+        spec = next((s for s in definition.invariants if s.name == req.invariant), None) \
+            if definition is not None else None
+        value = symptoms.get(spec.metric, float("nan")) if spec is not None else float("nan")
+        incident = IncidentOpened(id=req.id, incident_id=req.incident_id, causation_id=req.id,
+                                  subject=req.subject, invariant=req.invariant,
+                                  summary=req.reason[:200], value=value,
+                                  threshold=spec.threshold if spec is not None else 0.0,
+                                  symptoms=symptoms, recent_logs=logs)
+        return incident, note
+
+    async def _ask_monitor(self, q: ObsQuery) -> ObsReply | None:
+        method = "observations" if q.observations is not None else "logs"
+        try:
+            msg = await self.rt.nc.request(catalog.service_subject("monitor", method),
+                                           msgspec.json.encode(q),
+                                           timeout=self.config.diagnoser.fresh_timeout_s)
+            reply = msgspec.json.decode(msg.data, type=ObsReply)
+        except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+            log.warning("monitor not reachable for a fresh look", extra={"err": repr(exc)})
+            return None
+        return reply if reply.ok else None
+
+    def _done(self, diagnosis: Diagnosis, started: float) -> Sequence[Event]:
         self.latency.labels(source=diagnosis.source).observe(time.perf_counter() - started)
         self.diagnoses.labels(source=diagnosis.source, outcome=_outcome(diagnosis)).inc()
         log.info("diagnosed", extra={"hypothesis": diagnosis.hypothesis[:200],

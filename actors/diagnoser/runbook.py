@@ -17,6 +17,7 @@ beats the rule's static order. A rule that asks for a human still wins.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import msgspec
 
 from actors.runtime import follow_id
-from bus_schemas.messages import Diagnosis, IncidentOpened, RecommendedAction
+from bus_schemas.messages import AttemptRecord, Diagnosis, IncidentOpened, RecommendedAction
 from bus_schemas.queries import PastIncident, verified_before
 from subjects.base import ActionError, ActionSpec, RunbookRule, SubjectDefinition
 from subjects.rules import ConditionError, match_condition
@@ -201,6 +202,81 @@ def apply_memory(d: Diagnosis, incident: IncidentOpened, past: Sequence[PastInci
     return d
 
 
+# --- a fresh look after failed attempts ------------------------------------------------
+
+
+def broken_invariants(definition: SubjectDefinition, symptoms: Mapping[str, float]) -> set[str]:
+    """The threshold invariants these symptoms break (a point-in-time check, no timers)."""
+    out = set()
+    for spec in definition.invariants:
+        value = symptoms.get(spec.metric)
+        if spec.kind != "threshold" or value is None or math.isnan(value):
+            continue
+        healthy = value < spec.threshold if spec.op == "<" else value > spec.threshold
+        if not healthy:
+            out.add(spec.name)
+    return out
+
+
+def evidence_metrics(definition: SubjectDefinition) -> set[str]:
+    """The symptoms that count as evidence: those an invariant or a runbook condition names."""
+    return ({s.metric for s in definition.invariants}
+            | {metric for rule in definition.runbooks for metric in rule.when})
+
+
+def evidence_changed(before: Mapping[str, float], after: Mapping[str, float],
+                     definition: SubjectDefinition, factor: float, floor: float) -> str:
+    """How the evidence changed between two sets of symptoms, or "" if it did not.
+
+    Changed means: another set of broken invariants, or a symptom named by an invariant
+    or a runbook condition moved by `factor` (values below `floor` count as `floor`, so
+    noise around zero is no change). Unknown earlier symptoms count as unchanged.
+    """
+    if not before or not after:
+        return ""
+    was, now = broken_invariants(definition, before), broken_invariants(definition, after)
+    if was != now:
+        return (f"broken invariants were {', '.join(sorted(was)) or 'none'}, now "
+                f"{', '.join(sorted(now)) or 'none'}")
+    for metric in sorted(evidence_metrics(definition) & before.keys() & after.keys()):
+        a, b = before[metric], after[metric]
+        if math.isnan(a) or math.isnan(b):
+            continue
+        x, y = max(abs(a), floor), max(abs(b), floor)
+        if max(x, y) / min(x, y) >= factor:
+            return f"{metric} moved from {a:g} to {b:g}"
+    return ""
+
+
+def exclude_tried(d: Diagnosis, history: Sequence[AttemptRecord], excluded: Sequence[str],
+                  symptoms: Mapping[str, float], definition: SubjectDefinition,
+                  factor: float = 2.0, floor: float = 0.01) -> Diagnosis:
+    """Drop actions a human refused, and actions tried and failed on this incident unless
+    the evidence changed since (what `evidence_changed` says); the notes say why."""
+    kept: list[RecommendedAction] = []
+    notes: list[str] = []
+    for rec in d.actions:
+        if rec.action in excluded:
+            notes.append(f"not proposing {rec.action}: refused for this incident")
+            continue
+        tried = [h for h in history if h.action == rec.action]
+        if not tried:
+            kept.append(rec)
+            continue
+        last = tried[-1]
+        changed = evidence_changed(last.symptoms_before, symptoms, definition, factor, floor)
+        if changed:
+            kept.append(rec)
+            notes.append(f"{rec.action} was tried (attempt {last.attempt}: {last.outcome}), "
+                         f"but the evidence changed: {changed}")
+        else:
+            notes.append(f"not repeating {rec.action}: tried on this incident (attempt "
+                         f"{last.attempt}: {last.outcome}) and the evidence has not changed")
+    if not notes:
+        return d
+    return msgspec.structs.replace(d, actions=kept, evidence=[*d.evidence, *notes])
+
+
 Recall = Callable[[IncidentOpened], Awaitable[Sequence[PastIncident]]]
 
 
@@ -213,8 +289,9 @@ class RunbookDiagnoser:
     def __init__(self, recall: Recall | None = None) -> None:
         self.recall = recall
 
-    async def diagnose(self, incident: IncidentOpened,
-                       definition: SubjectDefinition) -> Diagnosis:
+    async def diagnose(self, incident: IncidentOpened, definition: SubjectDefinition,
+                       history: Sequence[AttemptRecord] = ()) -> Diagnosis:
+        # The history is applied by the caller (exclude_tried), the same for every diagnoser.
         d = diagnose(incident, definition)
         if self.recall is None:
             return d

@@ -85,6 +85,7 @@ from bus_schemas.messages import (
     Mode,
     Plan,
     PlanStep,
+    PolicyChanged,
 )
 from subjects.base import ActionSpec
 
@@ -572,7 +573,7 @@ class Governor(Actor):
             if cmd.mode is None:
                 raise Reject("mode command without a mode")
             await self.kv.put(MODE_KEY, encode_mode(cmd.mode))
-            return []
+            return [_policy_changed(cmd)]
         if cmd.command == "kill":
             flag = parse_kill(await self.kv.get_bytes(KILL_KEY))
             written = flag.engaged and flag.reason not in (UNREADABLE_KILL, MISSING_KILL)
@@ -589,7 +590,7 @@ class Governor(Actor):
             await self.kv.put(RELEASE_KEY, encode_release(Release(
                 revision=rev, by=cmd.by, reason=cmd.reason, at=flag.at)))
             self.m_kill.set(0)
-            return []
+            return [_policy_changed(cmd)]
         return await self._revoke(cmd, redelivered)
 
     async def _revoke(self, cmd: ControlCommand, redelivered: bool) -> list[Event]:
@@ -666,6 +667,13 @@ def _decision(plan: Plan, execution_id: str, step: PlanStep, outcome: DecisionOu
                     causation_id=cause_id, subject=plan.subject, outcome=outcome, reason=reason,
                     plan_id=plan.plan_id, execution_id=execution_id, step=step,
                     ends_step=ends_step)
+
+
+def _policy_changed(cmd: ControlCommand) -> PolicyChanged:
+    """What was held back (parked by the planner) may be planned again."""
+    change: Literal["resume", "mode"] = "mode" if cmd.command == "mode" else "resume"
+    return PolicyChanged(id=derive_id("policy", cmd.id), causation_id=cmd.id, change=change,
+                         mode=cmd.mode, by=cmd.by, reason=cmd.reason)
 
 
 def _recorded(prog: PlanProgress) -> list[Event]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from actors.diagnoser.llm.usage import LlmMetrics, Tally
 from actors.diagnoser.runbook import RunbookDiagnoser, diagnosis_of, observed_evidence
 from actors.runtime.config import LlmConfig
 from bus_schemas.errors import MendersError
-from bus_schemas.messages import Diagnosis, IncidentOpened
+from bus_schemas.messages import AttemptRecord, Diagnosis, IncidentOpened
 from subjects.base import SubjectDefinition
 
 log = logging.getLogger("menders.claude")
@@ -81,10 +82,10 @@ class ClaudeDiagnoser:
         self.fallback = fallback
         self.nc = nc
 
-    async def diagnose(self, incident: IncidentOpened,
-                       definition: SubjectDefinition) -> Diagnosis:
+    async def diagnose(self, incident: IncidentOpened, definition: SubjectDefinition,
+                       history: Sequence[AttemptRecord] = ()) -> Diagnosis:
         try:
-            inv = await self.investigate(incident, definition)
+            inv = await self.investigate(incident, definition, history)
         except LlmUnavailable as exc:
             return await self._fall_back(incident, definition, "api", f"Claude unavailable: {exc}")
         except BudgetSpent as exc:
@@ -107,15 +108,15 @@ class ClaudeDiagnoser:
         return msgspec.structs.replace(d, source=FALLBACK_SOURCE,
                                        evidence=[f"{reason}; the runbooks answered", *d.evidence])
 
-    async def investigate(self, incident: IncidentOpened,
-                          definition: SubjectDefinition) -> Investigation:
+    async def investigate(self, incident: IncidentOpened, definition: SubjectDefinition,
+                          history: Sequence[AttemptRecord] = ()) -> Investigation:
         cfg = self.cfg
         deadline = time.monotonic() + cfg.max_wall_s
         tools = [*tool_definitions(), diagnosis_tool(definition)]
         tools[-1] = {**tools[-1], "cache_control": CACHE}  # caches every tool definition
         system = [{"type": "text", "text": SYSTEM_PROMPT, "cache_control": CACHE}]
         messages: list[dict[str, Any]] = [
-            {"role": "user", "content": incident_message(incident, definition)}]
+            {"role": "user", "content": incident_message(incident, definition, history)}]
         tools_by_bus = Investigator(self.nc, incident, definition, cfg.tool_timeout_s)
         tally = Tally()
         for turn in range(1, cfg.max_turns + 1):
