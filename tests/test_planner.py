@@ -418,20 +418,40 @@ async def test_diagnosis_becomes_plan_attempt_one(bus: Bus) -> None:
         "restart_worker", spec.risk, spec.idempotent, spec.timeout_s)
 
 
+async def next_request(col: Collector, incident: str, n: int = 1) -> m.DiagnosisRequested:
+    found = await col.wait_for(lambda e: isinstance(e, m.DiagnosisRequested)
+                               and e.incident_id == incident, count=n)
+    req: m.DiagnosisRequested = found[n - 1]
+    return req
+
+
 @pytest.mark.e2e
-async def test_failed_verdict_gives_attempt_two_with_next_alternative(bus: Bus) -> None:
+async def test_failed_verdict_asks_for_a_fresh_diagnosis_and_plans_its_answer(
+        bus: Bus) -> None:
     await start_planner(bus)
     async with bus.collect() as col:
         d = bus_diagnosis("recycle_pool", "failover_dependency", "restart_worker")
         await bus.publish("diagnoser", d)
         p1 = await next_plan(col, d.incident_id, 1)
         await bus.publish("verifier", verdict(d.incident_id, p1.plan_id))
+        req = await next_request(col, d.incident_id)
+        assert req.producer == "planner" and req.attempt == 2
+        assert [(h.action, h.outcome) for h in req.history] == [("recycle_pool",
+                                                                 "verdict_failed")]
+        # A stale answer (another request) is ignored; the right one is planned.
+        await bus.publish("diagnoser", answer(msgspec.structs.replace(req, id=m.new_id()),
+                                              "failover_dependency"))
+        await bus.publish("diagnoser", answer(req, "enable_cache"))
         p2 = await next_plan(col, d.incident_id, 2)
-    assert p2.steps[0].action == "failover_dependency" and p2.plan_id != p1.plan_id
+        await barrier(bus, col)
+    assert p2.steps[0].action == "enable_cache" and p2.plan_id != p1.plan_id
+    assert len(plans_of(col, d.incident_id)) == 2
 
 
 @pytest.mark.e2e
-async def test_veto_moves_on_but_awaiting_approval_waits(bus: Bus) -> None:
+async def test_a_rate_limit_veto_parks_and_retries_while_awaiting_approval_waits(
+        bus: Bus) -> None:
+    bus.write_config("[planner]\npark_retry_s = 0.5\n")
     await start_planner(bus)
     async with bus.collect() as col:
         d = bus_diagnosis("scale_pool", "recycle_pool")
@@ -448,9 +468,16 @@ async def test_veto_moves_on_but_awaiting_approval_waits(bus: Bus) -> None:
         assert len(plans_of(col, d.incident_id)) == 1
         await bus.publish("governor", m.Decision(
             incident_id=d.incident_id, subject="webshop", outcome="vetoed",
-            reason="rate limit", plan_id=p1.plan_id))
-        p2 = await next_plan(col, d.incident_id, 2)
-    assert p2.steps[0].action == "recycle_pool" and "vetoed" in p2.rationale
+            reason="rate limit: 6 executions on 'webshop' in the last minute (max 6)",
+            plan_id=p1.plan_id, ends_step=True))
+        [parked] = await col.wait_for(lambda e: isinstance(e, m.IncidentParked)
+                                      and e.incident_id == d.incident_id)
+        found = await col.wait_for(lambda e: isinstance(e, m.Plan)
+                                   and e.incident_id == d.incident_id, count=2)
+    again = found[1]
+    assert parked.obstacle == "limit" and parked.action == "scale_pool"
+    assert again.attempt == 1 and again.steps[0].action == "scale_pool"
+    assert again.plan_id != p1.plan_id and "retry after limit" in again.rationale
 
 
 @pytest.mark.e2e
@@ -466,6 +493,8 @@ async def test_max_attempts_escalates_and_posts_the_webhook(bus: Bus) -> None:
                 incident_id=d.incident_id, subject="webshop", execution_id=m.new_id(),
                 plan_id=p1.plan_id, action="recycle_pool", status="failed",
                 detail="HTTP 500"))
+            req = await next_request(col, d.incident_id)
+            await bus.publish("diagnoser", answer(req, "failover_dependency"))
             p2 = await next_plan(col, d.incident_id, 2)
             await bus.publish("verifier", verdict(d.incident_id, p2.plan_id))
             [esc] = await col.wait_for(lambda e: isinstance(e, m.IncidentEscalated)
@@ -477,6 +506,40 @@ async def test_max_attempts_escalates_and_posts_the_webhook(bus: Bus) -> None:
         assert body["incident_id"] == d.incident_id and body["attempts"] == 2
         assert body["id"] == esc.id and headers["Idempotency-Key"] == esc.id
         assert body["reason"] == esc.reason and d.incident_id in body["text"]
+
+
+@pytest.mark.e2e
+async def test_an_escalated_incident_is_reminded_and_re_enters_on_a_retry(bus: Bus) -> None:
+    async with webhook_server() as hook:
+        bus.write_config(f'[planner]\nreminder_s = 0.5\nescalation_webhook = "{hook.url}"\n')
+        await start_planner(bus)
+        async with bus.collect() as col:
+            d = bus_diagnosis(escalate=True)
+            await bus.publish("diagnoser", d)
+            await col.wait_for(lambda e: isinstance(e, m.IncidentEscalated)
+                               and e.incident_id == d.incident_id)
+            deadline = time.monotonic() + 20
+            while len([b for _, b in hook.received if b["event"] == "incident.still_escalated"
+                       ]) < 2:
+                assert time.monotonic() < deadline, hook.received
+                hook.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(hook.arrived.wait(), 5)
+            reminders = [b for _, b in hook.received if b["event"] == "incident.still_escalated"]
+            assert [r["reminder"] for r in reminders[:2]] == [1, 2]
+            await bus.publish("operator", m.RetryRequested(incident_id=d.incident_id,
+                                                           subject="webshop", by="ana"))
+            req = await next_request(col, d.incident_id)
+            assert "ana asked for a retry" in req.reason
+            await bus.publish("diagnoser", answer(req, "recycle_pool"))
+            plan = await next_plan(col, d.incident_id, 1)
+            assert plan.steps[0].action == "recycle_pool"
+            # A retry for an incident the planner never saw is dead-lettered, not lost.
+            await bus.publish("operator", m.RetryRequested(incident_id="nobody", by="ana",
+                                                           subject="webshop"))
+            [dl] = await col.wait_for(lambda e: isinstance(e, m.DeadLetter)
+                                      and e.actor == "planner")
+            assert "knows no incident" in dl.reason
 
 
 @pytest.mark.e2e
@@ -547,6 +610,8 @@ async def test_restarted_planner_keeps_its_attempt_count(bus: Bus) -> None:
         # A second diagnosis of the same incident must not start over at attempt 1.
         await bus.publish("diagnoser", bus_diagnosis("enable_cache", incident=d.incident_id))
         await bus.publish("verifier", verdict(d.incident_id, p1.plan_id))
+        req = await next_request(col, d.incident_id)
+        await bus.publish("diagnoser", answer(req, "failover_dependency"))
         p2 = await next_plan(col, d.incident_id, 2)
         await barrier(bus, col)
     assert p2.steps[0].action == "failover_dependency"
