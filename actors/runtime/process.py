@@ -42,6 +42,7 @@ from actors.runtime.actor import Actor, Delivery, Reject, derive_id
 from actors.runtime.config import Config
 from actors.runtime.logs import bind_incident, get_logger
 from actors.runtime.metrics import ActorMetrics, Bound
+from actors.runtime.outage import Outage, is_outage
 from actors.runtime.publish import publish_event, stamped
 from bus_schemas import catalog, codec
 from bus_schemas.errors import MendersError
@@ -70,6 +71,7 @@ class Runtime:
         self.nc: Client = Client()
         self.js: JetStreamContext | None = None
         self.stopping = asyncio.Event()
+        self.link = Outage("nats connection", log)  # one line when it drops, one when back
         # Set once stopping and every consumer has drained: background loops end then.
         self.drained = asyncio.Event()
         self.started_at = time.time()
@@ -124,15 +126,20 @@ class Runtime:
         log.info("connected", extra={"url": self.url})
 
     async def _on_error(self, exc: Exception) -> None:
-        # Permission violations reach a client only here.
+        # Permission violations reach a client only here: always logged. Connection
+        # errors while the broker is away repeat at every reconnect attempt (twice a
+        # second): the disconnect was said once, the rest is debug.
         self.metrics.nats_errors.inc()
+        if self.link.down and (is_outage(exc) or isinstance(exc, OSError)):
+            log.debug("nats error while disconnected", extra={"err": str(exc)})
+            return
         log.error("nats error", extra={"err": str(exc)})
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from nats")
+        self.link.failed(ConnectionError("disconnected from nats"))
 
     async def _on_reconnected(self) -> None:
-        log.info("reconnected to nats")
+        self.link.recovered()
 
     # --- publishing -------------------------------------------------------------
 

@@ -40,13 +40,20 @@ async def publish_event(js: JetStreamContext, event: Event, producer: str,
     headers = {"Nats-Msg-Id": event.id}
     delay = 0.05
     deadline = time.monotonic() + retry_for_s
+    retries = 0
     while True:
         try:
             await js.publish(subject, payload, headers=headers)
+            if retries:
+                log.info("publish went through", extra={"subject": subject,
+                                                        "retries": retries})
             return event
         except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
             if time.monotonic() > deadline:
                 raise
-            log.warning("publish retry", extra={"subject": subject, "err": repr(exc)})
+            # Once per publish, not per attempt: an outage is one line, not a flood.
+            (log.debug if retries else log.warning)(
+                "publish retry", extra={"subject": subject, "err": repr(exc)})
+            retries += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
