@@ -49,6 +49,7 @@ from actors.runtime import Actor, Delivery, Reject, derive_id
 from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, Records, watch_forever
 from actors.runtime.logs import get_logger
+from actors.runtime.outage import ride_through
 from bus_schemas import catalog
 from bus_schemas.governor import (
     FORGED_RELEASE,
@@ -170,7 +171,10 @@ class Governor(Actor):
                                           "pending": len(self.pending)})
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
-        return (self._expire_loop, self._watch_kill)
+        # The expiry loop re-runs from the top after a broker outage: its opening
+        # re-publish of settled pendings reuses their ids, so dedup drops copies.
+        return (ride_through("governor expiry loop", self._expire_loop, logger=log),
+                self._watch_kill)
 
     async def _reached(self, point: str) -> None:
         """A named crash point (CRASH_POINTS): state committed, events not yet out.
