@@ -429,11 +429,13 @@ async def test_an_escalated_incident_stays_visible_re_enters_on_retry_and_ends_w
                        timeout=60)
         deadline = time.monotonic() + 30
         while True:
-            code, out, err = await run.cli("audit", incident)
-            if "escalated, then resolved" in out or time.monotonic() > deadline:
+            code, out, err = await run.cli("audit")
+            mine = [ln for ln in out.splitlines() if ln.startswith(incident)]
+            if (mine and "escalated, then resolved" in mine[0]) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
-        assert "escalated, then resolved" in out, out + err
+        assert mine and "escalated, then resolved" in mine[0], out + err
+        code, out, err = await run.cli("audit", incident)
         assert "diagnosis.requested" in out and "incident.retry" in out, out
         code, out, err = await run.cli("retry", incident)
         assert code != 0 and "no open incident" in err
