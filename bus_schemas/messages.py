@@ -243,11 +243,21 @@ class ExecutionResult(Event, tag="exec.result", frozen=True, kw_only=True):
     finished_at: float = 0.0
 
 
+Recovery = Literal["after", "before", ""]
+
+
 class Verdict(Event, tag="verdict", frozen=True, kw_only=True):
     plan_id: str
     invariant: str
-    passed: bool
+    passed: bool  # the invariant holds again (whoever made it hold)
     reason: str
+    # Who gets the credit: "after", broken when the step started and held after it
+    # finished (the fix worked); "before", it had recovered before the step started or
+    # finished (healthy, but not thanks to the fix); "" when it did not recover.
+    recovered: Recovery = ""
+    # No judgement was possible: the observations stopped (monitor or bus down) and
+    # did not come back in time. Neither a pass nor a failed fix.
+    inconclusive: bool = False
 
 
 # --- humans and control -----------------------------------------------------------

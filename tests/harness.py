@@ -568,7 +568,8 @@ def lifecycle(incident_id: str, symptoms: dict[str, float], fix: str,
         m.Plan(**env, plan_id=plan_id, invariant=invariant, attempt=1, steps=[step]),
         m.ExecutionResult(**env, execution_id="x", plan_id=plan_id, action=fix,
                           status="succeeded"),
-        m.Verdict(**env, plan_id=plan_id, invariant=invariant, passed=passed, reason="held"),
+        m.Verdict(**env, plan_id=plan_id, invariant=invariant, passed=passed, reason="held",
+                  recovered="after" if passed else ""),
         m.IncidentResolved(**env, invariant=invariant, reason="holds again"),
     ]
 

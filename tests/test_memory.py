@@ -32,6 +32,18 @@ def test_fold_gives_nothing_while_open_and_the_verified_fix_once_closed() -> Non
     assert failed is not None and failed.verified_action == ""
 
 
+def test_memory_learns_only_from_a_fix_that_verified_after_it_ran() -> None:
+    events = lifecycle("i1", {"pool_utilization": 1.0}, "recycle_pool")
+    credited = fold(events)
+    assert credited is not None and credited.verified_action == "recycle_pool"
+    # The same incident, but the invariant had recovered before the step started.
+    uncredited = [msgspec.structs.replace(e, recovered="before")
+                  if isinstance(e, m.Verdict) else e for e in events]
+    past = fold(uncredited)
+    assert past is not None and past.verified_action == ""
+    assert past.tried == ["recycle_pool:succeeded"]
+
+
 def test_buckets_and_similarity_group_the_same_shape_of_symptoms() -> None:
     assert [bucket(v) for v in (0, 0.05, 0.95, 1.0, 12, 950, -1)] == [
         "zero", "r0", "r4", "r4", "e1", "e2", "neg"]

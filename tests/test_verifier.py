@@ -165,3 +165,83 @@ async def test_a_stopped_verifier_hands_the_check_back_and_remembers_the_inciden
         [verdict] = await col.wait_for(lambda e: isinstance(e, m.Verdict))
     assert verdict.passed and verdict.invariant == spec.name, verdict.reason
     assert "unknown" not in verdict.reason
+
+
+async def test_a_recovery_before_the_step_started_passes_without_credit(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    await start_verifier(bus)
+    nc = await bus.connect("monitor")
+    async with bus.collect(catalog.under("verdict")) as col:
+        incident_id = await open_incident(bus, spec)
+        now = time.time()
+        # The fault cleared by itself: healthy for the whole window before the step started.
+        await Feed(nc, defn, start=now - 6, step=0.5).many(10)
+        result = await finish(bus, incident_id)  # started 1 s before it finished
+        await Feed(nc, defn, start=result.finished_at + 0.5, step=0.5).many(6)
+        [verdict] = await col.wait_for(lambda e: isinstance(e, m.Verdict))
+    assert verdict.passed and verdict.recovered == "before", verdict
+    assert "already recovered before the step started" in verdict.reason
+
+
+async def test_a_fix_that_cured_a_broken_invariant_gets_the_credit(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    await start_verifier(bus)
+    nc = await bus.connect("monitor")
+    async with bus.collect(catalog.under("verdict")) as col:
+        incident_id = await open_incident(bus, spec)
+        now = time.time()
+        await Feed(nc, defn, start=now - 4, step=0.5).many(6, {spec.metric: breaking_value(spec)})
+        result = await finish(bus, incident_id)
+        await Feed(nc, defn, start=result.finished_at + 0.5, step=0.5).many(6)
+        [verdict] = await col.wait_for(lambda e: isinstance(e, m.Verdict))
+    assert verdict.passed and verdict.recovered == "after", verdict
+
+
+async def test_a_resolution_before_the_step_finished_is_not_the_fixs_credit(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    await start_verifier(bus)
+    async with bus.collect(catalog.under("verdict")) as col:
+        incident_id = await open_incident(bus, spec)
+        await bus.publish("detector", m.IncidentResolved(
+            incident_id=incident_id, subject=SUBJECT, invariant=spec.name, reason="cleared"))
+        await asyncio.sleep(0.5)  # the verifier records the resolution first
+        await finish(bus, incident_id)
+        [verdict] = await col.wait_for(lambda e: isinstance(e, m.Verdict))
+    assert verdict.passed and verdict.recovered == "before", verdict
+    assert "not thanks to it" in verdict.reason
+
+
+async def test_the_deadline_waits_while_observations_are_missing(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    await start_verifier(bus)
+    feed = Feed(await bus.connect("monitor"), defn)
+    async with bus.collect(catalog.under("verdict")) as col:
+        incident_id = await open_incident(bus, spec)
+        result = await finish(bus, incident_id)
+        # No observation at all for longer than the deadline (6 s): the monitor is down.
+        await asyncio.sleep(8.0)
+        assert col.events(m.Verdict) == [], "the deadline ran out without any evidence"
+        feed.ts = time.time()
+        feed.step = 0.5
+        await feed.many(6)  # it comes back healthy
+        [verdict] = await col.wait_for(lambda e: isinstance(e, m.Verdict))
+    assert verdict.passed and not verdict.inconclusive, verdict
+    assert verdict.causation_id == result.id
+
+
+async def test_a_check_without_evidence_ends_inconclusive_not_failed(bus: Bus) -> None:
+    defn = await webshop()
+    spec = latency(defn)
+    bus.write_config(CONFIG + "evidence_wait_s = 4.0\n")
+    bus.spawn("verifier")
+    await bus.wait_heartbeat("verifier")
+    async with bus.collect(catalog.under("verdict")) as col:
+        incident_id = await open_incident(bus, spec)
+        await finish(bus, incident_id)
+        [verdict] = await col.wait_for(lambda e: isinstance(e, m.Verdict), timeout=40)
+    assert verdict.inconclusive and not verdict.passed, verdict
+    assert "inconclusive: no observation of" in verdict.reason

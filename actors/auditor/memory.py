@@ -87,7 +87,9 @@ def fold(events: Iterable[m.Event]) -> PastIncident | None:
                 plans[e.plan_id] = first
             case m.ExecutionResult():
                 tried.append(f"{e.action}:{e.status}")
-            case m.Verdict(passed=True) if e.plan_id in plans:
+            # Only a fix that cured a broken invariant teaches anything: a pass whose
+            # recovery came before the step (it cleared by itself) is no evidence for it.
+            case m.Verdict(passed=True, recovered="after") if e.plan_id in plans:
                 verified = plans[e.plan_id]
             case m.IncidentEscalated():
                 outcome, escalation, closed_at = "escalated", e.reason, e.ts

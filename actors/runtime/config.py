@@ -122,7 +122,12 @@ class DiagnoserConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class VerifierConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stable_window_s: float = 3.0
+    # Counted only while observations arrive: a gap of more than stale_after_s (the
+    # monitor or the bus down) pauses it.
     deadline_s: float = 30.0
+    stale_after_s: float = 3.0
+    # How long, in total, a check waits for missing evidence; then it is inconclusive.
+    evidence_wait_s: float = 60.0
 
 
 class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

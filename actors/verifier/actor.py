@@ -20,6 +20,15 @@ Two consumers feed one process:
   IncidentResolved of the incident during the check passes it. Other
   statuses get no verdict: the planner handles them.
 
+Honest credit. A pass says who earned it (`recovered`): "after" when the
+invariant was still broken as the step started and held after it finished;
+"before" when it had already held for a stable window before the step started,
+or the detector resolved the incident before the step finished (healthy, but
+not thanks to the fix: incident memory learns nothing from it). The deadline
+counts only while observations arrive: a gap longer than `stale_after_s` (the
+monitor or the bus down) pauses it, and a check that waited `evidence_wait_s`
+in total for evidence ends `inconclusive`, neither a pass nor a failed fix.
+
 Remembering incidents across restarts. The check needs the incident's
 invariant, which only IncidentOpened carries. Each one is recorded in the
 KV bucket `menders_verifier` (key `incident.<incident_id>`, kept a week), so
@@ -50,6 +59,7 @@ from bus_schemas.messages import (
     IncidentOpened,
     IncidentResolved,
     Observation,
+    Recovery,
     Verdict,
 )
 from subjects import invariants as inv
@@ -86,6 +96,7 @@ class SubjectWindow:
 
     entries: deque[tuple[float, dict[str, Judgement]]] = field(default_factory=deque)
     learners: dict[str, inv.Learner] = field(default_factory=dict)
+    last_seen: float = 0.0  # monotonic: when the last observation reached us
     # Replaced on every change and the old one set: a check awaits the one it
     # saw, so it cannot miss a change that lands while it evaluates.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -95,6 +106,7 @@ class SubjectWindow:
         old.set()
 
     def add(self, definition: SubjectDefinition, obs: Observation) -> None:
+        self.last_seen = time.monotonic()
         if self.entries and obs.ts <= self.entries[-1][0]:
             return  # out of order: checks read entries in ts order
         judged: dict[str, Judgement] = {}
@@ -132,6 +144,15 @@ class SubjectWindow:
         if since is not None:
             return False, f"holding for {self.entries[-1][0] - since:.1f}s, not yet {window_s:g}s"
         return False, f"still broken: {last}"
+
+
+    def held_through(self, names: Sequence[str], start: float, end: float) -> bool | None:
+        """Whether every named invariant held on every observation in [start, end]; None
+        when there is none to say."""
+        seen = [judged for ts, judged in self.entries if start <= ts <= end]
+        if not seen:
+            return None
+        return all(j.get(n) is not None and j[n].holds for j in seen for n in names)
 
 
 def _describe(name: str, j: Judgement | None) -> str:
@@ -228,6 +249,7 @@ class Verifier(Actor):
     async def _check(self, result: ExecutionResult) -> Verdict:
         vc = self.config.verifier
         finished = result.finished_at or result.ts
+        started = result.started_at or finished
         rec = self.incidents.get(result.incident_id) or await self._fetch(result.incident_id)
         definition = self._definition(result.subject)
         names: list[str]
@@ -242,8 +264,22 @@ class Verifier(Actor):
             note = " (incident unknown to the verifier: every invariant of the subject checked)"
         invariant = names[0] if len(names) == 1 else ""
         window = self._window(result.subject)
+
+        def credit() -> Recovery:
+            """Had it recovered before the step started? Then a pass is not the fix's.
+            Asked at verdict time: observations from before the start may arrive late."""
+            before = window.held_through(names, started - vc.stable_window_s, started)
+            return "before" if before else "after"
+
+        if rec is not None and rec.resolved_at is not None and rec.resolved_at < finished:
+            return self._verdict(
+                result, invariant, True, f"the detector resolved the incident "
+                f"{finished - rec.resolved_at:.1f}s before the step finished: healthy, but "
+                f"not thanks to it{note}", finished, "before")
         budget = max(finished + vc.deadline_s - time.time(), vc.stable_window_s + LATE_GRACE_S)
         deadline = time.monotonic() + budget
+        paused = 0.0  # time without evidence: it does not count against the deadline
+        tick = time.monotonic()
         self.checks.labels().inc()
         try:
             while True:
@@ -253,16 +289,31 @@ class Verifier(Actor):
                     rec.resolved_at >= finished
                 ):
                     return self._verdict(result, invariant, True,
-                                         "the detector resolved the incident" + note, finished)
+                                         "the detector resolved the incident" + note, finished,
+                                         credit())
                 ok, why = window.stable_since(names, finished, vc.stable_window_s)
                 if ok:
-                    return self._verdict(result, invariant, True, why + note, finished)
-                remaining = deadline - time.monotonic()
+                    who = credit()
+                    if who == "before":
+                        why += "; it had already recovered before the step started"
+                    return self._verdict(result, invariant, True, why + note, finished, who)
+                now = time.monotonic()
+                if now - (window.last_seen or tick) > vc.stale_after_s:
+                    paused += now - tick  # no evidence: the deadline waits with us
+                    deadline += now - tick
+                tick = now
+                if paused > vc.evidence_wait_s:
+                    silent = now - window.last_seen if window.last_seen else paused
+                    return self._verdict(
+                        result, invariant, False, f"inconclusive: no observation of "
+                        f"{result.subject} for {silent:.0f}s (monitor or bus unavailable); "
+                        f"{why}{note}", finished, inconclusive=True)
+                remaining = deadline - now
                 if remaining <= 0:
                     reason = (f"{' and '.join(names)} did not hold for "
                               f"{vc.stable_window_s:g}s by the deadline: {why}{note}")
                     return self._verdict(result, invariant, False, reason, finished)
-                await self._wait(changed, remaining)
+                await self._wait(changed, min(remaining, vc.stale_after_s))
         finally:
             self.checks.labels().dec()
 
@@ -283,12 +334,13 @@ class Verifier(Actor):
             raise CheckHandedBack("verifier stopping: check handed back for redelivery")
 
     def _verdict(self, result: ExecutionResult, invariant: str, passed: bool, reason: str,
-                 finished: float) -> Verdict:
-        outcome = "passed" if passed else "failed"
+                 finished: float, recovered: Recovery = "", *,
+                 inconclusive: bool = False) -> Verdict:
+        outcome = "inconclusive" if inconclusive else "passed" if passed else "failed"
         self.verdicts.labels(outcome=outcome).inc()
         self.time_to_verdict.labels(outcome=outcome).observe(max(time.time() - finished, 0.0))
-        log.info("verdict", extra={"plan_id": result.plan_id, "passed": passed,
-                                   "reason": reason[:300]})
+        log.info("verdict", extra={"plan_id": result.plan_id, "outcome": outcome,
+                                   "recovered": recovered, "reason": reason[:300]})
         return Verdict(
             id=follow_id(result, "verdict"),
             incident_id=result.incident_id,
@@ -299,6 +351,8 @@ class Verifier(Actor):
             invariant=invariant,
             passed=passed,
             reason=reason,
+            recovered=recovered if passed else "",
+            inconclusive=inconclusive,
         )
 
 
