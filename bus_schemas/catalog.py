@@ -321,7 +321,8 @@ KV_READERS: dict[str, tuple[str, ...]] = {
     GOVERNOR_BUCKET: ("governor", "executor", OPERATOR),
     EXEC_LEDGER_BUCKET: ("executor", OPERATOR),
     DETECTOR_BUCKET: ("detector", OPERATOR),
-    VERIFIER_BUCKET: ("verifier", OPERATOR),
+    # The executor: was the incident resolved before a step starts? (bus_schemas.verifier)
+    VERIFIER_BUCKET: ("verifier", "executor", OPERATOR),
     PLANNER_BUCKET: ("planner", OPERATOR),
 }
 # Single keys a user may write in a bucket it otherwise only reads: the operator

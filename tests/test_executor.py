@@ -13,9 +13,11 @@ import pytest
 
 from actors.cli import operator
 from actors.executor.ledger import Ledger, LedgerConflict, LedgerEntry
+from actors.runtime.kv import Records
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.governor import MODE_KEY
+from bus_schemas.verifier import IncidentRecord, incident_key
 from tests.harness import (
     Bus,
     Collector,
@@ -266,4 +268,25 @@ async def test_every_approval_expires_within_the_bound(bus: Bus, actions: Record
                                     and e.consumer == "executor")
     assert res.status == "skipped" and "more than the 3600s any approval may be" in res.detail
     assert "not_after" in letter[0].reason
+    assert actions.count() == 0
+
+
+async def test_a_step_for_an_incident_already_resolved_is_not_run(
+        bus: Bus, actions: RecordingServer) -> None:
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor")
+    plan = plan_of(step("recycle_pool"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        approved = await approval_of(col, plan)
+        # Meanwhile the detector resolved the incident, and the verifier recorded it.
+        nc = await bus.connect("verifier")
+        incidents = Records(await nc.jetstream().key_value(catalog.VERIFIER_BUCKET),
+                            IncidentRecord)
+        await incidents.put(incident_key(plan.incident_id), IncidentRecord(
+            subject="shop", invariant="p99", opened_at=time.time() - 30,
+            resolved_at=time.time() - 1))
+        await start_crew(bus, "executor")
+        res = await result_of(col, approved.execution_id)
+    assert res.status == "skipped" and "was resolved by the detector" in res.detail
     assert actions.count() == 0

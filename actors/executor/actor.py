@@ -43,7 +43,7 @@ from actors.executor.admission import kill_reason, refusal, revoke_reason
 from actors.executor.ledger import LeaseWatch, Ledger, LedgerConflict, LedgerEntry, Record
 from actors.runtime import Actor, Delivery, Reject, derive_id
 from actors.runtime.killswitch import read_kill
-from actors.runtime.kv import Bucket, watch_forever
+from actors.runtime.kv import Bucket, Records, Unreadable, watch_forever
 from actors.runtime.logs import get_logger
 from actors.runtime.metrics import LATENCY_BUCKETS
 from bus_schemas import catalog
@@ -64,6 +64,7 @@ from bus_schemas.messages import (
     ExecutionStarted,
     ExecutionStatus,
 )
+from bus_schemas.verifier import IncidentRecord, incident_key
 from subjects.base import ActionClientProtocol, ActionError
 
 log = get_logger("menders.executor")
@@ -99,6 +100,8 @@ class Executor(Actor):
         assert self.rt.js is not None
         self.gkv = Bucket(await self.rt.js.key_value(catalog.GOVERNOR_BUCKET))
         self.ledger = Ledger(await self.rt.js.key_value(catalog.EXEC_LEDGER_BUCKET))
+        self.incidents = Records(await self.rt.js.key_value(catalog.VERIFIER_BUCKET),
+                                 IncidentRecord)
         # Unique per process: a restart with the same PID and host is another owner.
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
         self.lease_s = self.config.executor.lease_s
@@ -333,13 +336,14 @@ class Executor(Actor):
 
         The four reads go out at once: one round trip, and one await point.
         """
-        kill, revoked, mode_raw = await asyncio.gather(
+        kill, revoked, mode_raw, resolved_at = await asyncio.gather(
             read_kill(self.gkv), self.gkv.get_bytes(revoked_key(event.execution_id)),
-            self.gkv.get_bytes(MODE_KEY))
+            self.gkv.get_bytes(MODE_KEY), self._resolved_at(event.incident_id))
         mode = parse_mode(mode_raw)
         if last_look:
             await self._reached("looked")
-        why = refusal(event, kill=kill, revoked=revoked, mode=mode, now=time.time())
+        why = refusal(event, kill=kill, revoked=revoked, mode=mode, now=time.time(),
+                      resolved_at=resolved_at)
         if why is not None:
             return why
         sc = self.config.subjects.get(event.subject)
@@ -356,6 +360,18 @@ class Executor(Actor):
         except ActionError as exc:
             return str(exc)
         return None
+
+    async def _resolved_at(self, incident_id: str) -> float | None:
+        """When the detector resolved the incident, per the verifier's record; None if it
+        is not resolved, or unknown (no record, or one that does not decode: the other
+        checks still stand, and a fix for a broken subject must not wait on this one)."""
+        if not incident_id:
+            return None
+        try:
+            got = await self.incidents.get(incident_key(incident_id))
+        except Unreadable:
+            return None
+        return None if got is None else got.value.resolved_at
 
     def _client(self, subject: str) -> ActionClientProtocol:
         if subject not in self.clients:

@@ -13,10 +13,12 @@ from bus_schemas.messages import MAX_APPROVAL_TTL_S, ExecutionApproved, Mode
 
 
 def refusal(approval: ExecutionApproved, *, kill: KillFlag, revoked: bytes | None,
-            mode: Mode | None, now: float) -> str | None:
+            mode: Mode | None, now: float, resolved_at: float | None = None) -> str | None:
     """Why `approval` must not start at `now`, or None. Fail closed: an unreadable
     or missing kill flag is engaged (kill_state), any revocation value revokes, an
-    unset mode executes nothing."""
+    unset mode executes nothing. `resolved_at`: when the detector resolved the
+    incident, if it did (the verifier's record): a fix for a healthy subject is not
+    run, so it cannot take credit for a recovery it did not make."""
     if kill.engaged:
         return kill_reason(kill)
     if revoked is not None:
@@ -31,6 +33,9 @@ def refusal(approval: ExecutionApproved, *, kill: KillFlag, revoked: bytes | Non
     if mode == "approve" and approval.approved_by == "policy":
         return ("approved by policy, but the mode is now approve: a human must approve "
                 "each execution")
+    if resolved_at is not None:
+        return (f"incident {approval.incident_id} was resolved by the detector "
+                f"{max(0.0, now - resolved_at):.1f}s ago, before this step started: not run")
     return None
 
 

@@ -62,6 +62,7 @@ from bus_schemas.messages import (
     Recovery,
     Verdict,
 )
+from bus_schemas.verifier import IncidentRecord, incident_key
 from subjects import invariants as inv
 from subjects.base import SubjectDefinition
 
@@ -74,13 +75,6 @@ LATE_GRACE_S = 5.0
 
 class CheckHandedBack(MendersError):
     pass
-
-
-class IncidentRecord(msgspec.Struct, kw_only=True):
-    subject: str
-    invariant: str
-    opened_at: float
-    resolved_at: float | None = None
 
 
 class Judgement(msgspec.Struct, frozen=True):
@@ -232,13 +226,13 @@ class Verifier(Actor):
 
     async def _store(self, incident_id: str, rec: IncidentRecord) -> None:
         assert self.kv is not None
-        await self.kv.put(f"incident.{incident_id}", rec)
+        await self.kv.put(incident_key(incident_id), rec)
 
     async def _fetch(self, incident_id: str) -> IncidentRecord | None:
         assert self.kv is not None
         if not incident_id:
             return None
-        got = await self.kv.get(f"incident.{incident_id}")
+        got = await self.kv.get(incident_key(incident_id))
         if got is None:
             return None
         self.incidents[incident_id] = got.value
