@@ -55,7 +55,7 @@ PER_INCIDENT_TIMEOUT_S = 15.0
 
 def config(recorder_url: str) -> str:
     # Limits out of the way: the bench measures latency, not the governor's vetoes.
-    return subject_config(SUBJECT, recorder_url, extra="""\
+    return subject_config(SUBJECT, recorder_url, extra=f"""\
 [governor]
 mode = "execute"
 approval_above = "high"
@@ -63,9 +63,9 @@ max_per_subject_per_minute = 1000000
 max_per_minute = 1000000
 action_cooldown_s = 0.0
 max_concurrent = 1000
-allow = {{ {subject} = ["*"] }}
+allow = {{ {SUBJECT} = ["*"] }}
 
-""".format(subject=SUBJECT))
+""")
 
 
 class Tracker:

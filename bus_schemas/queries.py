@@ -127,7 +127,9 @@ class IncidentRow(msgspec.Struct, kw_only=True):
     subject: str
     invariant: str
     opened: float  # ts of its first recorded event
-    outcome: str  # open | escalated (still broken) | resolved | escalated, then resolved
+    # open | escalated (still broken) | resolved | escalated, then resolved |
+    # resolved, then escalated
+    outcome: str
     events: int
 
 

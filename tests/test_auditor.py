@@ -359,7 +359,7 @@ async def test_audit_command_shows_timelines_lists_incidents_and_names_the_tampe
     code, out, _ = await run_cli(bus)
     assert code == 0
     assert "inc0002bbbb" in out and "p99_latency" in out and "webshop" in out
-    assert "escalated" in out  # the last closing event wins
+    assert "resolved, then escalated" in out  # a late escalation, after it healed
 
     code, out, _ = await run_cli(bus, "--verify")
     assert (code, out.strip().split(" (")[0]) == (0, f"chain OK: {len(sent)} rows")

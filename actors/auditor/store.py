@@ -318,14 +318,15 @@ class AuditStore:
             """SELECT incident_id, MIN(ts), COUNT(*),
                       MIN(CASE WHEN kind = 'incident.opened' THEN seq END),
                       MIN(CASE WHEN kind = 'incident.escalated' THEN seq END),
+                      MAX(CASE WHEN kind = 'incident.escalated' THEN seq END),
                       MAX(CASE WHEN kind = 'incident.resolved' THEN seq END)
                FROM events WHERE incident_id != '' GROUP BY incident_id
                ORDER BY MIN(seq) DESC""",
         ) as cur:
             groups = await cur.fetchall()
         out: list[IncidentRow] = []
-        for incident_id, opened, n, opened_seq, escalated_seq, resolved_seq in groups:
-            outcome = incident_outcome(escalated_seq, resolved_seq)
+        for incident_id, opened, n, opened_seq, first_esc, last_esc, resolved_seq in groups:
+            outcome = incident_outcome(first_esc, last_esc, resolved_seq)
             if only_open and outcome not in ("open", "escalated"):
                 continue
             subject, invariant = "", ""
@@ -346,11 +347,14 @@ class AuditStore:
         return codec.decode(bytes(row[0]))
 
 
-def incident_outcome(escalated_seq: int | None, resolved_seq: int | None) -> str:
-    """How an incident stands, from the record positions of its first escalation and
-    its last resolution: an escalated incident is not ended while it is still broken."""
-    if resolved_seq is None:
-        return "escalated" if escalated_seq is not None else "open"
-    if escalated_seq is not None and escalated_seq < resolved_seq:
+def incident_outcome(first_escalation: int | None, last_escalation: int | None,
+                     resolved: int | None) -> str:
+    """How an incident stands, from the record positions of its escalations and its last
+    resolution: an escalated incident is not ended while it is still broken."""
+    if resolved is None:
+        return "escalated" if first_escalation is not None else "open"
+    if last_escalation is not None and last_escalation > resolved:
+        return "resolved, then escalated"  # a human was called after it healed
+    if first_escalation is not None:
         return "escalated, then resolved"
     return "resolved"
