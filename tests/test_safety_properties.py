@@ -305,6 +305,9 @@ class Crew(RuleBasedStateMachine):
     @rule(dt=st.sampled_from([0.5, 3.0, 11.0, 61.0, 130.0, 700.0]))
     def tick(self, dt: float) -> None:
         self.w.now += dt
+        for c in self.claims.values():
+            if not c.done and c.owner == "running":  # it renewed all along
+                c.revision, c.renewed_at = self._rev(), self.w.now
         for s in list(self.steps.values()):
             if s.status == "awaiting" and s.pending_until <= self.w.now:
                 self._decide(s, "denied", ends=True)  # approval timed out
@@ -426,6 +429,7 @@ class Crew(RuleBasedStateMachine):
             c.superseded = False  # its next renewal fails: it stands down, reports nothing
             return
         c.owner, c.renewed_at = "running", self.w.now  # SIGCONT: renews, hears kills again
+        c.revision = self._rev()
         if not self.w.truly_released or eid in self.w.revoked:
             self._finish_run(self.steps[eid], c, "cancelled")
 
