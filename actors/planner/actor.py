@@ -78,6 +78,7 @@ from actors.planner.attempts import (
 from actors.planner.escalation import EscalationWebhook
 from actors.runtime import Actor, Delivery, Reject, derive_id
 from actors.runtime.kv import Bucket, Records
+from actors.runtime.outage import ride_through
 from bus_schemas import catalog
 from bus_schemas.messages import (
     Diagnosis,
@@ -385,7 +386,8 @@ class Planner(Actor):
         return (SubjectIndex(), None) if got is None else (got.value, got.revision)
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
-        return (self._tick_loop,)
+        # Re-run from the top after a broker outage: each tick reloads its state from KV.
+        return (ride_through("planner tick loop", self._tick_loop),)
 
     async def _load(self, key: str) -> tuple[IncidentState | None, int | None]:
         got = await self.states.get(key)
