@@ -222,6 +222,13 @@ def test_skips_and_cancellations_by_an_obstacle_park(detail: str, kind: str, sta
     assert state is not None and state.attempt == 0
 
 
+def test_an_inconclusive_verdict_uses_the_attempt_and_asks_for_a_fresh_look() -> None:
+    _, out = run([diagnosis("i1", "recycle_pool", "enable_cache"), msgspec.structs.replace(
+        verdict("i1", plan_id_for("i1", 1)), inconclusive=True)])
+    assert kinds(out) == ["Plan", "DiagnosisRequested"]
+    assert out[1].history[0].outcome == "inconclusive"
+
+
 def test_a_decision_that_does_not_end_the_step_waits() -> None:
     _, out = run([
         diagnosis("i1", "recycle_pool", "restart_worker"),

@@ -230,7 +230,11 @@ def apply(state: IncidentState | None, event: Event, rules: Rules,
         if event.passed:
             return _close(state, "verified", event.reason)
         if event.plan_id == state.plan_id:
-            return _failed(state, event, "verdict_failed", f"verdict failed: {event.reason}",
+            # Inconclusive (no observations to judge on): the action ran, so the attempt
+            # is used, and the fresh diagnosis looks again once there is evidence.
+            outcome = "inconclusive" if event.inconclusive else "verdict_failed"
+            word = "inconclusive" if event.inconclusive else "failed"
+            return _failed(state, event, outcome, f"verdict {word}: {event.reason}",
                            rules, now)
     elif isinstance(event, ExecutionResult):
         if event.plan_id == state.plan_id and event.status in FAILED_STATUSES | BLOCKED_STATUSES:
