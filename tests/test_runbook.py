@@ -190,3 +190,30 @@ async def test_diagnosis_id_is_deterministic_per_incident_event() -> None:
     assert first.id == again.id
     other = msgspec.structs.replace(incident(), id="inc-2")
     assert (await RunbookDiagnoser().diagnose(other, d)).id != first.id
+
+
+# --- a fresh look: what was tried and failed is not repeated unless the evidence changed ---
+
+
+def test_a_tried_and_failed_action_is_dropped_unless_the_evidence_changed() -> None:
+    import subjects
+    from actors.diagnoser.runbook import evidence_changed, exclude_tried
+    from bus_schemas.messages import AttemptRecord, Diagnosis, RecommendedAction
+
+    shop = subjects.load("webshop")
+    before = {"p99_ms": 900.0, "pool_utilization": 0.3, "cache_hit_ratio": 0.05,
+              "db_qps": 40.0, "error_rate": 0.0}
+    d = Diagnosis(incident_id="i1", subject="webshop", invariant="latency_p99",
+                  hypothesis="cache off", actions=[RecommendedAction(action="enable_cache"),
+                                                   RecommendedAction(action="restart_worker")])
+    tried = [AttemptRecord(attempt=1, action="enable_cache", outcome="verdict_failed",
+                           symptoms_before=before)]
+    same = exclude_tried(d, tried, [], {**before, "p99_ms": 950.0}, shop)
+    assert [a.action for a in same.actions] == ["restart_worker"]
+    assert any("not repeating enable_cache" in e for e in same.evidence)
+    moved = {**before, "pool_utilization": 1.0}  # another invariant breaks now
+    assert evidence_changed(before, moved, shop, 2.0, 0.01)
+    again = exclude_tried(d, tried, ["restart_worker"], moved, shop)
+    assert [a.action for a in again.actions] == ["enable_cache"]
+    assert any("evidence changed" in e for e in again.evidence)
+    assert any("refused" in e for e in again.evidence)
