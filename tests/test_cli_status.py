@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from actors.planner.attempts import IncidentState, state_key
+from actors.runtime.kv import Records
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from bus_schemas.natsconf import password_env
@@ -103,3 +105,30 @@ async def test_status_lists_the_steps_waiting_for_a_human_with_their_deadlines(
     assert f"{waiting.execution_id}  shop recycle_pool for incident {plan.incident_id[:8]}" in text
     assert "approve mode: a human must approve" in text
     assert actions.count() == 0
+
+
+async def test_status_shows_what_the_planner_is_doing_parked_and_recurring(bus: Bus) -> None:
+    await bus.publish("detector", opened("dddd4444"))
+    await bus.publish("detector", opened("eeee5555"))
+    await bus.publish("planner", m.IncidentRecurring(
+        incident_id="eeee5555", subject="webshop", invariant="p99_latency", count=3,
+        window_s=600.0, incidents=["dddd4444", "eeee5555"]))
+    # The planner's own record is the authority on what it is doing now.
+    nc = await bus.connect("planner")
+    states = Records(await nc.jetstream().key_value(catalog.PLANNER_BUCKET), IncidentState)
+    await states.put(state_key("dddd4444"), IncidentState(
+        incident_id="dddd4444", subject="webshop", invariant="p99_latency", parked="kill",
+        park_reason="kill switch engaged", retry_at=time.time() + 30))
+    await states.put(state_key("eeee5555"), IncidentState(
+        incident_id="eeee5555", subject="webshop", invariant="p99_latency", attempt=2,
+        plan_id="p2", action="recycle_pool"))
+    st = json.loads(status(bus, "--json").stdout)
+    by_id = {i["incident_id"]: i for i in st["open_incidents"]}
+    assert by_id["dddd4444"]["state"] == "parked"
+    assert by_id["dddd4444"]["planner"]["obstacle"] == "kill"
+    assert by_id["eeee5555"]["planner"] == {"attempt": 2, "action": "recycle_pool",
+                                            "state": "working"}
+    assert by_id["eeee5555"]["recurring"] == 3 and by_id["dddd4444"]["recurring"] == 3
+    text = status(bus).stdout
+    assert "dddd4444 webshop p99_latency: RECURRING x3, PARKED (kill: kill switch engaged" in text
+    assert "eeee5555 webshop p99_latency: RECURRING x3, working attempt 2 recycle_pool:" in text

@@ -184,9 +184,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print(f"open incidents: {len(st.open_incidents)}"
           + (f" ({len(escalated)} escalated to a human, still broken)" if escalated else ""))
     for inc in st.open_incidents:
-        state = "ESCALATED, still broken: " if inc["state"] == "escalated" else ""
         print(f"  {inc['incident_id'][:8]} {inc['subject']} {inc['invariant']}: "
-              f"{state}{inc['summary']}")
+              f"{_incident_state(inc)}{inc['summary']}")
     if st.pending_approvals:
         print(f"waiting for a human: {len(st.pending_approvals)} "
               "(menders approve|deny <execution id>)")
@@ -205,6 +204,23 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for name, c in st.consumers.items():
         print(f"  {name:<14} {c['pending']:>6} / {c['ack_pending']}")
     return 0 if st.healthy else EXIT_FAILED
+
+
+def _incident_state(inc: dict[str, Any]) -> str:
+    """What the crew is doing about an open incident, as a prefix of its line."""
+    view = inc.get("planner", {})
+    recurring = f"RECURRING x{inc['recurring']}, " if inc.get("recurring") else ""
+    if inc["state"] == "escalated":
+        return f"{recurring}ESCALATED, still broken: "
+    if inc["state"] == "parked":
+        left = max(0.0, view.get("retry_at", 0.0) - time.time())
+        return (f"{recurring}PARKED ({view.get('obstacle')}: {view.get('reason')}; "
+                f"next try within {left:.0f}s): ")
+    if view.get("state") in ("working", "re-diagnosing", "following"):
+        what = view["state"] + (f" attempt {view['attempt']} {view['action']}"
+                                if view["state"] == "working" and view.get("action") else "")
+        return f"{recurring}{what}: "
+    return recurring
 
 
 async def _control(args: argparse.Namespace, event: m.Event, confirm: Callable[[bytes], bool],

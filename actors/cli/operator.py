@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from actors.planner.attempts import IncidentState, state_key
 from actors.runtime import credentials
 from actors.runtime.config import Config
 from actors.runtime.killswitch import read_kill
@@ -179,8 +180,41 @@ async def status(nc: Client, heartbeat_s: float, stuck_after: float | None = Non
                                     "ack_pending": info.num_ack_pending or 0,
                                     "redelivered": info.num_redelivered or 0}
     out.open_incidents, out.bad_events = await open_incidents(js)
+    await with_planner_view(js, out.open_incidents)
     out.pending_approvals = await pending_approvals(gkv)
     return out
+
+
+async def with_planner_view(js: JetStreamContext, incidents: list[dict[str, Any]]) -> None:
+    """Add to each incident what the planner is doing about it now (its own record, the
+    authority): working it (which attempt, which action), parked behind an obstacle
+    (which, why, until when), waiting for a fresh diagnosis, or escalated."""
+    records = Records(await js.key_value(catalog.PLANNER_BUCKET), IncidentState)
+    for inc in incidents:
+        try:
+            got = await records.get(state_key(inc["incident_id"]))
+        except Unreadable:
+            inc["planner"] = {"unreadable": True}
+            continue
+        if got is None:
+            inc["planner"] = {"state": "not planned yet"}
+            continue
+        st = got.value
+        view: dict[str, Any] = {"attempt": st.attempt, "action": st.action}
+        if st.closed == "escalated":
+            view["state"] = "escalated"
+            inc["state"] = "escalated"  # the planner's word is newer than the fold's
+        elif st.parked:
+            view.update(state="parked", obstacle=st.parked, reason=st.park_reason,
+                        retry_at=st.retry_at)
+            inc["state"] = "parked"
+        elif st.request_id:
+            view["state"] = "re-diagnosing"
+        elif st.follows:
+            view.update(state="following", leader=st.follows)
+        else:
+            view["state"] = "working" if st.plan_id else "waiting"
+        inc["planner"] = view
 
 
 async def pending_approvals(gkv: Bucket) -> list[dict[str, Any]]:
@@ -232,6 +266,12 @@ async def open_incidents(js: JetStreamContext) -> tuple[list[dict[str, Any]], li
             elif isinstance(event, m.IncidentEscalated) and event.incident_id in opened:
                 opened[event.incident_id]["state"] = "escalated"
                 opened[event.incident_id]["escalation"] = event.reason
+            elif isinstance(event, m.RetryRequested) and event.incident_id in opened:
+                opened[event.incident_id]["state"] = "open"  # a human asked to work it again
+            elif isinstance(event, m.IncidentRecurring):
+                for iid in event.incidents:
+                    if iid in opened:
+                        opened[iid]["recurring"] = event.count
             elif isinstance(event, m.IncidentResolved):
                 opened.pop(event.incident_id, None)
             if msg.metadata.num_pending == 0:
