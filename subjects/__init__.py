@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
+
+import msgspec
 
 from subjects.base import SubjectDefinition
 
@@ -26,7 +28,28 @@ def load(kind: str) -> SubjectDefinition:
         from subjects.webshop.definition import DEFINITION
 
         return DEFINITION
-    raise KeyError(f"unknown subject kind {kind!r}; known: webshop")
+    if kind == "ratelimiter":
+        from subjects.ratelimiter.definition import DEFINITION as RATELIMITER
+
+        return RATELIMITER
+    raise KeyError(f"unknown subject kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+KINDS = ("webshop", "ratelimiter")
+
+
+def validate_options(kind: str, options: dict[str, Any]) -> msgspec.Struct | None:
+    """A kind's own settings (`[subjects.<name>.options]`), checked by the Struct it declares
+    as `extra["options"]`; ValueError naming the key. A kind without one takes none."""
+    spec = load(kind).extra.get("options")
+    if spec is None:
+        if options:
+            raise ValueError(f"kind {kind!r} takes no options, got {sorted(options)}")
+        return None
+    try:
+        return msgspec.convert(options, spec)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"options: {exc}".replace("`$", "`options")) from None
 
 
 def definition_for(config: Configured, subject: str) -> SubjectDefinition | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -142,11 +142,20 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    kind: Literal["webshop"] = "webshop"
+    kind: Literal["webshop", "ratelimiter"] = "webshop"
     url: str = "http://127.0.0.1:8080"  # the service; the chaos port is never given here
     log_path: str = ""  # default for an embedded subject: <home>/subjects/<name>/logs/app.log
     scrape_interval_s: float = 1.0
     embedded: bool = True  # `menders up` runs the service itself (the demo subject)
+    # The kind's own settings (ratelimiter: nodes, window_s, clients...), kept as a table
+    # here and validated by the Struct the kind declares (subjects.validate_options), so
+    # this class stays generic across kinds.
+    options: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        import subjects  # the kind's own Struct; subjects imports nothing of actors
+
+        subjects.validate_options(self.kind, self.options)
 
     def log_file(self, home: Path, name: str) -> Path | None:
         if self.log_path:

@@ -120,6 +120,8 @@ class Stack:
                                "--port", str(parsed.port or 80),
                                "--chaos-port", str(chaos_port),
                                "--data-dir", str(data_dir))
+            if sc.options:  # the kind validated them at config load; its serve takes JSON
+                argv += ["--options", json.dumps(sc.options)]
             chaos[name] = f"http://127.0.0.1:{chaos_port}"
             # Supervised apart from the crew: never given up on (a crash loop of the
             # subject is an incident for the crew, not a reason to stop it).
