@@ -442,46 +442,56 @@ def config_toml(url: str, **governor: Any) -> str:
 
 # --- A governor that stops itself at a crash point, for SIGKILL at a known moment ------
 
-STOP_AT_ENV = "MENDERS_TEST_GOVERNOR_STOP_AT"
+STOP_AT_ENV = "MENDERS_TEST_STOP_AT"
+STOPPING_ACTOR_ENV = "MENDERS_TEST_STOPPING_ACTOR"
 KEEP_ENV = "MENDERS_TEST_GOVERNOR_PLAN_KEEP_S"  # also purges that often
 
 
-def run_stopping_governor() -> None:
-    """The real governor on the real Runtime, whose `_reached(point)` SIGSTOPs the
-    process at $MENDERS_TEST_GOVERNOR_STOP_AT (if set): state committed, events not
-    yet out. $MENDERS_TEST_GOVERNOR_PLAN_KEEP_S shortens how long ended plans are kept."""
-    from actors.governor.actor import CRASH_POINTS, Governor
+def run_stopping_actor() -> None:
+    """A real actor (governor or planner) on the real Runtime, whose `_reached(point)`
+    SIGSTOPs the process at $MENDERS_TEST_STOP_AT (if set): state committed, events not
+    yet out. $MENDERS_TEST_GOVERNOR_PLAN_KEEP_S shortens how long the governor keeps
+    ended plans."""
+    import importlib
+
     from actors.runtime import Runtime, config, logs
 
+    name = os.environ[STOPPING_ACTOR_ENV]
+    module = importlib.import_module(f"actors.{name}.actor")
     point = os.environ.get(STOP_AT_ENV, "")
-    assert not point or point in CRASH_POINTS, point
-    keep = float(os.environ.get(KEEP_ENV, Governor.plan_keep_s))
+    assert not point or point in module.CRASH_POINTS, point
+    attrs: dict[str, Any] = {}
+    if name == "governor":
+        keep = float(os.environ.get(KEEP_ENV, module.ACTOR.plan_keep_s))
+        attrs = {"plan_keep_s": keep, "purge_every_s": min(keep, module.ACTOR.purge_every_s)}
 
-    class Stopping(Governor):
-        plan_keep_s = keep
-        purge_every_s = min(keep, Governor.purge_every_s)
+    async def _reached(self: Any, at: str) -> None:
+        if at == point:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
-        async def _reached(self, at: str) -> None:
-            if at == point:
-                os.kill(os.getpid(), signal.SIGSTOP)
-
+    stopping = type(f"Stopping{module.ACTOR.__name__}", (module.ACTOR,),
+                    {**attrs, "_reached": _reached})
     cfg = config.load()
-    logs.setup("governor", cfg.runtime.log_level)
-    asyncio.run(Runtime("governor", cfg).run(Stopping))
+    logs.setup(name, cfg.runtime.log_level)
+    asyncio.run(Runtime(name, cfg).run(stopping))
+
+
+def spawn_stopping(bus: Bus, actor: str, point: str = "", **env_extra: str) -> ActorProc:
+    log_path = bus.home / f"{actor}-stopping-{len(bus.procs)}.log"
+    out = open(log_path, "wb")
+    env = bus.env_for(actor, **{STOP_AT_ENV: point, STOPPING_ACTOR_ENV: actor}, **env_extra)
+    env.setdefault("MENDERS_METRICS_PORT", "0")
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "from tests.harness import run_stopping_actor as r; r()"],
+                            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO)
+    out.close()
+    ap = ActorProc(actor, proc, log_path)
+    bus.procs.append(ap)
+    return ap
 
 
 def spawn_stopping_governor(bus: Bus, point: str = "", **env_extra: str) -> ActorProc:
-    log_path = bus.home / f"governor-stopping-{len(bus.procs)}.log"
-    out = open(log_path, "wb")
-    env = bus.env_for("governor", **{STOP_AT_ENV: point}, **env_extra)
-    env.setdefault("MENDERS_METRICS_PORT", "0")
-    proc = subprocess.Popen([sys.executable, "-c",
-                             "from tests.harness import run_stopping_governor as r; r()"],
-                            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO)
-    out.close()
-    ap = ActorProc("governor", proc, log_path)
-    bus.procs.append(ap)
-    return ap
+    return spawn_stopping(bus, "governor", point, **env_extra)
 
 
 def _stopped(pid: int) -> bool:

@@ -25,7 +25,7 @@ from actors.planner.attempts import (
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from subjects.base import ActionSpec, NoParams
-from tests.harness import Bus, Collector
+from tests.harness import Bus, Collector, spawn_stopping, wait_stopped
 
 # --- the pure state machine -------------------------------------------------------------
 
@@ -640,3 +640,32 @@ async def test_redelivered_input_republishes_the_same_plan_only(bus: Bus) -> Non
     plans = plans_of(col, d.incident_id)
     assert {(p.id, p.attempt) for p in plans} == {(p1.id, 1)}
 
+
+
+@pytest.mark.e2e
+async def test_a_tick_committed_when_the_planner_dies_is_published_by_its_successor(
+        bus: Bus) -> None:
+    bus.write_config("[planner]\npark_retry_s = 0.5\n")
+    first = spawn_stopping(bus, "planner", "tick_committed")
+    await bus.wait_heartbeat("planner")
+    async with bus.collect() as col:
+        d = bus_diagnosis("recycle_pool")
+        await bus.publish("diagnoser", d)
+        p1 = await next_plan(col, d.incident_id, 1)
+        await bus.publish("governor", m.Decision(
+            incident_id=d.incident_id, subject="webshop", outcome="vetoed",
+            reason="rate limit: 6 executions on 'webshop' in the last minute (max 6)",
+            plan_id=p1.plan_id, ends_step=True))
+        await col.wait_for(lambda e: isinstance(e, m.IncidentParked)
+                           and e.incident_id == d.incident_id)
+        # Its next tick retries the parked incident: committed, then the process stops
+        # before publishing; it dies there.
+        await wait_stopped(first)
+        assert len(plans_of(col, d.incident_id)) == 1
+        first.kill()
+        await start_planner(bus)
+        found = await col.wait_for(lambda e: isinstance(e, m.Plan)
+                                   and e.incident_id == d.incident_id, count=2)
+    again = found[1]
+    assert again.plan_id != p1.plan_id and again.steps[0].action == "recycle_pool"
+    assert len({p.id for p in plans_of(col, d.incident_id)}) == 2

@@ -1,8 +1,13 @@
-"""Every way a step can end moves its incident on: the next alternative, or a human.
+"""Every way a step can end moves its incident on: the next alternative, a park that
+tries again, or a human.
 
 The planner and the governor run as real processes on a real nats-server; the
 test plays the diagnoser (and the human). Each test ends with the incident's
-next Plan or its IncidentEscalated. The executor-side endings (skipped,
+next Plan, an IncidentParked followed by the retried Plan, or its
+IncidentEscalated. A "no" (a veto by the allow-list, a denial, a revocation)
+moves to the next alternative; an obstacle (the kill switch, an approval
+nobody gave in time, an approval nobody ran) parks and tries the same action
+again without using an attempt (issue 9). The executor-side endings (skipped,
 unknown, cancelled) are ExecutionResults: see the pure state machine in
 tests/test_planner.py.
 """
@@ -33,10 +38,17 @@ async def crew(bus: Bus, actions: RecordingServer, *names: str, **governor: Any)
     await start_crew(bus, "governor", "planner", *names)
 
 
-async def plan(col: Collector, d: m.Diagnosis, attempt: int) -> m.Plan:
-    [p] = await col.wait_for(lambda e: isinstance(e, m.Plan) and e.incident_id == d.incident_id
-                             and e.attempt == attempt, timeout=30)
-    return p  # type: ignore[no-any-return]
+async def plan(col: Collector, d: m.Diagnosis, n: int) -> m.Plan:
+    """The incident's n-th plan (1-based), in the order they were published."""
+    found = await col.wait_for(lambda e: isinstance(e, m.Plan)
+                               and e.incident_id == d.incident_id, timeout=30, count=n)
+    return found[n - 1]  # type: ignore[no-any-return]
+
+
+async def parked(col: Collector, d: m.Diagnosis) -> m.IncidentParked:
+    [e] = await col.wait_for(lambda e: isinstance(e, m.IncidentParked)
+                             and e.incident_id == d.incident_id, timeout=30)
+    return e  # type: ignore[no-any-return]
 
 
 async def decision(col: Collector, p: m.Plan, outcome: str) -> m.Decision:
@@ -90,9 +102,11 @@ async def test_an_approval_that_timed_out_moves_its_incident_to_the_next_alterna
     async with bus.collect() as col:
         await bus.publish("diagnoser", d)
         denied = await decision(col, await plan(col, d, 1), "denied")
+        park = await parked(col, d)
         p2 = await plan(col, d, 2)
     assert denied.ends_step and "no human decision within 1s" in denied.reason
-    assert p2.steps[0].action == "enable_cache"
+    # Nobody looked: not a "no". It waits, then asks a human again for the same action.
+    assert park.obstacle == "approval" and p2.steps[0].action == "recycle_pool"
 
 
 async def test_a_step_revoked_while_awaiting_approval_moves_its_incident_on(
@@ -120,9 +134,12 @@ async def test_a_released_step_no_executor_reported_on_expires_and_moves_its_inc
         [approved] = await col.wait_for(lambda e: isinstance(e, m.ExecutionApproved)
                                         and e.plan_id == p1.plan_id)
         expired = await decision(col, p1, "expired")
+        park = await parked(col, d)
         p2 = await plan(col, d, 2)
     assert expired.ends_step and expired.execution_id == approved.execution_id
-    assert p2.steps[0].action == "enable_cache" and actions.count() == 0
+    # Nobody ran it: an obstacle, not a failed fix. The same action is tried again.
+    assert park.obstacle == "expired" and p2.steps[0].action == "recycle_pool"
+    assert actions.count() == 0
 
 
 async def test_a_step_revoked_after_release_that_nobody_ran_expires_and_moves_on(
@@ -138,12 +155,15 @@ async def test_a_step_revoked_after_release_that_nobody_ran_expires_and_moves_on
             command="revoke", execution_id=approved.execution_id, by="erin"))
         revoked = await decision(col, p1, "revoked")
         assert not revoked.ends_step  # released: an executor may still report on it
-        await decision(col, p1, "expired")
+        # Nobody ran it: the step ends when its slot runs out, as the revocation it was.
+        [ended] = await col.wait_for(lambda e: isinstance(e, m.Decision) and e.ends_step
+                                     and e.plan_id == p1.plan_id, timeout=30)
         p2 = await plan(col, d, 2)
-    assert p2.steps[0].action == "enable_cache"
+    assert ended.outcome == "revoked" and "no executor ran it" in ended.reason
+    assert p2.steps[0].action == "enable_cache"  # the human's "no" holds
 
 
-async def test_a_step_planned_while_killed_is_vetoed_and_its_incident_escalates(
+async def test_a_step_planned_while_killed_is_vetoed_and_its_incident_parks(
         bus: Bus, actions: RecordingServer) -> None:
     await crew(bus, actions)
     await engage_kill(bus)
@@ -151,13 +171,13 @@ async def test_a_step_planned_while_killed_is_vetoed_and_its_incident_escalates(
     async with bus.collect() as col:
         await bus.publish("diagnoser", d)
         v1 = await decision(col, await plan(col, d, 1), "vetoed")
-        v2 = await decision(col, await plan(col, d, 2), "vetoed")
-        esc = await escalation(col, d)
-    assert v1.reason == v2.reason == "kill switch engaged" and v1.ends_step
-    assert "no alternative left" in esc.reason
+        park = await parked(col, d)
+    assert v1.reason == "kill switch engaged" and v1.ends_step
+    assert park.obstacle == "kill" and park.attempt <= 1  # no attempt used
+    assert not [e for e in col.events(m.IncidentEscalated) if e.incident_id == d.incident_id]
 
 
-async def test_a_step_killed_after_release_that_nobody_ran_expires_and_escalates(
+async def test_a_step_killed_after_release_that_nobody_ran_expires_and_parks(
         bus: Bus, actions: RecordingServer) -> None:
     await crew(bus, actions, **FAST_EXPIRY)
     d = diagnosis("recycle_pool")
@@ -170,5 +190,6 @@ async def test_a_step_killed_after_release_that_nobody_ran_expires_and_escalates
         killed = await decision(col, p1, "killed")
         assert not killed.ends_step
         await decision(col, p1, "expired")
-        esc = await escalation(col, d)
-    assert esc.attempts == 1 and "expired" in esc.reason
+        park = await parked(col, d)
+    assert park.obstacle == "expired" and actions.count() == 0
+    assert not [e for e in col.events(m.IncidentEscalated) if e.incident_id == d.incident_id]

@@ -538,6 +538,16 @@ class Governor(Actor):
         st.detail = f"expired: {why}"
         d = _decision(prog.plan, eid, step, "expired", why, derive_id("expired", eid),
                       ends_step=True)
+        raw = await self.kv.get_bytes(revoked_key(eid))
+        if raw is not None:  # the key's existence alone revokes
+            # Revoked after release, and nobody ran it: it ends as the human's "no", so
+            # the planner does not try the same action again. Its own id: the earlier
+            # `revoked` Decision (which did not end the step) holds the plain one.
+            rv = parse_revocation(raw)
+            why = ((f"revoked by {rv.by}" + (f": {rv.reason}" if rv.reason else "")
+                    if rv is not None else "revoked") + "; no executor ran it")
+            d = msgspec.structs.replace(d, id=derive_id("expired", eid, "revoked"),
+                                        outcome="revoked", reason=why)
         st.events.append(d)
         log.warning("released execution expired unreported", extra={"execution_id": eid})
         kind, actions, _ = self._actions(prog.plan.subject)

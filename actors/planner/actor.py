@@ -96,6 +96,8 @@ from subjects.base import ActionSpec
 log = logging.getLogger("menders.planner")
 
 TICK_S = 1.0
+# Crash points of the planner, for tests: `_reached(point)` is called at each.
+CRASH_POINTS = ("tick_committed",)
 WOKEN_BY_POLICY = ("kill", "mode")  # parked kinds a PolicyChanged lifts
 
 
@@ -304,18 +306,39 @@ class Planner(Actor):
     # --- the background loop --------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
+        """Publish-safe like a handler: a tick's events are saved in the subject index's
+        outbox with its changes, published, then cleared; a planner that died in
+        between re-publishes them on its next tick (same ids: dedup drops copies)."""
         while True:
             await asyncio.sleep(TICK_S)
             for subject in self.config.subjects:
                 async with self.lock:
-                    events = await self._tick(subject)
+                    events, fresh = await self._tick(subject)
+                if events:
+                    await self._reached("tick_committed")
                 for e in events:
                     await self.rt.publish(e)
-                self._notify(events)
+                self._notify(fresh)
+                if events:
+                    async with self.lock:
+                        await self._clear_outbox(subject, {e.id for e in events})
 
-    async def _tick(self, subject: str) -> list[Output]:
+    async def _reached(self, point: str) -> None:
+        """A named crash point (CRASH_POINTS): state committed, events not yet out.
+        Tests override it to stop the process there."""
+
+    async def _clear_outbox(self, subject: str, published: set[str]) -> None:
+        index, rev = await self._load_index(subject)
+        if any(e.id in published for e in index.outbox):
+            index.outbox = [e for e in index.outbox if e.id not in published]
+            await self._save_index(subject, index, rev)
+
+    async def _tick(self, subject: str) -> tuple[list[Output], list[Output]]:
+        """(everything to publish: the leftovers of a tick that died first, then this
+        tick's own events; this tick's own events)."""
         index, rev = await self._load_index(subject)
         now = time.time()
+        leftover = list(index.outbox)
         out: list[Output] = []
         changed = False
         for f in [f for f, deadline in index.waiting.items() if deadline <= now]:
@@ -343,9 +366,11 @@ class Planner(Actor):
             self.webhook.remind(i, subject, n)
         self.g_escalated.labels(subject=subject).set(len(index.escalated))
         self.g_parked.labels(subject=subject).set(len(index.parked))
-        if changed:
+        if out:
+            index.outbox = leftover + out
+        if changed or out:
             await self._save_index(subject, index, rev)
-        return out
+        return leftover + out, out
 
     def _on_own(self, done: str, now: float) -> Callable[[IncidentState, Event], Step | None]:
         return lambda state, cause: plan_on_own(state, done, cause, self.rules, now)

@@ -132,6 +132,9 @@ class SubjectIndex(msgspec.Struct, kw_only=True):
     reminders: dict[str, int] = {}  # reminders sent per escalated incident (the backoff)
     recent: list[tuple[str, str, float]] = []  # (invariant, incident, first seen), in window
     recurring: dict[str, float] = {}  # invariant -> when its recurrence was escalated
+    # What the background tick decided but may not have published yet: saved before
+    # publishing, cleared after, re-published by the next tick (same ids: dedup).
+    outbox: list[Output] = []
 
 
 @dataclass(frozen=True)
