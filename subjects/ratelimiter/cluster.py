@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from bus_schemas.errors import MendersError
 from subjects.ratelimiter import keys
 from subjects.ratelimiter.jsonlog import JsonLog
 from subjects.ratelimiter.node import NodeConfig
@@ -33,7 +34,7 @@ START_TIMEOUT_S = 10.0
 REAP_EVERY_S = 0.2
 
 
-class ClusterError(RuntimeError):
+class ClusterError(MendersError, RuntimeError):
     pass
 
 

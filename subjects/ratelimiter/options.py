@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from bus_schemas.errors import MendersError
+
 MAX_NODES = 9
 MAX_LIMIT = 1000  # requests per window: the bound the set_limit action enforces too
 CLIENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -44,7 +46,7 @@ class RatelimiterOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
             raise ValueError("clients: at least one client is needed")
 
 
-class OptionsError(ValueError):
+class OptionsError(MendersError, ValueError):
     pass
 
 
