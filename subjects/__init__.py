@@ -32,10 +32,14 @@ def load(kind: str) -> SubjectDefinition:
         from subjects.ratelimiter.definition import DEFINITION as RATELIMITER
 
         return RATELIMITER
+    if kind == "kvcluster":
+        from subjects.kvcluster.definition import DEFINITION as KVCLUSTER
+
+        return KVCLUSTER
     raise KeyError(f"unknown subject kind {kind!r}; known: {', '.join(KINDS)}")
 
 
-KINDS = ("webshop", "ratelimiter")
+KINDS = ("webshop", "ratelimiter", "kvcluster")
 
 
 def validate_options(kind: str, options: dict[str, Any]) -> msgspec.Struct | None:

@@ -31,6 +31,9 @@ class ActionSpec:
     risk: Risk
     idempotent: bool
     timeout_s: float = 10.0
+    # Takes a member or node out of service while it runs (a restart, a defrag):
+    # blast-radius policy counts these per subject.
+    disruptive: bool = False
 
     def validate(self, params: dict[str, Any]) -> msgspec.Struct:
         """Raises ActionError naming the bad parameter."""

@@ -142,7 +142,7 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    kind: Literal["webshop", "ratelimiter"] = "webshop"
+    kind: Literal["webshop", "ratelimiter", "kvcluster"] = "webshop"
     url: str = "http://127.0.0.1:8080"  # the service; the chaos port is never given here
     log_path: str = ""  # default for an embedded subject: <home>/subjects/<name>/logs/app.log
     scrape_interval_s: float = 1.0

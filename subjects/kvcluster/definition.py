@@ -1,0 +1,65 @@
+"""The etcd cluster's SubjectDefinition: what actors know about it (never its chaos)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import msgspec
+
+from subjects.base import SubjectDefinition
+from subjects.kvcluster.actions import ACTIONS
+from subjects.kvcluster.client import KvClusterActionClient
+from subjects.kvcluster.invariants import INVARIANTS
+from subjects.kvcluster.layout import LAYOUT_FILE, Layout, from_base_port
+from subjects.kvcluster.observer import KvClusterObserver
+from subjects.kvcluster.options import KvClusterOptions
+from subjects.kvcluster.runbooks import RUNBOOKS
+
+LOADGEN_PORT_OFFSET = 6  # after the three members' client and peer ports
+
+
+def options_of(cfg: Any) -> KvClusterOptions:
+    return msgspec.convert(getattr(cfg, "options", None) or {}, KvClusterOptions)
+
+
+def layout_for(cfg: Any) -> Layout:
+    """The members of a configured cluster: `cluster_dir`'s cluster.json when it has one
+    (the embedded subject writes it), else three members from the url's base port."""
+    cluster_dir = options_of(cfg).cluster_dir
+    if cluster_dir and (Path(cluster_dir) / LAYOUT_FILE).exists():
+        return Layout.load(Path(cluster_dir))
+    parsed = urlparse(str(cfg.url))
+    return from_base_port(Path(cluster_dir or "."), parsed.port or 2379,
+                          parsed.hostname or "127.0.0.1")
+
+
+def loadgen_url_for(cfg: Any, layout: Layout) -> str:
+    explicit = options_of(cfg).loadgen_url
+    base = layout.members[0]
+    return explicit or f"http://{base.host}:{base.client_port + LOADGEN_PORT_OFFSET}"
+
+
+def make_observer(cfg: Any) -> KvClusterObserver:
+    layout = layout_for(cfg)
+    logs = {n: layout.log_file(n) for n in layout.names} if options_of(cfg).cluster_dir \
+        else None
+    return KvClusterObserver(layout.endpoints, loadgen_url_for(cfg, layout), logs)
+
+
+def make_action_client(cfg: Any) -> KvClusterActionClient:
+    return KvClusterActionClient(layout_for(cfg))
+
+
+DEFINITION = SubjectDefinition(
+    kind="kvcluster",
+    description="A three-member etcd cluster (real etcd processes on loopback, an 8 MiB "
+                "backend quota) under a built-in put/get load.",
+    actions=ACTIONS,
+    invariants=INVARIANTS,
+    runbooks=RUNBOOKS,
+    make_observer=make_observer,
+    make_action_client=make_action_client,
+    extra={"options": KvClusterOptions},
+)
