@@ -468,3 +468,36 @@ async def test_a_flapping_fault_is_recognised_as_one_recurring_problem(tmp_path:
         assert "incident.recurring" in out and "RECURRING error_rate: 3 incidents" in out, out
         print(f"\nflapping: actions {run.action_calls()}, recurring escalated once after "
               f"{rec.count}")
+
+
+# --- honest credit ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(170)
+async def test_a_fault_that_cleared_by_itself_before_the_fix_gets_no_fix_and_no_credit(
+        tmp_path: Path) -> None:
+    async with running_stack(tmp_path, "approve") as run:
+        t0 = time.time()
+        await run.chaos("POST", "bad_config")
+        [waiting] = await run.wait(lambda e: isinstance(e, m.Decision) and e.ts >= t0
+                                   and e.outcome == "awaiting_approval")
+        assert isinstance(waiting, m.Decision)
+        eid, incident = waiting.execution_id, waiting.incident_id
+        # The fault goes away by itself while the fix waits for a human, and the
+        # detector resolves the incident.
+        await run.chaos("DELETE", "bad_config")
+        await run.wait(lambda e: isinstance(e, m.IncidentResolved)
+                       and e.incident_id == incident, timeout=60)
+        # A human approves late: the step must not run on a healthy subject.
+        code, _, err = await run.cli("approve", eid, "--by", "alice")
+        assert code == 0, err
+        [result] = await run.wait(lambda e: isinstance(e, m.ExecutionResult)
+                                  and e.execution_id == eid)
+        assert isinstance(result, m.ExecutionResult)
+        assert result.status == "skipped", result
+        assert "was resolved by the detector" in result.detail
+        assert run.action_calls() == []
+        credited = [e for e in run.col.events(m.Verdict)
+                    if e.incident_id == incident and e.recovered == "after"]
+        assert credited == [], "a fix that never ran was credited"
