@@ -669,3 +669,27 @@ async def test_a_tick_committed_when_the_planner_dies_is_published_by_its_succes
     again = found[1]
     assert again.plan_id != p1.plan_id and again.steps[0].action == "recycle_pool"
     assert len({p.id for p in plans_of(col, d.incident_id)}) == 2
+
+
+@pytest.mark.e2e
+async def test_an_escalated_incident_re_enters_when_its_evidence_changes_materially(
+        bus: Bus) -> None:
+    await start_planner(bus)
+    async with bus.collect() as col:
+        d = bus_diagnosis(escalate=True)
+        await bus.publish("diagnoser", d)
+        await col.wait_for(lambda e: isinstance(e, m.IncidentEscalated)
+                           and e.incident_id == d.incident_id)
+
+        def updated(value: float) -> m.IncidentUpdated:
+            return m.IncidentUpdated(incident_id=d.incident_id, subject="webshop",
+                                     invariant="latency_p99", value=value)
+
+        await bus.publish("detector", updated(900.0))
+        await bus.publish("detector", updated(1200.0))  # x1.33: not material (factor 2)
+        await barrier(bus, col)
+        assert not [e for e in col.events(m.DiagnosisRequested)
+                    if e.incident_id == d.incident_id]
+        await bus.publish("detector", updated(2000.0))  # x2.2 since the escalation
+        req = await next_request(col, d.incident_id)
+    assert "the evidence changed: latency_p99 moved from 900 to 2000" in req.reason
