@@ -12,12 +12,10 @@ from subjects.base import SubjectDefinition
 from subjects.kvcluster.actions import ACTIONS
 from subjects.kvcluster.client import KvClusterActionClient
 from subjects.kvcluster.invariants import INVARIANTS
-from subjects.kvcluster.layout import LAYOUT_FILE, Layout, from_base_port
+from subjects.kvcluster.layout import LAYOUT_FILE, LOADGEN_PORT_OFFSET, Layout, from_base_port
 from subjects.kvcluster.observer import KvClusterObserver
 from subjects.kvcluster.options import KvClusterOptions
 from subjects.kvcluster.runbooks import RUNBOOKS
-
-LOADGEN_PORT_OFFSET = 6  # after the three members' client and peer ports
 
 
 def options_of(cfg: Any) -> KvClusterOptions:

@@ -21,6 +21,7 @@ QUOTA_BYTES = 8 * 1024 * 1024
 SNAPSHOT_COUNT = 100
 CLUSTER_TOKEN = "menders-kvcluster"
 LAYOUT_FILE = "cluster.json"
+LOADGEN_PORT_OFFSET = 6  # the embedded load generator's /metrics: after the members' ports
 
 
 @dataclass(frozen=True)
