@@ -25,6 +25,7 @@ from subjects.base import ActionError, InvariantSpec
 from subjects.kvcluster import chaos
 from subjects.kvcluster.client import KvClusterActionClient, RemedyFailed
 from subjects.kvcluster.definition import DEFINITION
+from subjects.kvcluster.gateway import Gateway
 from subjects.kvcluster.layout import Layout, free_port, with_free_ports
 from subjects.kvcluster.observer import KvClusterObserver
 from subjects.kvcluster.procman import LocalProcessManager
@@ -156,6 +157,12 @@ class Watch:
                                 f"{invariant} cleared", times=2)
 
 
+def assert_holds(metrics: dict[str, float], *invariants: str) -> None:
+    """A fault breaks its own invariant, not these unrelated ones."""
+    for name in invariants:
+        assert not broken(DEFINITION.invariant(name), metrics), f"{name} broke too: {metrics}"
+
+
 def best_rule_actions(invariant: str, metrics: dict[str, float], logs: list[str],
                       ) -> tuple[str, bool, list[str]]:
     """(rule name, escalate, action names) of the most confident matching runbook rule."""
@@ -221,6 +228,7 @@ async def test_member_killed_is_cured_by_a_restart_not_by_moving_the_leader(kv: 
     await fault.inject()
     m = await watch.breaks("member_down")
     assert m["members_down"] == 1 and m["m3_up"] == 0.0 and m["has_leader"] == 1.0
+    assert_holds(m, "low_disk_space", "raft_lag", "no_leader")
     _rule, escalate, actions = best_rule_actions("member_down", m, watch.logs)
     assert not escalate and actions[0] == "restart_member"
     await run(kv, "move_leader")  # plausible (a leader problem?), and useless here
@@ -251,6 +259,38 @@ async def test_member_hung_times_out_and_only_a_restart_cures_it(kv: Cluster) ->
         await watch.observer.close()
 
 
+async def leader_name(kv: Cluster) -> str:
+    gw = Gateway()
+    try:
+        statuses = {n: await gw.status(u) for n, u in kv.layout.endpoints.items()}
+    finally:
+        await gw.close()
+    leader = next(iter(statuses.values()))["leader"]
+    return next(n for n, s in statuses.items() if s["header"]["member_id"] == leader)
+
+
+async def test_a_hung_leader_makes_puts_slow_until_it_is_restarted(kv: Cluster) -> None:
+    watch = await healthy(kv)
+    fault = kv.fault("member_hung")
+    fault.target = await leader_name(kv)
+    await fault.inject()
+    try:
+        m = await watch.breaks("high_latency")
+        assert m["put_p99_ms"] >= 1000, "puts wait on the hung member until they time out"
+        m = await watch.breaks("member_down")
+        assert m[f"{fault.target}_up"] == 0.0
+        await watch.until(lambda m: m["has_leader"] == 1.0, BREAK_WITHIN_S,
+                          "a new leader among the other two")
+        await run(kv, "move_leader")  # leadership already moved: latency stays
+        await watch.stays_broken("high_latency")
+        await run(kv, "restart_member", {"member": fault.target})
+        await watch.cured("high_latency")
+        await watch.cured("member_down")
+    finally:
+        await fault.clear()
+        await watch.observer.close()
+
+
 async def test_nospace_is_cured_by_compact_defrag_each_then_disarm_not_by_disarm_alone(
         kv: Cluster) -> None:
     watch = await healthy(kv)
@@ -258,6 +298,7 @@ async def test_nospace_is_cured_by_compact_defrag_each_then_disarm_not_by_disarm
     await fault.inject()
     m = await watch.breaks("low_disk_space")
     assert m["nospace_alarm"] == 1.0
+    assert_holds(m, "member_down", "no_leader", "raft_lag")
     m = await watch.until(lambda m: m.get("put_error_rate", 0) > 0.5, 10.0, "puts failing")
     rule, _escalate, actions = best_rule_actions("low_disk_space", m, watch.logs)
     assert rule == "nospace_alarm" and actions == [a.action for a in NOSPACE_REPAIR]
@@ -279,6 +320,7 @@ async def test_data_dir_removed_needs_remove_and_re_add_not_a_restart(kv: Cluste
     try:
         m = await watch.breaks("member_down")
         assert m["members_down"] == 1
+        assert_holds(m, "low_disk_space", "raft_lag")
         _rule, escalate, actions = best_rule_actions("member_down", m, watch.logs)
         assert "replace_member" in actions and not escalate
         with pytest.raises(ActionError, match="refused: m3 has no data"):
