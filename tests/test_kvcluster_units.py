@@ -11,7 +11,12 @@ from subjects.base import ActionError
 from subjects.kvcluster.chaos import FAULTS as HOOKS
 from subjects.kvcluster.definition import DEFINITION, layout_for
 from subjects.kvcluster.faults import FAULTS
-from subjects.kvcluster.observer import MemberView, cluster_metrics, leader_of
+from subjects.kvcluster.observer import (
+    KvClusterObserver,
+    MemberView,
+    cluster_metrics,
+    leader_of,
+)
 from subjects.rules import check_rules
 
 
@@ -87,3 +92,14 @@ def test_the_layout_comes_from_the_url_base_port_without_a_cluster_dir() -> None
     layout = layout_for(Cfg())
     assert layout.endpoints == {"m1": "http://127.0.0.1:2379", "m2": "http://127.0.0.1:2381",
                                 "m3": "http://127.0.0.1:2383"}
+
+
+async def test_a_silent_cluster_is_down_and_without_quorum() -> None:
+    observer = KvClusterObserver({"m1": "http://127.0.0.1:9", "m2": "http://127.0.0.1:9"},
+                                 "http://127.0.0.1:9", timeout_s=0.3)
+    try:
+        obs = await observer.scrape()
+    finally:
+        await observer.close()
+    assert obs["up"] is False and "no member answered" in obs["error"]
+    assert obs["metrics"]["quorum_members"] <= 0 and obs["metrics"]["has_leader"] == 0.0

@@ -129,7 +129,9 @@ class KvClusterObserver:
         up = [v for v in views if v.up]
         if not up:
             errors = "; ".join(v.error for v in views)
-            return {"up": False, "metrics": {"members_down": float(len(views))},
+            down = {"members_down": float(len(views)), "members_up": 0.0, "has_leader": 0.0,
+                    "quorum_members": -float(len(views) // 2)}
+            return {"up": False, "metrics": down,
                     "log_lines": logs, "error": f"no member answered: {errors}"[:500]}
         metrics = cluster_metrics(views) | load
         metrics["leader_changes_1m"] = self._churn(leader_of(views), time.monotonic())
