@@ -106,8 +106,10 @@ async def test_self_matching_rule_diagnosis_equals_the_pure_runbook_logic(bus: B
     inc = incident_for(rule, invariant)
     d = await diagnosis_of(bus, inc)
     assert d.hypothesis == rule.hypothesis and d.actions[0].action == rule.actions[0].action
+    # The actor adds what the diagnosis was made on (the planner's record of it).
     assert d == msgspec.structs.replace(runbook.diagnose(inc, definition),
-                                        producer="diagnoser", ts=d.ts)
+                                        producer="diagnoser", ts=d.ts,
+                                        symptoms=dict(inc.symptoms))
 
 
 async def test_upstream_down_gives_an_escalating_diagnosis(bus: Bus) -> None:
