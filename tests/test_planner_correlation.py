@@ -25,6 +25,19 @@ def diagnosis(invariant: str, *actions: m.RecommendedAction) -> m.Diagnosis:
                        actions=list(actions))
 
 
+async def fresh_look(bus: Bus, col: Collector, incident: str,
+                     *actions: m.RecommendedAction) -> m.DiagnosisRequested:
+    """Wait for the planner's request for a fresh diagnosis of `incident`; answer it as the
+    diagnoser would (the planner plans from fresh evidence, issue 9)."""
+    [req] = await col.wait_for(lambda e: isinstance(e, m.DiagnosisRequested)
+                               and e.incident_id == incident)
+    assert isinstance(req, m.DiagnosisRequested)
+    await bus.publish("diagnoser", m.Diagnosis(
+        incident_id=incident, subject=SUBJECT, invariant=req.invariant,
+        hypothesis="fresh look", confidence=0.8, request_id=req.id, actions=list(actions)))
+    return req
+
+
 def plans(col: Collector, incident: str) -> list[m.Plan]:
     return [p for p in col.events(m.Plan) if p.incident_id == incident]
 
@@ -120,13 +133,15 @@ async def test_after_the_leader_verifies_a_resolved_follower_rests_and_a_broken_
         await bus.publish("detector", m.IncidentResolved(
             incident_id=resolved, subject=SUBJECT, invariant="latency_p99",
             reason="p99 back under 200 ms"))
-        # The other does not: after follow_grace_s it gets its own plan, without the
-        # action that already ran. The same grace-loop pass judged both followers.
+        # The other does not: after follow_grace_s it gets a fresh diagnosis, then its
+        # own plan. The same grace-loop pass judged both followers.
+        req = await fresh_look(bus, col, broken,
+                               m.RecommendedAction(action="scale_pool", params={"size": 32}))
         own = await plan_of(col, broken, attempt=1)
         await barrier(bus, col)
+    assert "recycle_pool settled on incident" in req.reason
     assert not own.follows and [s.action for s in own.steps] == ["scale_pool"]
     assert own.steps[0].params == {"size": 32}
-    assert "recycle_pool settled on incident" in own.rationale
     assert [p.steps for p in plans(col, resolved)] == [[]]  # no plan of its own
     assert not col.events(m.IncidentEscalated)
     assert len([p for p in plans(col, lead) if p.steps]) == 1  # the leader ran once
@@ -152,6 +167,11 @@ async def test_an_incident_during_a_change_waits_for_it_to_settle(bus: Bus) -> N
         await bus.publish("verifier", m.Verdict(
             incident_id=lead, subject=SUBJECT, plan_id=leader_plan.plan_id,
             invariant="pool_saturation", passed=False, reason="still saturated"))
+        # ... and its fresh diagnosis has nothing new: the leader escalates, and only then
+        # is its change over (a failed verdict alone starts its next attempt).
+        await fresh_look(bus, col, lead)
+        await fresh_look(bus, col, other.incident_id,
+                         m.RecommendedAction(action="failover_dependency"))
         own = await plan_of(col, other.incident_id, attempt=1)
         esc = await col.wait_for(lambda e: isinstance(e, m.IncidentEscalated)
                                  and e.incident_id == unsure.incident_id)
