@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from subjects.actionhttp import HttpActionClient
 from subjects.base import SubjectDefinition
 from subjects.ratelimiter.actions import ACTIONS
-from subjects.ratelimiter.client import RatelimiterActionClient
 from subjects.ratelimiter.invariants import INVARIANTS
 from subjects.ratelimiter.observer import RatelimiterObserver
 from subjects.ratelimiter.options import RatelimiterOptions
@@ -22,8 +22,8 @@ def make_observer(cfg: Any) -> RatelimiterObserver:
     return RatelimiterObserver(str(cfg.url), Path(log_file) if log_file else None)
 
 
-def make_action_client(cfg: Any) -> RatelimiterActionClient:
-    return RatelimiterActionClient(str(cfg.url))
+def make_action_client(cfg: Any) -> HttpActionClient:
+    return HttpActionClient(str(cfg.url))
 
 
 DEFINITION = SubjectDefinition(

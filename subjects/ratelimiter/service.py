@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
+import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from subjects.base import ActionError
+from subjects.actionhttp import MAX_ACTION_BODY, action_route
 from subjects.ratelimiter import remedies
 from subjects.ratelimiter.actions import ACTIONS
 from subjects.ratelimiter.cluster import Cluster, ClusterError
 
 CLUSTER_KEY = web.AppKey("cluster", Cluster)
-MAX_ACTION_BODY = 64 * 1024
-
-
-def _reply(ok: bool, detail: str, status: int = 200) -> web.Response:
-    return web.json_response({"ok": ok, "detail": detail}, status=status)
 
 
 async def topology(request: web.Request) -> web.Response:
@@ -28,30 +22,12 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def action(request: web.Request) -> web.Response:
-    cluster = request.app[CLUSTER_KEY]
-    name = request.match_info["name"]
-    spec = ACTIONS.get(name)
-    if spec is None:
-        return _reply(False, f"unknown action {name!r}; known: {', '.join(ACTIONS)}", 404)
-    raw = await request.content.read(MAX_ACTION_BODY + 1)
-    if len(raw) > MAX_ACTION_BODY:
-        return _reply(False, f"{name}: parameters larger than {MAX_ACTION_BODY} bytes", 413)
-    try:
-        params = json.loads(raw) if raw.strip() else {}
-    except ValueError as exc:
-        return _reply(False, f"{name}: parameters are not JSON: {exc}", 400)
-    if not isinstance(params, dict):
-        return _reply(False, f"{name}: parameters must be a JSON object", 400)
-    try:
-        detail = await remedies.run(cluster, name, spec.validate(params))
-    except ActionError as exc:
-        return _reply(False, str(exc), 400)
-    except (ClusterError, RedisError, OSError) as exc:
-        cluster.log.write("error", "action failed", action=name, error=repr(exc)[:300])
-        return _reply(False, f"{name} failed: {type(exc).__name__}: {exc}", 500)
-    cluster.log.write("info", "action", action=name, params=params, detail=detail)
-    return _reply(True, detail)
+async def _remedy(request: web.Request, name: str, params: msgspec.Struct) -> str:
+    return await remedies.run(request.app[CLUSTER_KEY], name, params)
+
+
+action = action_route(ACTIONS, _remedy, lambda request: request.app[CLUSTER_KEY].log,
+                      failures=(ClusterError, RedisError, OSError))
 
 
 def make_app(cluster: Cluster) -> web.Application:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from subjects.actionhttp import HttpActionClient
 from subjects.base import SubjectDefinition
 from subjects.webshop.actions import ACTIONS
-from subjects.webshop.client import WebshopActionClient
 from subjects.webshop.invariants import INVARIANTS
 from subjects.webshop.observer import WebshopObserver
 from subjects.webshop.runbooks import RUNBOOKS
@@ -21,9 +21,9 @@ def make_observer(cfg: Any) -> WebshopObserver:
     return WebshopObserver(str(cfg.url), Path(log_file) if log_file else None)
 
 
-def make_action_client(cfg: Any) -> WebshopActionClient:
+def make_action_client(cfg: Any) -> HttpActionClient:
     """`cfg` has `url: str`."""
-    return WebshopActionClient(str(cfg.url))
+    return HttpActionClient(str(cfg.url))
 
 
 DEFINITION = SubjectDefinition(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,14 +11,13 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from subjects.base import ActionError
+from subjects.actionhttp import MAX_ACTION_BODY, action_route
 from subjects.webshop.actions import ACTIONS, RollbackConfigParams, ScalePoolParams
 from subjects.webshop.db import PRODUCTS, PoolTimeout
 from subjects.webshop.shop import ConfigError, Shop, UpstreamError
 
 SHOP_KEY = web.AppKey("shop", Shop)
 BUSINESS_PREFIXES = ("/products", "/search", "/checkout")
-MAX_ACTION_BODY = 64 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -142,11 +140,8 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _reply(ok: bool, detail: str, status: int = 200) -> web.Response:
-    return web.json_response({"ok": ok, "detail": detail}, status=status)
-
-
-async def _dispatch(shop: Shop, name: str, params: msgspec.Struct) -> str:
+async def _dispatch(request: web.Request, name: str, params: msgspec.Struct) -> str:
+    shop = request.app[SHOP_KEY]
     if isinstance(params, ScalePoolParams):
         return await shop.scale_pool(params.size)
     if isinstance(params, RollbackConfigParams):
@@ -155,30 +150,7 @@ async def _dispatch(shop: Shop, name: str, params: msgspec.Struct) -> str:
     return await remedy()
 
 
-async def action(request: web.Request) -> web.Response:
-    shop = request.app[SHOP_KEY]
-    name = request.match_info["name"]
-    spec = ACTIONS.get(name)
-    if spec is None:
-        return _reply(False, f"unknown action {name!r}; known: {', '.join(ACTIONS)}", 404)
-    raw = await request.content.read(MAX_ACTION_BODY + 1)
-    if len(raw) > MAX_ACTION_BODY:
-        return _reply(False, f"{name}: parameters larger than {MAX_ACTION_BODY} bytes", 413)
-    try:
-        params = json.loads(raw) if raw.strip() else {}
-    except ValueError as exc:
-        return _reply(False, f"{name}: parameters are not JSON: {exc}", 400)
-    if not isinstance(params, dict):
-        return _reply(False, f"{name}: parameters must be a JSON object", 400)
-    try:
-        detail = await _dispatch(shop, name, spec.validate(params))
-    except ActionError as exc:
-        return _reply(False, str(exc), 400)
-    except Exception as exc:
-        shop.logs.log.write("error", "action failed", action=name, error=repr(exc)[:300])
-        return _reply(False, f"{name} failed: {type(exc).__name__}: {exc}", 500)
-    shop.logs.log.write("info", "action", action=name, params=params, detail=detail)
-    return _reply(True, detail)
+action = action_route(ACTIONS, _dispatch, lambda request: request.app[SHOP_KEY].logs.log)
 
 
 def make_app(shop: Shop) -> web.Application:
