@@ -45,7 +45,7 @@ import msgspec
 
 import subjects
 from actors.governor import policy
-from actors.runtime import Actor, Delivery, Reject, derive_id
+from actors.runtime import Actor, Delivery, Reject, derive_id, killswitch
 from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, Records, watch_forever
 from actors.runtime.logs import get_logger
@@ -57,16 +57,13 @@ from bus_schemas.governor import (
     MISSING_KILL,
     MODE_KEY,
     PENDING_PREFIX,
-    RELEASE_KEY,
     REVOKED_PREFIX,
     UNREADABLE_KILL,
     KillFlag,
     Pending,
-    Release,
     Revocation,
     encode_kill,
     encode_mode,
-    encode_release,
     encode_revocation,
     parse_kill,
     parse_mode,
@@ -598,11 +595,8 @@ class Governor(Actor):
             self.m_kill.set(1)
             return await self._kill_decisions(flag)
         if cmd.command == "resume":
-            flag = KillFlag(engaged=False, by=cmd.by, reason=cmd.reason, at=time.time())
-            rev = await self.kv.put(KILL_KEY, encode_kill(flag))
-            # Readers take the flag as released only at this revision (kill_state).
-            await self.kv.put(RELEASE_KEY, encode_release(Release(
-                revision=rev, by=cmd.by, reason=cmd.reason, at=flag.at)))
+            # Readers take the flag as released only at the revision recorded (kill_state).
+            await killswitch.release(self.kv, cmd.by, cmd.reason)
             self.m_kill.set(0)
             return [_policy_changed(cmd)]
         return await self._revoke(cmd, redelivered)
