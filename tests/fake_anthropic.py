@@ -217,6 +217,11 @@ def good_sre_decision(invariant: str, symptoms: dict[str, float], logs: list[str
         h, a = "Something floods the logs.", act("rotate_logs", "restart_worker")
     else:
         h, a = "Unclear cause.", []
+    # Memory reorders what fits the symptoms, as the runbook diagnoser's memory does; it
+    # never promotes an action the symptoms argue against (recycling a pool at 10 %
+    # utilisation because a past latency incident was a leak).
+    fits = {x["action"] for x in a}
+    verified = [p for p in verified if p["verified_action"] in fits]
     if verified:
         first = {"action": verified[0]["verified_action"],
                  "params": verified[0].get("verified_params", {}),
