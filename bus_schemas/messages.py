@@ -123,10 +123,28 @@ class IncidentSummary(Event, tag="incident.summary", frozen=True, kw_only=True):
 # --- diagnose / plan ----------------------------------------------------------
 
 
+StepMode = Literal["sync", "async", "fire_and_forget"]
+
+
+class RecommendedStep(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a multi-step remedy; `id` is local to the remedy."""
+
+    id: str
+    action: str
+    params: dict[str, Any] = {}
+    depends_on: list[str] = []
+    mode: StepMode = "sync"
+
+
 class RecommendedAction(msgspec.Struct, frozen=True, kw_only=True):
+    """One remedy: a single action, or (with `steps`) a plan of several whose name is
+    `action` (e.g. "nospace_repair"); either way, one alternative tried as one attempt."""
+
     action: str
     params: dict[str, Any] = {}
     rationale: str = ""
+    steps: list[RecommendedStep] = []
+    max_parallel: int = 0  # for a multi-step remedy; 0: the governor's default
 
 
 class Diagnosis(Event, tag="diagnosis", frozen=True, kw_only=True):
@@ -168,13 +186,25 @@ class DiagnosisRequested(Event, tag="diagnosis.requested", frozen=True, kw_only=
 
 
 class PlanStep(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a plan. Waves: a step's wave is one more than its dependencies'
+    deepest (roots are wave 1). A `sync` step holds every later wave until it
+    succeeded; an `async` one holds only its own dependents, and the plan ends after
+    it; a `fire_and_forget` one holds nothing, may not be depended on nor be
+    disruptive, and its failure does not fail the plan. `risk`, `idempotent`,
+    `timeout_s`, `disruptive` and `attempts` are the registry's word once the
+    governor approved the step (it takes the stricter of claim and registry)."""
+
     step_id: str
     action: str
     params: dict[str, Any] = {}
     depends_on: list[str] = []
     risk: Risk = "low"
     idempotent: bool = True
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # per try
+    mode: StepMode = "sync"
+    disruptive: bool = False  # takes a member or node out of service while it runs
+    attempts: int = 1  # tries the executor may make (the action's retry policy)
+    budget_s: float = 0.0  # every try with its backoff; 0: timeout_s
 
 
 class Plan(Event, tag="plan", frozen=True, kw_only=True):
@@ -186,6 +216,7 @@ class Plan(Event, tag="plan", frozen=True, kw_only=True):
     # Set (with no steps) when this incident joins the remediation already under way
     # for another incident of the same subject with the same action: one cause, one fix.
     follows: str = ""
+    max_parallel: int = 0  # steps of this plan released at once; 0: the governor's default
 
 
 # --- govern / execute / verify ---------------------------------------------------
@@ -205,8 +236,15 @@ class ExecutionApproved(Event, tag="exec.approved", frozen=True, kw_only=True):
 
 
 # expired: released, but no executor reported on it before its slot ran out.
+# skipped: never released because a step it needed did not succeed (fail-fast).
 DecisionOutcome = Literal["vetoed", "awaiting_approval", "denied", "revoked", "killed",
-                          "expired"]
+                          "expired", "skipped"]
+# Which rule decided, in one word a program can act on (the reason says it for people).
+# Governor: kill, mode, registry, params, allow_list, approval, concurrency, rate, cooldown,
+# blast_radius, dag, fire_and_forget, dependency, denied, approval_timeout, revoked, expired.
+# Executor (skipped/cancelled results): kill, revoked, approval_expired, mode, resolved,
+# precondition, registry, params, lost_lease, not_configured.
+Rule = str
 
 
 class Decision(Event, tag="decision", frozen=True, kw_only=True):
@@ -222,6 +260,7 @@ class Decision(Event, tag="decision", frozen=True, kw_only=True):
     # A `killed` or `revoked` Decision about a released step leaves ending it to the
     # executor's ExecutionResult.
     ends_step: bool = False
+    rule: Rule = ""
 
 
 class ExecutionStarted(Event, tag="exec.started", frozen=True, kw_only=True):
@@ -240,6 +279,50 @@ class ExecutionResult(Event, tag="exec.result", frozen=True, kw_only=True):
     status: ExecutionStatus
     detail: str = ""
     started_at: float = 0.0
+    finished_at: float = 0.0
+    rule: Rule = ""  # for skipped and cancelled: the rule that stopped it
+    tries: int = 1  # how many times the action was called (its retry policy)
+
+
+WaveState = Literal["started", "finished"]
+
+
+class PlanProgressed(Event, tag="plan.progress", frozen=True, kw_only=True):
+    """A wave of a plan started or finished (the governor's view, for people)."""
+
+    plan_id: str
+    wave: int  # 1-based
+    waves: int
+    state: WaveState
+    steps: list[str]  # the wave's step ids
+    detail: str = ""  # per step: "<id> <action>: <how it ended>"
+
+
+PlanOutcome = Literal["succeeded", "failed", "blocked"]
+
+
+class StepEnding(msgspec.Struct, frozen=True, kw_only=True):
+    step_id: str
+    action: str
+    params: dict[str, Any] = {}
+    mode: StepMode = "sync"
+    ended: str  # succeeded, or a Decision outcome, or an ExecutionStatus
+    rule: Rule = ""
+    detail: str = ""
+    released: bool = False  # an executor got it (an ExecutionResult ended it)
+
+
+class PlanEnded(Event, tag="plan.ended", frozen=True, kw_only=True):
+    """Every step of a plan ended (the governor's word). `succeeded`: every step but
+    fire-and-forget ones succeeded; `failed`: a released step did not; `blocked`: a
+    step was never released (vetoed, denied, revoked, expired). `deciding` is the first
+    step that did not succeed, which says why."""
+
+    plan_id: str
+    outcome: PlanOutcome
+    steps: list[StepEnding]
+    deciding: StepEnding | None = None
+    started_at: float = 0.0  # the first released step's start (0: none ran)
     finished_at: float = 0.0
 
 
@@ -340,6 +423,8 @@ ALL_MESSAGES: tuple[type[Event], ...] = (
     Decision,
     ExecutionStarted,
     ExecutionResult,
+    PlanProgressed,
+    PlanEnded,
     Verdict,
     HumanApproval,
     ControlCommand,

@@ -23,6 +23,33 @@ class NoParams(msgspec.Struct, forbid_unknown_fields=True):
     """The parameter Struct of an action that takes none."""
 
 
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the executor retries an action that failed, declared with the action.
+
+    Only idempotent actions may retry (a repeated non-idempotent call could double
+    its effect), and only failures: a kill, a revocation or a lost lease never
+    retries. `not_retryable` lists failure codes (ActionError.code) that say a retry
+    cannot help (a refused precondition, bad input)."""
+
+    attempts: int = 1  # tries in all; 1: no retry
+    backoff_s: float = 0.5  # before the 2nd try; doubled each time, up to backoff_max_s
+    backoff_max_s: float = 5.0
+    retry_timeouts: bool = False  # a try that timed out is retried too
+    not_retryable: tuple[str, ...] = ("refused", "invalid")
+
+    def backoff(self, tried: int) -> float:
+        """The pause after the `tried`-th try failed."""
+        return min(self.backoff_s * 2 ** max(tried - 1, 0), self.backoff_max_s)
+
+    def budget_s(self, timeout_s: float) -> float:
+        """The longest the whole step can take: every try and every pause."""
+        return self.attempts * timeout_s + sum(self.backoff(n) for n in
+                                               range(1, self.attempts))
+
+
+NO_RETRY = RetryPolicy()
+
+
 @dataclass(frozen=True)
 class ActionSpec:
     name: str
@@ -34,6 +61,14 @@ class ActionSpec:
     # Takes a member or node out of service while it runs (a restart, a defrag):
     # blast-radius policy counts these per subject.
     disruptive: bool = False
+    retry: RetryPolicy = NO_RETRY
+
+    def __post_init__(self) -> None:
+        if self.retry.attempts < 1:
+            raise ValueError(f"{self.name}: retry.attempts must be >= 1")
+        if self.retry.attempts > 1 and not self.idempotent:
+            raise ValueError(f"{self.name}: only an idempotent action may retry (a "
+                             "repeated call could double its effect)")
 
     def validate(self, params: dict[str, Any]) -> msgspec.Struct:
         """Raises ActionError naming the bad parameter."""
@@ -47,7 +82,12 @@ class ActionSpec:
 
 
 class ActionError(MendersError, ValueError):
-    pass
+    """An action failed. `code` classifies it for the retry policy: "refused" (a
+    precondition said no), "invalid" (bad input), or "failed"."""
+
+    def __init__(self, message: str, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 InvariantKind = Literal["threshold", "rate", "baseline"]
@@ -106,6 +146,12 @@ class ObserverProtocol(Protocol):
 class ActionClientProtocol(Protocol):
     async def run(self, action: str, params: dict[str, Any], timeout_s: float) -> str:
         """Call the subject's remediation endpoint; return a detail string or raise."""
+        ...
+
+    async def precondition(self, action: str, params: dict[str, Any]) -> str | None:
+        """Checked on fresh state right before a disruptive step starts: why it must
+        not start now (etcd: another member is down, so quorum would be at risk), or
+        None. A client with nothing to check returns None."""
         ...
 
     async def close(self) -> None: ...
