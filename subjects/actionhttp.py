@@ -40,6 +40,10 @@ class HttpActionClient:
         self.url = url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
 
+    async def precondition(self, action: str, params: dict[str, Any]) -> str | None:
+        """None: an HTTP subject checks its own preconditions when it runs an action."""
+        return None
+
     async def run(self, action: str, params: dict[str, Any], timeout_s: float) -> str:
         """The service's detail on success; ActionError on a 400, ActionFailed otherwise."""
         if self._session is None:

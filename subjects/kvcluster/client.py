@@ -51,6 +51,19 @@ class KvClusterActionClient:
         except EtcdError as exc:
             raise RemedyFailed(f"{action}: {exc}") from None
 
+    async def precondition(self, action: str, params: dict[str, Any]) -> str | None:
+        """Blast radius on fresh state, before a disruptive step starts: a member is taken
+        out (or brought back) only while every other member answers."""
+        spec = ACTIONS.get(action)
+        if spec is None or not spec.disruptive:
+            return None
+        member = str(params.get("member", ""))
+        down = [n for n, s in (await self._statuses()).items() if n != member and s is None]
+        if down:
+            return (f"{action}: {', '.join(down)} down; taking {member or 'a member'} out "
+                    "too would risk quorum")
+        return None
+
     # --- live state ------------------------------------------------------------
 
     async def _status(self, name: str) -> dict[str, Any] | None:
