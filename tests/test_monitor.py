@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from actors.monitor.actor import sanitize
+from actors.monitor.actor import Target, sanitize
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from tests.harness import REPO, Bus, webshop
@@ -142,6 +142,32 @@ def test_sanitize_keeps_only_finite_metrics_and_caps_logs() -> None:
     assert len(obs.log_lines) == 50 and all(len(line) == 2000 for line in obs.log_lines)
     bad = sanitize("shop", 1.0, {"up": True, "metrics": "garbage", "log_lines": None}, 1.0)
     assert bad.metrics == {} and bad.log_lines == []
+
+
+def test_a_target_carries_the_validated_options_and_an_embedded_subjects_state_dir(
+        tmp_path: Path) -> None:
+    """What observers and action clients are built from: no option set by hand."""
+    from actors.runtime.config import SubjectConfig
+    from subjects.kvcluster.definition import layout_for, make_observer
+    from subjects.kvcluster.layout import from_base_port
+    from subjects.kvcluster.options import KvClusterOptions
+
+    cfg = SubjectConfig(kind="kvcluster", url="http://127.0.0.1:23790",
+                        options={"load_rps": 5})
+    target = Target.of("kv", cfg, tmp_path)
+    assert isinstance(target.options, KvClusterOptions) and target.options.load_rps == 5
+    assert target.data_dir == tmp_path / "subjects" / "kv" and target.embedded
+    from_base_port(tmp_path / "subjects" / "kv", 23790).save()  # what the launcher writes
+    assert layout_for(target).home == tmp_path / "subjects" / "kv"
+    observer = make_observer(target)
+    assert {n: t.path for n, t in observer.tails.items()} == {
+        n: tmp_path / "subjects" / "kv" / "logs" / f"{n}.log" for n in ("m1", "m2", "m3")}
+    outside = Target.of("far", SubjectConfig(kind="kvcluster", url="http://10.0.0.5:2379",
+                                             embedded=False), tmp_path)
+    assert outside.data_dir is None and outside.log_file is None
+    assert make_observer(outside).tails == {}
+    shop = Target.of("shop", SubjectConfig(), tmp_path)
+    assert shop.options is None and shop.log_file == tmp_path / "subjects/shop/logs/app.log"
 
 
 async def test_a_real_fault_is_detected_end_to_end(bus: Bus, tmp_path: Path) -> None:

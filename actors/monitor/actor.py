@@ -39,6 +39,7 @@ from nats.aio.subscription import Subscription
 import subjects
 from actors.monitor.history import History, answer_obs_query
 from actors.runtime import Actor, Delivery, Runtime
+from actors.runtime.config import SubjectConfig
 from actors.runtime.logs import get_logger
 from actors.runtime.outage import Outage, is_outage
 from bus_schemas import catalog
@@ -56,12 +57,27 @@ MAX_LOG_LINE_CHARS = 2000
 
 @dataclass(frozen=True)
 class Target:
-    """What an observer is built from: where the subject answers and logs."""
+    """What an observer is built from (the kind's `make_observer(target)`): where the
+    subject answers and logs, where an embedded one keeps its state, and its own
+    settings, already validated by its kind (`subjects.validate_options`)."""
 
     name: str
     url: str
     log_file: Path | None
     scrape_interval_s: float
+    kind: str = "webshop"
+    options: msgspec.Struct | None = None  # the kind's options Struct; None: it takes none
+    # An embedded subject's state directory (<home>/subjects/<name>, where `menders up`
+    # starts it); None for a subject someone else runs.
+    data_dir: Path | None = None
+    embedded: bool = False
+
+    @classmethod
+    def of(cls, name: str, cfg: SubjectConfig, home: Path) -> Target:
+        return cls(name, cfg.url, cfg.log_file(home, name), cfg.scrape_interval_s,
+                   kind=cfg.kind, options=subjects.validate_options(cfg.kind, cfg.options),
+                   data_dir=home / "subjects" / name if cfg.embedded else None,
+                   embedded=cfg.embedded)
 
     @property
     def timeout_s(self) -> float:
@@ -109,8 +125,7 @@ class Monitor(Actor):
 
     async def setup(self) -> None:
         for name, cfg in self.config.subjects.items():
-            target = Target(name, cfg.url, cfg.log_file(self.config.home_dir, name),
-                            cfg.scrape_interval_s)
+            target = Target.of(name, cfg, self.config.home_dir)
             self.targets[name] = target
             self.observers[name] = subjects.load(cfg.kind).make_observer(target)
             self.history[name] = History()

@@ -14,15 +14,25 @@ from subjects.ratelimiter.options import RatelimiterOptions
 from subjects.ratelimiter.runbooks import RUNBOOKS
 
 
-def make_observer(cfg: Any) -> RatelimiterObserver:
-    """`cfg` has `url` (the manager) and `log_file` (its journal; node logs sit beside it)."""
+def _log_file(cfg: Any) -> Path | None:
+    """The manager's journal (node logs sit beside it): the Target's `log_file`, else the
+    embedded subject's default under its `data_dir`."""
     log_file = getattr(cfg, "log_file", None)
-    if callable(log_file):  # SubjectConfig.log_file(home, name) needs arguments we lack
-        log_file = None
-    return RatelimiterObserver(str(cfg.url), Path(log_file) if log_file else None)
+    if isinstance(log_file, str | Path) and str(log_file):
+        return Path(log_file)
+    data_dir = getattr(cfg, "data_dir", None)
+    return Path(data_dir) / "logs" / "app.log" if data_dir else None
+
+
+def make_observer(cfg: Any) -> RatelimiterObserver:
+    """`cfg` (the monitor's Target) has `url` (the manager, whose /topology is the live
+    inventory: node ports are picked at start and the primary moves on a failover) and
+    `log_file` or `data_dir`."""
+    return RatelimiterObserver(str(cfg.url), _log_file(cfg))
 
 
 def make_action_client(cfg: Any) -> HttpActionClient:
+    """`cfg` has `url`: the manager runs the remedies (/actions/<name>)."""
     return HttpActionClient(str(cfg.url))
 
 

@@ -14,10 +14,8 @@ from subjects.webshop.runbooks import RUNBOOKS
 
 
 def make_observer(cfg: Any) -> WebshopObserver:
-    """`cfg` has `url: str` and `log_file: pathlib.Path | None`."""
+    """`cfg` (the monitor's Target) has `url: str` and `log_file: pathlib.Path | None`."""
     log_file = getattr(cfg, "log_file", None)
-    if callable(log_file):  # SubjectConfig.log_file(home, name) needs arguments we lack
-        log_file = None
     return WebshopObserver(str(cfg.url), Path(log_file) if log_file else None)
 
 
