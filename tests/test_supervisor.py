@@ -352,3 +352,130 @@ async def test_a_dead_broker_is_restarted_without_bound(tmp_path: Path) -> None:
         if broker.proc and broker.proc.returncode is None:
             broker.proc.kill()
             await broker.proc.wait()
+
+
+# --- any mix of subjects --------------------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid and every live process below it (a subject's redis-servers, nodes, etcd members)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.name.isdigit():
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _rss_kib(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def _kv_base_port() -> int:
+    """The first of 7 consecutive free ports: an embedded etcd cluster's members and load."""
+    for _ in range(50):
+        base = free_port()
+        if base + 7 < 65535 and all(_bindable(base + i) for i in range(7)):
+            return base
+    raise RuntimeError("no 7 consecutive free ports")
+
+
+@pytest.mark.timeout(150)
+async def test_up_starts_and_observes_a_mix_of_subjects_and_stops_them_all(
+        tmp_path: Path) -> None:
+    """One config, three embedded subjects of three kinds (real redis-server and etcd
+    under them) and one someone else runs: each embedded one is started, supervised and
+    observed up, the outside one only observed (down: nobody answers there), and a stop
+    leaves no process behind."""
+    import shutil
+
+    import nats
+
+    from actors.runtime.config import load
+    from actors.stack.up import Stack
+    from bus_schemas import codec
+    from bus_schemas import messages as m
+    from bus_schemas.natsconf import inbox_prefix
+
+    require_nats_server()
+    for binary in ("redis-server", "etcd"):
+        if shutil.which(binary) is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{binary} is missing under CI (.ci/run installs it)")
+            pytest.skip(f"needs {binary}")
+    home = tmp_path / "home"
+    cfg = tmp_path / "menders.toml"
+    cfg.write_text(f"""\
+home = "{home}"
+[nats]
+port = {free_port()}
+[runtime]
+metrics_base_port = 0
+[supervisor]
+stop_timeout_s = 15
+[subjects.shop]
+url = "http://127.0.0.1:{free_port()}"
+[subjects.limits]
+kind = "ratelimiter"
+url = "http://127.0.0.1:{free_port()}"
+[subjects.limits.options]
+nodes = 2
+[subjects.kv]
+kind = "kvcluster"
+url = "http://127.0.0.1:{_kv_base_port()}"
+[subjects.kv.options]
+load_rps = 10
+[subjects.outside]
+url = "http://127.0.0.1:{free_port()}"
+embedded = false
+""")
+    stack = Stack(load(cfg), str(cfg), actors=("monitor",), child_logs=True)
+    embedded = ("shop", "limits", "kv")
+    seen: dict[str, set[bool]] = {}
+    try:
+        await stack.start()
+        assert stack.supervisor is not None
+        pids = stack.supervisor.pids()
+        assert set(pids) == {"monitor", *(f"subject:{n}" for n in embedded)}
+        assert set(json.loads((home / "chaos.json").read_text())) == set(embedded)
+        nc = await nats.connect(stack.url, user=catalog.OPERATOR,
+                                password=stack.passwords[catalog.OPERATOR],
+                                inbox_prefix=inbox_prefix(catalog.OPERATOR))
+
+        async def on_obs(msg: object) -> None:
+            obs = codec.decode(msg.data, (m.Observation,))  # type: ignore[attr-defined]
+            assert isinstance(obs, m.Observation)
+            seen.setdefault(obs.subject, set()).add(obs.up)
+
+        await nc.subscribe(catalog.under("obs"), cb=on_obs)
+        watch = asyncio.ensure_future(stack.supervisor.watch())
+        try:
+            up_after = await stack.wait_observed(embedded, timeout=90)
+            deadline = time.monotonic() + 10
+            while "outside" not in seen and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+            assert not watch.done(), watch  # nothing gave up
+            watch.cancel()
+        assert seen.get("outside") == {False}, seen
+        rss = {n: _rss_kib(_descendants(pids[f"subject:{n}"])) for n in embedded}
+        print(f"\nobserved up after {up_after}; RSS KiB with children: {rss}")
+        below = {n: len(_descendants(pids[f"subject:{n}"])) for n in embedded}
+        # the manager with its redis-servers and nodes; the launcher with 3 etcd members
+        assert below["limits"] >= 1 + 2 + 2 and below["kv"] >= 1 + 3, below
+    finally:
+        await stack.stop()
+    assert pids_with_home(home) == set(), "left behind"

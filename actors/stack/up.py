@@ -1,8 +1,10 @@
 """The whole stack as `menders up` and `menders demo` run it.
 
 NATS (the embedded server, or an existing one given by URL), provisioning,
-the embedded demo subject (when configured), and one supervised process per
-actor, each with only its own credentials.
+every embedded subject of the config (any mix of kinds: each its own supervised
+`python -m subjects.<kind> serve`, never given up on; a subject with
+`embedded = false` is someone else's to run, and only the monitor watches it),
+and one supervised process per actor, each with only its own credentials.
 """
 
 from __future__ import annotations
@@ -159,6 +161,45 @@ class Stack:
             await sub.unsubscribe()
             await nc.close()
         return time.monotonic() - started
+
+    async def wait_observed(self, names: tuple[str, ...] | None = None,
+                            timeout: float = 60.0) -> dict[str, float]:
+        """Seconds until each subject (default: every configured one) was observed up.
+
+        Needs the monitor among the actors; a subject that is never seen up raises
+        StackError naming it and what its last observation said."""
+        wanted = set(self.config.subjects if names is None else names)
+        if "monitor" not in self.actors:
+            raise StackError("no monitor among the actors: nothing observes the subjects")
+        started = time.monotonic()
+        nc = await nats.connect(self.url, user=catalog.OPERATOR,
+                                password=self.passwords[catalog.OPERATOR],
+                                inbox_prefix=inbox_prefix(catalog.OPERATOR))
+        seen: dict[str, float] = {}
+        last: dict[str, str] = {}
+        done = asyncio.Event()
+
+        async def on_obs(msg: Msg) -> None:
+            with contextlib.suppress(codec.DecodeError):
+                obs = codec.decode(msg.data, (m.Observation,))
+                if not isinstance(obs, m.Observation) or obs.subject not in wanted:
+                    return
+                last[obs.subject] = "up" if obs.up else f"down: {obs.error[:200]}"
+                if obs.up:
+                    seen.setdefault(obs.subject, time.monotonic() - started)
+                    if seen.keys() >= wanted:
+                        done.set()
+
+        sub = await nc.subscribe(catalog.under("obs"), cb=on_obs)
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            missing = {n: last.get(n, "no observation") for n in sorted(wanted - seen.keys())}
+            raise StackError(f"not observed up after {timeout:g}s: {missing}") from None
+        finally:
+            await sub.unsubscribe()
+            await nc.close()
+        return seen
 
     async def stop(self) -> None:
         if self.supervisor is not None:
