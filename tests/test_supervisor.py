@@ -444,6 +444,7 @@ embedded = false
     stack = Stack(load(cfg), str(cfg), actors=("monitor",), child_logs=True)
     embedded = ("shop", "limits", "kv")
     seen: dict[str, set[bool]] = {}
+    outside_seen = asyncio.Event()
     try:
         await stack.start()
         assert stack.supervisor is not None
@@ -458,14 +459,14 @@ embedded = false
             obs = codec.decode(msg.data, (m.Observation,))  # type: ignore[attr-defined]
             assert isinstance(obs, m.Observation)
             seen.setdefault(obs.subject, set()).add(obs.up)
+            if obs.subject == "outside":
+                outside_seen.set()
 
         await nc.subscribe(catalog.under("obs"), cb=on_obs)
         watch = asyncio.ensure_future(stack.supervisor.watch())
         try:
             up_after = await stack.wait_observed(embedded, timeout=90)
-            deadline = time.monotonic() + 10
-            while "outside" not in seen and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
+            await asyncio.wait_for(outside_seen.wait(), 10)
         finally:
             await nc.close()
             assert not watch.done(), watch  # nothing gave up
