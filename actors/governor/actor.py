@@ -255,7 +255,8 @@ class Governor(Actor):
         for step in plan.steps:
             reason = why_none or problems.get(step.step_id, "")
             if reason:
-                out.append(self._set(prog, step, "vetoed", reason, plan.id))
+                out.append(self._set(prog, step, "vetoed", reason, plan.id,
+                                     rule="registry" if why_none else "dag"))
         out += await self._advance(prog, plan.id, kind, actions)
         await self._save_progress(prog, rev)
         await self._reached("plan_committed")
@@ -283,7 +284,8 @@ class Governor(Actor):
                 break
             by_id = {s.step_id: s for s in plan.steps}
             for sid, reason in blocked.items():
-                out.append(self._set(prog, by_id[sid], "vetoed", reason, cause_id))
+                out.append(self._set(prog, by_id[sid], "vetoed", reason, cause_id,
+                                     rule="dependency"))
             for step in ready:
                 eid = prog.steps[step.step_id].execution_id
                 j = policy.judge(step, subject=plan.subject, kind=kind, actions=actions,
@@ -294,9 +296,11 @@ class Governor(Actor):
                     out.append(approved)
                     touched = True
                 elif j.outcome == "await_human":
-                    out.append(await self._await_human(prog, j.step, j.reason, cause_id, now))
+                    out.append(await self._await_human(prog, j.step, j.reason, cause_id, now,
+                                                       j.rule))
                 else:
-                    out.append(self._set(prog, j.step, "vetoed", j.reason, cause_id))
+                    out.append(self._set(prog, j.step, "vetoed", j.reason, cause_id,
+                                         rule=j.rule))
         if touched:
             await self._save_usage(usage, urev)
         return out
@@ -322,7 +326,7 @@ class Governor(Actor):
         return approved, usage
 
     async def _await_human(self, prog: PlanProgress, step: PlanStep, reason: str,
-                           cause_id: str, now: float) -> Decision:
+                           cause_id: str, now: float, rule: str) -> Decision:
         st = prog.steps[step.step_id]
         pending = Pending(execution_id=st.execution_id, plan_id=prog.plan.plan_id,
                           step_id=step.step_id, subject=prog.plan.subject, requested_at=now,
@@ -333,17 +337,17 @@ class Governor(Actor):
         self.pending[st.execution_id] = pending
         self.m_pending.set(len(self.pending))
         why = f"{reason}: menders approve {st.execution_id}"
-        return self._set(prog, step, "awaiting_approval", why, cause_id)
+        return self._set(prog, step, "awaiting_approval", why, cause_id, rule=rule)
 
     def _set(self, prog: PlanProgress, step: PlanStep, status: StepStatus, reason: str,
-             cause_id: str) -> Decision:
+             cause_id: str, *, rule: str) -> Decision:
         outcome = cast(DecisionOutcome, status)  # only called with Decision outcomes
         st = prog.steps[step.step_id]
         st.status = status
         st.detail = reason
         # Every outcome here but a wait is the end of a step that was never released.
         d = _decision(prog.plan, st.execution_id, step, outcome, reason, cause_id,
-                      ends_step=status != "awaiting_approval")
+                      ends_step=status != "awaiting_approval", rule=rule)
         st.events.append(d)
         log.info("decision", extra={"execution_id": st.execution_id, "outcome": outcome,
                                     "reason": reason})
@@ -393,7 +397,8 @@ class Governor(Actor):
         return None if got is None or got.value.settled_at else got.value
 
     async def _settle(self, pending: Pending, cause_id: str, approved: bool, by: str,
-                      reason: str, outcome: StepStatus = "denied") -> list[Event]:
+                      reason: str, outcome: StepStatus = "denied",
+                      rule: str = "") -> list[Event]:
         """A waiting step's end: released by a human, or denied/revoked/timed out.
 
         The events are recorded in the plan's progress and the pending key is kept,
@@ -405,9 +410,11 @@ class Governor(Actor):
             kind, actions, why_none = self._actions(prog.plan.subject)
             if not approved:
                 why = f"{outcome} by {by}" + (f": {reason}" if reason else "")
-                out.append(self._set(prog, step, outcome, why, cause_id))
+                out.append(self._set(prog, step, outcome, why, cause_id,
+                                     rule=rule or outcome))
             elif why_none:
-                out.append(self._set(prog, step, "vetoed", why_none, cause_id))
+                out.append(self._set(prog, step, "vetoed", why_none, cause_id,
+                                     rule="registry"))
             else:
                 out += await self._release(prog, step, cause_id, by, kind, actions)
             out += await self._advance(prog, cause_id, kind, actions)
@@ -447,7 +454,7 @@ class Governor(Actor):
                          execution_id=eid, human_approved=True)
         if j.outcome != "approve":
             return [self._set(prog, j.step, "vetoed", f"approved by {by}, but {j.reason}",
-                              cause_id)]
+                              cause_id, rule=j.rule)]
         approved, usage = self._approve(prog, j.step, cause_id, by, usage, now)
         await self._save_usage(usage, urev)
         return [approved]
@@ -497,7 +504,8 @@ class Governor(Actor):
                 out = await self._settle(current, derive_id("expiry", p.execution_id),
                                          False, "the governor",
                                          f"no human decision within "
-                                         f"{self.cfg.approval_timeout_s:g}s")
+                                         f"{self.cfg.approval_timeout_s:g}s",
+                                         rule="approval_timeout")
             await self._reached("expiry_committed")
             await self._publish_all(out)
             await self._forget_pending(p.execution_id)
@@ -534,7 +542,7 @@ class Governor(Actor):
         st.status = "failed"
         st.detail = f"expired: {why}"
         d = _decision(prog.plan, eid, step, "expired", why, derive_id("expired", eid),
-                      ends_step=True)
+                      ends_step=True, rule="expired")
         raw = await self.kv.get_bytes(revoked_key(eid))
         if raw is not None:  # the key's existence alone revokes
             # Revoked after release, and nobody ran it: it ends as the human's "no", so
@@ -544,7 +552,7 @@ class Governor(Actor):
             why = ((f"revoked by {rv.by}" + (f": {rv.reason}" if rv.reason else "")
                     if rv is not None else "revoked") + "; no executor ran it")
             d = msgspec.structs.replace(d, id=derive_id("expired", eid, "revoked"),
-                                        outcome="revoked", reason=why)
+                                        outcome="revoked", reason=why, rule="revoked")
         st.events.append(d)
         log.warning("released execution expired unreported", extra={"execution_id": eid})
         kind, actions, _ = self._actions(prog.plan.subject)
@@ -623,7 +631,7 @@ class Governor(Actor):
             return []
         return [Decision(id=derive_id("decision", eid, "revoked"), incident_id=slot.incident_id,
                          causation_id=cmd.id, subject=slot.subject, outcome="revoked",
-                         reason=why, plan_id=slot.plan_id, execution_id=eid)]
+                         reason=why, rule="revoked", plan_id=slot.plan_id, execution_id=eid)]
 
     async def _kill_decisions(self, flag: KillFlag) -> list[Event]:
         """One `killed` Decision per execution in flight, so each plan hears of it."""
@@ -631,7 +639,8 @@ class Governor(Actor):
         now = time.time()
         why = f"kill switch engaged by {flag.by}" + (f": {flag.reason}" if flag.reason else "")
         return [Decision(id=derive_id("killed", eid, flag.at), incident_id=s.incident_id,
-                         subject=s.subject, outcome="killed", reason=why, plan_id=s.plan_id,
+                         subject=s.subject, outcome="killed", reason=why, rule="kill",
+                         plan_id=s.plan_id,
                          execution_id=eid)
                 for eid, s in usage.in_flight.items() if s.until > now]
 
@@ -670,11 +679,11 @@ class Governor(Actor):
 
 
 def _decision(plan: Plan, execution_id: str, step: PlanStep, outcome: DecisionOutcome,
-              reason: str, cause_id: str, ends_step: bool) -> Decision:
+              reason: str, cause_id: str, ends_step: bool, rule: str) -> Decision:
     return Decision(id=derive_id("decision", execution_id, outcome), incident_id=plan.incident_id,
                     causation_id=cause_id, subject=plan.subject, outcome=outcome, reason=reason,
                     plan_id=plan.plan_id, execution_id=execution_id, step=step,
-                    ends_step=ends_step)
+                    ends_step=ends_step, rule=rule)
 
 
 def _policy_changed(cmd: ControlCommand) -> PolicyChanged:

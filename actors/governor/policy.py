@@ -106,6 +106,7 @@ class Judgement:
     outcome: Outcome
     reason: str
     step: PlanStep  # normalised by the registry when the action is registered
+    rule: str = ""  # which rule decided (bus_schemas.messages.Rule)
 
 
 def normalise(step: PlanStep, spec: ActionSpec) -> PlanStep:
@@ -131,69 +132,73 @@ def judge(
 ) -> Judgement:
     """One step's fate. Checks run cheapest-to-explain first; the first failing one wins."""
 
-    def veto(reason: str, s: PlanStep = step) -> Judgement:
-        return Judgement("veto", reason, s)
+    def veto(reason: str, rule: str, s: PlanStep = step) -> Judgement:
+        return Judgement("veto", reason, s, rule)
 
     if kill_engaged:
-        return veto("kill switch engaged")
+        return veto("kill switch engaged", "kill")
     if mode == "observe":
-        return veto("observe mode: nothing executes")
+        return veto("observe mode: nothing executes", "mode")
     spec = actions.get(step.action)
     if spec is None:
         known = ", ".join(sorted(actions)) or "none"
         return veto(f"action {step.action!r} is not registered for subject kind {kind!r} "
-                    f"(registered: {known})")
+                    f"(registered: {known})", "registry")
     try:
         spec.validate(step.params)
     except ActionError as exc:
-        return veto(str(exc))
+        return veto(str(exc), "params")
     allowed = cfg.allow.get(subject)
     if allowed is not None and ALLOW_ALL not in allowed and step.action not in allowed:
-        return veto(f"action {step.action!r} is not in the allow-list of {subject!r}")
+        return veto(f"action {step.action!r} is not in the allow-list of {subject!r}",
+                    "allow_list")
     norm = normalise(step, spec)
     if not human_approved:
         if mode == "approve":
-            return Judgement("await_human", "approve mode: a human must approve", norm)
+            return Judgement("await_human", "approve mode: a human must approve", norm,
+                             "mode")
         if allowed is None:  # nobody said what may run here unattended: a human decides
             return Judgement("await_human", f"no allow-list entry for {subject!r}, so "
                              f"nothing runs on it without a human (allow actions under "
                              f'[governor.allow], e.g. {subject} = ["{step.action}"] or '
-                             f'["{ALLOW_ALL}"])', norm)
+                             f'["{ALLOW_ALL}"])', norm, "allow_list")
         if RISK_ORDER[norm.risk] > RISK_ORDER[cfg.approval_above]:
             return Judgement("await_human", f"risk {norm.risk} is above "
-                             f"{cfg.approval_above}: a human must approve", norm)
+                             f"{cfg.approval_above}: a human must approve", norm, "approval")
     limit = limit_breached(usage, subject, step.action, cfg, now, execution_id)
     if limit:
-        return veto(limit, norm)
+        return veto(limit[1], limit[0], norm)
     who = "a human" if human_approved else "policy"
     why = f"approved by {who} in {mode} mode, risk {norm.risk}"
     return Judgement("approve", why, norm)
 
 
 def limit_breached(usage: Usage, subject: str, action: str, cfg: GovernorConfig, now: float,
-                   execution_id: str) -> str:
-    """The reason a release would break a limit, or "".
+                   execution_id: str) -> tuple[str, str] | None:
+    """(rule, reason) if a release would break a limit, else None.
 
     `execution_id`'s own entries are ignored, so judging a step again (a
     redelivered plan after a crash) does not count it against itself.
     """
     flying = [k for k, s in usage.in_flight.items() if s.until > now and k != execution_id]
     if len(flying) >= cfg.max_concurrent:
-        return f"concurrency limit: {len(flying)} executions in flight (max {cfg.max_concurrent})"
+        return "concurrency", (f"concurrency limit: {len(flying)} executions in flight "
+                               f"(max {cfg.max_concurrent})")
     recent = [g for g in usage.grants
               if g.at > now - RATE_WINDOW_S and g.execution_id != execution_id]
     per_subject = sum(1 for g in recent if g.subject == subject)
     if per_subject >= cfg.max_per_subject_per_minute:
-        return (f"rate limit: {per_subject} executions on {subject!r} in the last minute "
-                f"(max {cfg.max_per_subject_per_minute})")
+        return "rate", (f"rate limit: {per_subject} executions on {subject!r} in the last "
+                        f"minute (max {cfg.max_per_subject_per_minute})")
     if len(recent) >= cfg.max_per_minute:
-        return f"rate limit: {len(recent)} executions in the last minute (max {cfg.max_per_minute})"
+        return "rate", (f"rate limit: {len(recent)} executions in the last minute "
+                        f"(max {cfg.max_per_minute})")
     last = usage.last_run.get(cooldown_key(subject, action))
     own = any(g.execution_id == execution_id for g in usage.grants)
     if last is not None and not own and now - last < cfg.action_cooldown_s:
-        return (f"cooldown: {action!r} on {subject!r} ran {now - last:.1f}s ago "
-                f"(cooldown {cfg.action_cooldown_s:g}s)")
-    return ""
+        return "cooldown", (f"cooldown: {action!r} on {subject!r} ran {now - last:.1f}s "
+                            f"ago (cooldown {cfg.action_cooldown_s:g}s)")
+    return None
 
 
 # --- plan DAG -----------------------------------------------------------------------

@@ -171,12 +171,30 @@ def plan_id_for(incident_id: str, n: int) -> str:
 # --- how a step ended -------------------------------------------------------------------
 
 
+# The rule that decided (Decision.rule, ExecutionResult.rule) -> how the planner takes it.
+RULE_ENDINGS: dict[str, tuple[Ending, ObstacleKind]] = {
+    "kill": ("park", "kill"), "mode": ("park", "mode"),
+    "concurrency": ("park", "limit"), "rate": ("park", "limit"),
+    "cooldown": ("park", "limit"), "blast_radius": ("park", "limit"),
+    "approval_timeout": ("park", "approval"), "expired": ("park", "expired"),
+    "approval_expired": ("park", "expired"), "precondition": ("park", "other"),
+    "registry": ("refused", "other"), "params": ("refused", "other"),
+    "allow_list": ("refused", "other"), "dag": ("refused", "other"),
+    "dependency": ("refused", "other"), "fire_and_forget": ("refused", "other"),
+    "denied": ("refused", "other"), "revoked": ("refused", "other"),
+}
+
+
 def ending_of(event: Decision | ExecutionResult) -> tuple[Ending, ObstacleKind]:
     """Whether a step's end is a failed fix, an obstacle to wait out, or a "no" to the
-    action. Only the governor's and the executor's own words are read."""
+    action. The rule named by the governor or the executor decides; events from before
+    rules were named are read by their words."""
+    if isinstance(event, ExecutionResult) and event.status in FAILED_STATUSES:
+        return "failed", "other"
+    if event.rule in RULE_ENDINGS and not (isinstance(event, Decision)
+                                           and event.outcome == "awaiting_approval"):
+        return RULE_ENDINGS[event.rule]
     if isinstance(event, ExecutionResult):
-        if event.status in FAILED_STATUSES:
-            return "failed", "other"
         why = event.detail
         if why.startswith("kill switch"):
             return "park", "kill"
