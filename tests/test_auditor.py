@@ -100,6 +100,11 @@ def one_of_each(incident: str) -> list[tuple[str, m.Event]]:
                                         action="restart_worker")),
         ("executor", m.ExecutionResult(**env, execution_id="x1", plan_id="p1",
                                        action="restart_worker", status="succeeded")),
+        ("governor", m.PlanProgressed(**env, plan_id="p1", wave=1, waves=2, state="started",
+                                      steps=["s1"])),
+        ("governor", m.PlanEnded(**env, plan_id="p1", outcome="succeeded", steps=[
+            m.StepEnding(step_id="s1", action="recycle_pool", ended="succeeded",
+                         released=True)])),
         ("verifier", m.Verdict(**env, plan_id="p1", invariant="p99_latency", passed=True,
                                reason="held 3s")),
         ("detector", m.IncidentResolved(**env, invariant="p99_latency", reason="holds")),
