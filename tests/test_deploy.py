@@ -37,20 +37,10 @@ from actors.runtime import config as config_mod
 from actors.stack.natsserver import free_port
 from bus_schemas import catalog
 from bus_schemas.natsconf import password_env
-from tests.harness import REPO, Bus
+from tests.harness import REPO, Bus, require_binary
 
 DEPLOY = REPO / "deploy"
 PROM = DEPLOY / "prometheus"
-
-
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} not found (Debian package `{package}`: apt-get install -y {package})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _yaml() -> Any:
@@ -153,7 +143,7 @@ def test_systemd_target_wants_every_catalog_actor() -> None:
 @pytest.mark.e2e  # systemd-analyze as a process
 def test_systemd_analyze_finds_no_problem_in_the_units(tmp_path: Path) -> None:
     """`systemd-analyze verify`, with ExecStart pointed at this venv's real binaries."""
-    analyze = require_tool("systemd-analyze", "systemd")
+    analyze = require_binary("systemd-analyze", "systemd")
     bindir = Path(sys.executable).parent
     for src in (DEPLOY / "systemd").iterdir():
         if src.suffix in (".service", ".target"):
@@ -229,7 +219,7 @@ def test_prometheus_targets_match_the_catalog() -> None:
 
 @pytest.mark.e2e  # promtool as a process
 def test_promtool_accepts_the_config_and_rules_and_the_rule_tests_pass() -> None:
-    promtool = require_tool("promtool", "prometheus")
+    promtool = require_binary("promtool", "prometheus")
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
                  ["test", "rules", "rules_test.yml"]):
         out = subprocess.run([promtool, *args], cwd=PROM, capture_output=True, text=True,
@@ -411,7 +401,7 @@ async def _until(what: str, fn: Any, within: float, log: Path) -> Any:
 
 @pytest.mark.timeout(45)
 async def test_real_prometheus_scrapes_a_real_actor(bus: Bus, tmp_path: Path) -> None:
-    prometheus = require_tool("prometheus", "prometheus")
+    prometheus = require_binary("prometheus", "prometheus")
     yaml = _yaml()
     metrics_port = free_port()
     actor = bus.spawn("auditor", MENDERS_METRICS_PORT=str(metrics_port))

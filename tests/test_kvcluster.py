@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +37,7 @@ from subjects.kvcluster.observer import KvClusterObserver
 from subjects.kvcluster.procman import LocalProcessManager
 from subjects.kvcluster.runbooks import NOSPACE_REPAIR
 from subjects.rules import match_condition
+from tests.harness import require_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -46,17 +45,6 @@ SCRAPE_EVERY_S = 0.5
 BREAK_WITHIN_S = 15.0
 CURE_WITHIN_S = 15.0
 STAYS_BROKEN_S = 3.0  # a wrong action is judged on this many seconds of fresh scrapes
-
-
-def require_etcd() -> str:
-    """The etcd binary, or skip (a failure under CI=true) naming the Debian package."""
-    path = shutil.which("etcd")
-    if path is None:
-        message = "etcd not found on PATH (Debian package etcd-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}: CI must install it with apt-get")
-        pytest.skip(message)
-    return path
 
 
 @dataclass
@@ -79,7 +67,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def kv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_etcd()
+    require_binary("etcd", "etcd-server")
     layout = with_free_ports(tmp_path_factory.mktemp("kvcluster"))
     layout.save()
     procman = LocalProcessManager(layout)
@@ -436,7 +424,7 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    require_etcd()
+    require_binary("etcd", "etcd-server")
     base, chaos_port = free_base_port(), free_port()
     with (tmp_path / "serve.log").open("wb") as log:
         proc = subprocess.Popen(

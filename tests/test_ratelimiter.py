@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,33 +24,19 @@ from typing import Any
 import aiohttp
 import pytest
 
+from actors.stack.natsserver import free_port
 from subjects.base import ActionError, InvariantSpec, RunbookRule
 from subjects.ratelimiter.definition import DEFINITION
 from subjects.ratelimiter.faults import FAULTS, FaultSpec
 from subjects.ratelimiter.observer import HISTORY_S
 from subjects.rules import match_condition
+from tests.harness import require_binary
 
 pytestmark = pytest.mark.e2e
 
 SCRAPE_EVERY_S = 1.0
 BREAK_WITHIN_S = 12.0
 CURE_WITHIN_S = 12.0
-
-
-def require_redis_server() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if os.environ.get("CI") == "true":
-        pytest.fail("redis-server is missing under CI: .ci/run installs the Debian package "
-                    "redis-server")
-    pytest.skip("needs redis-server (Debian package redis-server)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -65,7 +49,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_redis_server()
+    require_binary("redis-server", "redis-server")
     data = tmp_path_factory.mktemp("ratelimiter")
     port, chaos_port = free_port(), free_port()
     out = (data / "stdout.log").open("wb")
