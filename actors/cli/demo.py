@@ -98,6 +98,7 @@ class Row:
     outcome: str = "not detected"
     source: str = ""  # the first diagnosis's: runbook, claude, claude->runbook
     elapsed_s: float = 0.0  # from the injection to the end of the fault's wait
+    started_at: float = 0.0  # wall clock of the injection
 
     @property
     def ok(self) -> bool:
@@ -310,7 +311,7 @@ async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSess
         rows.append(row)
     where = "" if name == SUBJECT else f"{name}: "
     print(f"\n== fault: {where}{fault.name} ({fault.description})", flush=True)
-    t0 = time.time()
+    t0 = row.started_at = time.time()
     await _chaos(session, chaos, "POST", fault.name)
     deadline = time.monotonic() + subject.fault_deadline_s
     try:
@@ -425,13 +426,14 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
     stack = Stack(demo_cfg, str(cfg_path), child_logs=True)
     started = time.monotonic()
     rows: list[Row] = []
+    stack_events: list[m.Event] = []
     print(f"menders demo: state in {home}", flush=True)
     try:
         await stack.start()
         ready = await stack.wait_ready()
         print(f"menders demo: {len(stack.actors)} actors ready in "
               f"{time.monotonic() - started:.1f}s (heartbeats after {ready:.1f}s)", flush=True)
-        await _drive(stack, picked, args.quiet, rows)
+        stack_events = await _drive(stack, picked, args.quiet, rows)
     except StackError as exc:
         print(f"menders demo: {exc}", file=sys.stderr)
         failure = True
@@ -443,6 +445,8 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
         if len(picked) > 1:
             print(f"\n== {d.kind}", flush=True)
         print_table([r for r in rows if r.subject == d.kind])
+    if len(picked) > 1:
+        _print_strays(rows, stack_events)
     sources = sorted({r.source for r in rows if r.source})
     if sources:
         counts = ", ".join(f"{src} {sum(r.source == src for r in rows)}" for src in sources)
@@ -476,9 +480,27 @@ def _llm_banner(llm: LlmConfig, wanted: bool) -> bool:
     return True
 
 
+def _print_strays(rows: list[Row], events: list[m.Event]) -> None:
+    """Incidents opened on a subject while a fault ran on another one: noise to explain."""
+    strays: dict[str, list[str]] = {}
+    for row in rows:
+        end = row.started_at + row.elapsed_s
+        for e in events:
+            if (isinstance(e, m.IncidentOpened) and e.subject != row.subject
+                    and row.started_at <= e.ts <= end):
+                strays.setdefault(e.subject, []).append(f"{e.invariant} during {row.fault.name}")
+    if not strays:
+        print("\nsubjects not under fault stayed quiet", flush=True)
+        return
+    print("\nincidents on subjects not under fault:", flush=True)
+    for subject, what in strays.items():
+        print(f"  {subject}: {', '.join(what)}", flush=True)
+
+
 async def _drive(stack: Stack, picked: tuple[DemoSubject, ...], quiet: bool,
-                 rows: list[Row]) -> None:
-    """Run each subject's faults, appending to `rows` as they end (kept on an error)."""
+                 rows: list[Row]) -> list[m.Event]:
+    """Run each subject's faults, appending to `rows` as they end (kept on an error);
+    every lifecycle event seen, for the closing notes."""
     import nats
 
     from bus_schemas.natsconf import inbox_prefix
@@ -503,6 +525,7 @@ async def _drive(stack: Stack, picked: tuple[DemoSubject, ...], quiet: bool,
                           f"{d.settle_deadline_s:g}s)", flush=True)
                 for fault in d.faults:
                     await _run_fault(fault, tl, session, chaos, d, rows)
+        return tl.events
     finally:
         await nc.close()
 
