@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from subjects.chaoshttp import chaos_app
 from subjects.ratelimiter import keys
 from subjects.ratelimiter.cluster import Cluster, NodeHandle
 from subjects.ratelimiter.procs import free_port
@@ -233,6 +234,9 @@ class Chaos:
         await self.faults[name].clear()
         self.injected.pop(name, None)
 
+    def listing(self) -> dict[str, float]:
+        return self.injected
+
     async def clear_all(self) -> None:
         """Every fault cleared and the cluster back to its healthy baseline."""
         for fault in self.faults.values():
@@ -242,44 +246,7 @@ class Chaos:
         await heal_redis(self.cluster)
 
 
-CHAOS_KEY = web.AppKey("chaos", Chaos)
-
-
-def _fault_name(request: web.Request) -> str:
-    name = request.match_info["name"]
-    if name not in request.app[CHAOS_KEY].faults:
-        known = ", ".join(request.app[CHAOS_KEY].faults)
-        raise web.HTTPNotFound(text=f"unknown fault {name!r}; known: {known}\n")
-    return name
-
-
-async def _inject(request: web.Request) -> web.Response:
-    name = _fault_name(request)
-    await request.app[CHAOS_KEY].inject(name)
-    return web.json_response({"ok": True, "fault": name})
-
-
-async def _clear(request: web.Request) -> web.Response:
-    name = _fault_name(request)
-    await request.app[CHAOS_KEY].clear(name)
-    return web.json_response({"ok": True, "fault": name})
-
-
-async def _reset(request: web.Request) -> web.Response:
-    await request.app[CHAOS_KEY].clear_all()
-    return web.json_response({"ok": True})
-
-
-async def _list(request: web.Request) -> web.Response:
-    chaos = request.app[CHAOS_KEY]
-    return web.json_response({"faults": sorted(chaos.faults), "active": chaos.injected})
-
-
 def make_chaos_app(chaos: Chaos) -> web.Application:
-    app = web.Application()
-    app[CHAOS_KEY] = chaos
-    app.router.add_get("/faults", _list)
-    app.router.add_post("/faults/{name}", _inject)
-    app.router.add_delete("/faults/{name}", _clear)
-    app.router.add_post("/reset", _reset)
-    return app
+    """The chaos port (subjects/chaoshttp.py) with `POST /reset` (every fault cleared, the
+    cluster healed); inject and clear answer without the active faults."""
+    return chaos_app(chaos, reset=chaos.clear_all, active_in_replies=False)

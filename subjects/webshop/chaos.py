@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from subjects.chaoshttp import chaos_app
 from subjects.webshop.db import PooledConnection
 from subjects.webshop.payments import PaymentsService
 from subjects.webshop.shop import Shop
@@ -235,40 +236,6 @@ class Chaos:
                 for name, ts in self.injected.items()}
 
 
-CHAOS_KEY = web.AppKey("chaos", Chaos)
-
-
-def _fault_name(request: web.Request) -> str:
-    name = request.match_info["name"]
-    if name not in request.app[CHAOS_KEY].faults:
-        known = ", ".join(request.app[CHAOS_KEY].faults)
-        raise web.HTTPNotFound(text=f"unknown fault {name!r}; known: {known}\n")
-    return name
-
-
-async def _inject(request: web.Request) -> web.Response:
-    name = _fault_name(request)
-    chaos = request.app[CHAOS_KEY]
-    await chaos.inject(name)
-    return web.json_response({"ok": True, "fault": name, "active": chaos.listing()})
-
-
-async def _clear(request: web.Request) -> web.Response:
-    name = _fault_name(request)
-    chaos = request.app[CHAOS_KEY]
-    await chaos.clear(name)
-    return web.json_response({"ok": True, "fault": name, "active": chaos.listing()})
-
-
-async def _list(request: web.Request) -> web.Response:
-    chaos = request.app[CHAOS_KEY]
-    return web.json_response({"faults": sorted(chaos.faults), "active": chaos.listing()})
-
-
 def make_chaos_app(chaos: Chaos) -> web.Application:
-    app = web.Application()
-    app[CHAOS_KEY] = chaos
-    app.router.add_get("/faults", _list)
-    app.router.add_post("/faults/{name}", _inject)
-    app.router.add_delete("/faults/{name}", _clear)
-    return app
+    """The chaos port (subjects/chaoshttp.py): inject and clear answer with the active faults."""
+    return chaos_app(chaos)
