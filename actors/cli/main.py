@@ -402,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--db", help="audit database (default <home>/audit.db)")
     audit.add_argument("--json", action="store_true")
     demo = add("demo", cmd_demo, "run the whole crew against the demo subject's faults")
-    demo.add_argument("--fault", action="append", help="run only this fault (repeatable)")
-    demo.add_argument("--llm", action="store_true", help="diagnose with Claude (needs a key)")
-    demo.add_argument("--quiet", action="store_true", help="no live timeline, only the table")
+    from actors.cli.demo import add_arguments as demo_arguments
+
+    demo_arguments(demo)  # one list of demo flags, shared with `python -m actors.cli.demo`
     return p
 
 
