@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import pytest
 
-from tests.harness import REPO, require_nats_server
+from tests.harness import REPO, require_binary, require_nats_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(330)]
 
@@ -49,13 +48,6 @@ class Row:
     actions: str
     verified_after: str
     outcome: str
-
-
-def require(binary: str, package: str) -> None:
-    if shutil.which(binary) is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{binary} is missing under CI: .ci/run installs {package}")
-        pytest.skip(f"needs {binary} (Debian package {package})")
 
 
 def demo_command(subject: str) -> list[str]:
@@ -119,7 +111,7 @@ def check(rows: dict[str, Row], expected: dict[str, tuple[str, str]], out: str,
 
 
 def test_demo_ratelimiter_remediates_every_fault_and_escalates_corrupted_data() -> None:
-    require("redis-server", "redis-server")
+    require_binary("redis-server", "redis-server")
     code, rows, out = run_demo("ratelimiter")
     check(rows, {
         "node_killed": ("remediated", "restart_node"),
@@ -136,7 +128,7 @@ def test_demo_ratelimiter_remediates_every_fault_and_escalates_corrupted_data() 
 
 
 def test_demo_kvcluster_restarts_members_and_escalates_a_lost_quorum() -> None:
-    require("etcd", "etcd-server")
+    require_binary("etcd", "etcd-server")
     code, rows, out = run_demo("kvcluster")
     check(rows, {
         "member_killed": ("remediated", "restart_member"),

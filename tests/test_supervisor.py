@@ -23,7 +23,7 @@ from actors.runtime.config import SupervisorConfig
 from actors.stack.natsserver import free_port
 from actors.stack.supervisor import ChildSpec, GaveUp, Supervisor, child_env
 from bus_schemas import catalog
-from tests.harness import REPO, require_nats_server
+from tests.harness import REPO, require_binary, require_nats_server
 
 pytestmark = pytest.mark.e2e  # `menders up` and supervised children: processes
 
@@ -399,8 +399,6 @@ async def test_up_starts_and_observes_a_mix_of_subjects_and_stops_them_all(
     under them) and one someone else runs: each embedded one is started, supervised and
     observed up, the outside one only observed (down: nobody answers there), and a stop
     leaves no process behind."""
-    import shutil
-
     import nats
 
     from actors.runtime.config import load
@@ -410,11 +408,8 @@ async def test_up_starts_and_observes_a_mix_of_subjects_and_stops_them_all(
     from bus_schemas.natsconf import inbox_prefix
 
     require_nats_server()
-    for binary in ("redis-server", "etcd"):
-        if shutil.which(binary) is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{binary} is missing under CI (.ci/run installs it)")
-            pytest.skip(f"needs {binary}")
+    require_binary("redis-server", "redis-server")
+    require_binary("etcd", "etcd-server")
     home = tmp_path / "home"
     cfg = tmp_path / "menders.toml"
     cfg.write_text(f"""\

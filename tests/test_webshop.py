@@ -304,7 +304,7 @@ def test_a_malformed_condition_is_a_bad_condition_error(cond: str) -> None:
 
 
 def test_quantile_interpolates_inside_the_bucket() -> None:
-    from subjects.webshop.promtext import bucket_deltas, quantile
+    from subjects.promtext import bucket_deltas, quantile
 
     before = {0.1: 10.0, 0.5: 10.0, math.inf: 10.0}
     now = {0.1: 10.0, 0.5: 110.0, math.inf: 110.0}  # 100 new requests, all in (0.1, 0.5]
@@ -315,7 +315,7 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
 
 
 def test_log_tail_follows_rotation_and_keeps_errors(tmp_path: Path) -> None:
-    from subjects.webshop.logtail import MAX_LINES, LogTail
+    from subjects.logtail import MAX_LINES, LogTail
 
     log = tmp_path / "app.log"
     log.write_text("old\n")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from subjects import promtext
 from subjects.kvcluster.gateway import EtcdError, Gateway, as_int
-from subjects.webshop import promtext
-from subjects.webshop.logtail import LogTail
+from subjects.logtail import LogTail
 
 SCRAPE_TIMEOUT_S = 1.5  # a loaded member may take a second; a hung one never answers
 CHURN_WINDOW_S = 60.0

@@ -26,9 +26,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from subjects import promtext
+from subjects.logtail import LogTail, pick
 from subjects.ratelimiter import keys
-from subjects.webshop import promtext
-from subjects.webshop.logtail import LogTail, pick
 
 SCRAPE_TIMEOUT_S = 0.8
 HISTORY_S = 3.0  # ghost_ratio and counter_drift are judged over about this long

@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from subjects.webshop import promtext
-from subjects.webshop.logtail import LogTail
+from subjects import promtext
+from subjects.logtail import LogTail
 
 SCRAPE_TIMEOUT_S = 0.8
 MIB = 1024 * 1024

@@ -1,4 +1,4 @@
-"""Prometheus text parsing and interval maths for the observer (pure functions)."""
+"""Prometheus text parsing and interval maths for the subjects' observers (pure functions)."""
 
 from __future__ import annotations
 
