@@ -71,8 +71,8 @@ async def test_kill_mid_execution_cancels_it_and_nothing_runs_after(
         assert "kill switch engaged by tester: stop everything" in res.detail
         await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "killed"
                            and e.execution_id == approved.execution_id)
-        # The dependent step is vetoed, and a new plan is vetoed by the kill switch.
-        dep = await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "vetoed"
+        # The dependent step is skipped, and a new plan is vetoed by the kill switch.
+        dep = await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "skipped"
                                  and e.plan_id == plan.plan_id)
         assert "dependency 'a' did not succeed" in dep[0].reason
         later = plan_of(step("recycle_pool"))

@@ -55,7 +55,11 @@ async def test_vetoes_name_their_reason(bus: Bus, actions: RecordingServer) -> N
     assert "scale_pool: bad parameters" in got["bad_params"].reason
     assert "size" in got["bad_params"].reason
     assert "'enable_cache' is not in the allow-list of 'shop'" in got["not_allowed"].reason
-    assert "dependency 'unregistered' did not succeed (vetoed)" in got["after_veto"].reason
+    # The whole plan is judged before its first step: a plan that cannot run in full
+    # does not start, and the steps that could have run say which step stopped them.
+    assert got["after_veto"].rule == "plan"
+    assert "the plan cannot run in full (step 'unregistered' was vetoed: registry)" in \
+        got["after_veto"].reason
     assert got["cycle"].reason == "dependency cycle"
     assert not col.events(m.ExecutionApproved)
     assert actions.count() == 0
@@ -124,7 +128,7 @@ async def test_high_risk_waits_and_a_denial_ends_it(bus: Bus, actions: Recording
             execution_id=waiting.execution_id, approved=False, by="carol", reason="not now"))
         got = await wait_decisions(col, plan, 3)
     assert got["s1"].outcome == "denied" and got["s1"].reason == "denied by carol: not now"
-    assert got["after"].outcome == "vetoed"
+    assert got["after"].outcome == "skipped" and got["after"].rule == "dependency"
     assert not col.events(m.ExecutionApproved)
     assert actions.count() == 0
 
@@ -222,7 +226,7 @@ async def test_an_expiry_committed_when_the_governor_dies_is_published_by_its_su
         await start_crew(bus, "governor")
         got = await wait_decisions(col, plan, 2)
     assert got["s1"].outcome == "expired" and got["s1"].ends_step
-    assert got["after"].outcome == "vetoed" and "did not succeed (failed)" in got["after"].reason
+    assert got["after"].outcome == "skipped" and "did not succeed (failed)" in got["after"].reason
 
 
 async def test_a_plan_in_flight_when_the_governor_dies_is_judged_by_its_successor(

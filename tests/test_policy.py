@@ -10,7 +10,7 @@ import pytest
 from actors.governor import policy
 from actors.runtime.config import GovernorConfig
 from bus_schemas.messages import Mode, PlanStep
-from subjects.base import ActionSpec, NoParams
+from subjects.base import ActionSpec, NoParams, RetryPolicy
 
 
 class ScaleParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -21,6 +21,8 @@ ACTIONS = {
     "recycle_pool": ActionSpec("recycle_pool", "", NoParams, "low", True, 5.0),
     "scale_pool": ActionSpec("scale_pool", "", ScaleParams, "medium", True, 20.0),
     "restart_worker": ActionSpec("restart_worker", "", NoParams, "high", False, 8.0),
+    "defragment": ActionSpec("defragment", "", NoParams, "low", True, 5.0, disruptive=True,
+                             retry=RetryPolicy(attempts=3, backoff_s=1.0)),
 }
 NOW = 1_000_000.0
 
@@ -38,11 +40,11 @@ def gcfg(**kw: Any) -> GovernorConfig:
 
 def judge(s: PlanStep, *, cfg: GovernorConfig | None = None, mode: Mode = "execute",
           kill: bool = False, usage: policy.Usage | None = None, eid: str = "e1",
-          human: bool = False, now: float = NOW) -> policy.Judgement:
+          human: bool = False, now: float = NOW, plan: str = "") -> policy.Judgement:
     return policy.judge(s, subject="shop", kind="webshop", actions=ACTIONS,
                         cfg=cfg or gcfg(), mode=mode, kill_engaged=kill,
                         usage=usage or policy.Usage(), now=now, execution_id=eid,
-                        human_approved=human)
+                        human_approved=human, plan_id=plan)
 
 
 def test_a_registered_low_risk_step_is_approved_with_registry_values() -> None:
@@ -125,9 +127,11 @@ def test_risk_above_threshold_and_approve_mode_need_a_human() -> None:
 
 
 def released(usage: policy.Usage, eid: str, action: str = "recycle_pool", subject: str = "shop",
-             at: float = NOW, until: float = NOW + 100) -> policy.Usage:
+             at: float = NOW, until: float = NOW + 100, plan: str = "",
+             disruptive: bool = False) -> policy.Usage:
     s = step(action)
-    slot = policy.Slot(subject=subject, action=action, until=until)
+    slot = policy.Slot(subject=subject, action=action, until=until, plan_id=plan,
+                       disruptive=disruptive)
     return policy.record_release(usage, eid, s, subject, at, slot)
 
 
@@ -163,6 +167,41 @@ def test_a_cooldown_vetoes_the_same_action_on_the_subject_until_it_passes() -> N
     assert judge(step("scale_pool", params={"size": 1}), cfg=cfg, usage=u, eid="b",
                  now=NOW + 1).outcome == "approve"
     assert judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 6).outcome == "approve"
+
+
+def test_a_plans_own_steps_are_not_each_others_cooldown() -> None:
+    cfg = gcfg(action_cooldown_s=60, max_concurrent=99)
+    u = released(policy.Usage(), "a", plan="p1")
+    assert judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 1, plan="p1").outcome == "approve"
+    j = judge(step(), cfg=cfg, usage=u, eid="b", now=NOW + 1, plan="p2")
+    assert j.outcome == "veto" and j.rule == "cooldown"
+
+
+def test_blast_radius_vetoes_a_second_disruptive_step_on_the_subject_only() -> None:
+    cfg = gcfg(max_concurrent=99, action_cooldown_s=0)
+    u = released(policy.Usage(), "a", action="defragment", plan="p1", disruptive=True)
+    j = judge(step("defragment"), cfg=cfg, usage=u, eid="b", plan="p2")
+    assert (j.outcome, j.rule) == ("veto", "blast_radius")
+    assert "1 disruptive step(s) already in flight on 'shop' (defragment; max 1)" in j.reason
+    # Not disruptive, another subject's, freed, or a wider radius: approved.
+    assert judge(step(), cfg=cfg, usage=u, eid="b").outcome == "approve"
+    other = released(policy.Usage(), "a", subject="x", action="defragment", disruptive=True)
+    assert judge(step("defragment"), cfg=cfg, usage=other, eid="b").outcome == "approve"
+    assert judge(step("defragment"), cfg=cfg, usage=policy.free_slot(u, "a"),
+                 eid="b").outcome == "approve"
+    wide = gcfg(max_concurrent=99, action_cooldown_s=0, max_disruptive_per_subject=2)
+    assert judge(step("defragment"), cfg=wide, usage=u, eid="b").outcome == "approve"
+
+
+def test_the_registry_marks_disruptive_and_retries_only_an_idempotent_step() -> None:
+    j = judge(step("defragment"))
+    assert j.step.disruptive and j.step.attempts == 3
+    assert j.step.budget_s == 3 * 5.0 + 1.0 + 2.0  # every try and both pauses
+    # A plan that says its step is not idempotent gets no retry.
+    j = judge(step("defragment", idempotent=False))
+    assert not j.step.idempotent and j.step.attempts == 1 and j.step.budget_s == 5.0
+    # A plan may not claim a registered disruptive action is harmless.
+    assert judge(step("defragment", disruptive=False)).step.disruptive
 
 
 def test_judging_the_same_execution_again_does_not_count_itself() -> None:

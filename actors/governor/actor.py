@@ -44,7 +44,7 @@ from typing import Literal, cast
 import msgspec
 
 import subjects
-from actors.governor import policy
+from actors.governor import policy, waves
 from actors.runtime import Actor, Delivery, Reject, derive_id, killswitch
 from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, Records, watch_forever
@@ -82,8 +82,11 @@ from bus_schemas.messages import (
     KillReengaged,
     Mode,
     Plan,
+    PlanEnded,
+    PlanProgressed,
     PlanStep,
     PolicyChanged,
+    StepEnding,
 )
 from subjects.base import ActionSpec
 
@@ -103,9 +106,10 @@ PURGE_EVERY_S = 30.0
 
 StepStatus = Literal[
     "waiting", "awaiting_approval", "approved", "succeeded", "failed", "vetoed", "denied",
-    "revoked",
+    "revoked", "skipped",
 ]
-NOT_SUCCEEDED = ("failed", "vetoed", "denied", "revoked")
+NOT_SUCCEEDED = ("failed", "vetoed", "denied", "revoked", "skipped")
+IN_FLIGHT = ("approved", "awaiting_approval")  # holding a place among the plan's parallel
 ENDED = ("succeeded", *NOT_SUCCEEDED)
 # Crash points of the governor, for tests: `_reached(point)` is called at each.
 CRASH_POINTS = ("plan_committed", "settle_progress_saved", "approval_committed",
@@ -117,12 +121,23 @@ class StepState(msgspec.Struct, kw_only=True):
     status: StepStatus = "waiting"
     detail: str = ""
     events: list[ExecutionApproved | Decision] = []  # what was published for this step
+    released: bool = False
+    disruptive: bool = False  # the registry's word, once judged
+    ended: str = ""  # the Decision outcome or ExecutionStatus that ended it
+    rule: str = ""
+    started_at: float = 0.0  # as its executor reported
+    finished_at: float = 0.0
+    ended_at: float = 0.0  # when the governor learned it ended
 
 
 class PlanProgress(msgspec.Struct, kw_only=True):
     plan: Plan
     steps: dict[str, StepState]
     ended_at: float = 0.0  # when its last step ended; purged PLAN_KEEP_S later
+    waves_started: list[int] = []
+    waves_finished: list[int] = []
+    # The plan's own events (waves, its end), re-emitted with the steps' on redelivery.
+    events: list[PlanProgressed | PlanEnded] = []
 
 
 def execution_id_for(plan_id: str, step_id: str) -> str:
@@ -189,10 +204,14 @@ class Governor(Actor):
                 out = await self._on_control(event, delivery.redelivered)
             else:
                 raise Reject(f"the governor does not handle {type(event).__name__}")
-        for e in out:
-            self.m_decisions.labels(outcome=e.outcome if isinstance(e, Decision)
-                                    else "approved").inc()
+        self._count(out)
         return out
+
+    def _count(self, events: Sequence[Event]) -> None:
+        for e in events:
+            if isinstance(e, Decision | ExecutionApproved):
+                self.m_decisions.labels(outcome=e.outcome if isinstance(e, Decision)
+                                        else "approved").inc()
 
     # --- state ------------------------------------------------------------------------
 
@@ -249,22 +268,70 @@ class Governor(Actor):
         prog = PlanProgress(plan=plan, steps={
             s.step_id: StepState(execution_id=execution_id_for(plan.plan_id, s.step_id))
             for s in plan.steps})
-        out: list[Event] = []
         kind, actions, why_none = self._actions(plan.subject)
-        problems = policy.dag_problems(plan.steps)
-        for step in plan.steps:
-            reason = why_none or problems.get(step.step_id, "")
-            if reason:
-                out.append(self._set(prog, step, "vetoed", reason, plan.id,
-                                     rule="registry" if why_none else "dag"))
+        out = self._judge_whole(prog, kind, actions, why_none)
         out += await self._advance(prog, plan.id, kind, actions)
         await self._save_progress(prog, rev)
         await self._reached("plan_committed")
         return out
 
+    def _judge_whole(self, prog: PlanProgress, kind: str, actions: dict[str, ActionSpec],
+                     why_none: str) -> list[Event]:
+        """Before the first step: a plan that cannot run in full does not start. Each
+        step that could never run is vetoed with its own rule, and every other step with
+        rule `plan`, naming the first of them."""
+        plan = prog.plan
+        problems: dict[str, tuple[str, str]] = {}
+        for sid, why in policy.dag_problems(plan.steps).items():
+            problems[sid] = ("dag", why)
+        disruptive = {s.step_id: s.disruptive or (s.action in actions
+                                                  and actions[s.action].disruptive)
+                      for s in plan.steps}
+        for sid, found in waves.structure_problems(plan.steps, disruptive).items():
+            problems.setdefault(sid, found)
+        for step in plan.steps:
+            static = ("registry", why_none) if why_none else policy.static_problem(
+                step, subject=plan.subject, kind=kind, actions=actions, cfg=self.cfg)
+            if static is not None:
+                problems.setdefault(step.step_id, static)
+        if not problems:
+            return []
+        first = next(s.step_id for s in plan.steps if s.step_id in problems)
+        rule, _ = problems[first]
+        out: list[Event] = []
+        for step in plan.steps:
+            if step.step_id in problems:
+                r, why = problems[step.step_id]
+                out.append(self._set(prog, step, "vetoed", why, plan.id, rule=r))
+            else:
+                why = (f"not started: the plan cannot run in full (step {first!r} was "
+                       f"vetoed: {rule})")
+                out.append(self._set(prog, step, "vetoed", why, plan.id, rule="plan"))
+        return out
+
+    def _parallel(self, plan: Plan) -> int:
+        """How many of this plan's steps may be released (or wait for a human) at once."""
+        cap = min(self.cfg.max_parallel_steps, self.cfg.max_concurrent)
+        return min(plan.max_parallel, cap) if plan.max_parallel > 0 else cap
+
+    def _held(self, prog: PlanProgress, step: PlanStep, actions: dict[str, ActionSpec]) -> bool:
+        """Does this step wait for one of its own plan's (no Decision: it is not refused)?
+        The plan's parallel cap is full, or it is disruptive and the plan already has as
+        many disruptive steps out as the blast radius allows: steps of one plan take their
+        turn (defragment m1, then m2, then m3); another plan's are a veto in judge."""
+        own = [st for st in prog.steps.values() if st.status in IN_FLIGHT]
+        if len(own) >= self._parallel(prog.plan):
+            return True
+        spec = actions.get(step.action)
+        if not (step.disruptive or (spec is not None and spec.disruptive)):
+            return False
+        own_out = sum(1 for st in own if st.disruptive)
+        return 0 < own_out and own_out >= self.cfg.max_disruptive_per_subject
+
     async def _advance(self, prog: PlanProgress, cause_id: str, kind: str,
                        actions: dict[str, ActionSpec]) -> list[Event]:
-        """Decide every step that became decidable, until nothing changes."""
+        """Decide every step that became decidable, until nothing changes; then the
+        plan's own events (a wave started or finished, the plan ended)."""
         plan = prog.plan
         mode, kill = await self._read_policy_state()
         usage, urev = await self._usage()
@@ -272,25 +339,23 @@ class Governor(Actor):
         usage = policy.prune(usage, now, keep_s=max(self.cfg.action_cooldown_s, 0.0))
         touched = False
         out: list[Event] = []
+        by_id = {s.step_id: s for s in plan.steps}
         while True:
-            decided = {sid for sid, st in prog.steps.items() if st.status != "waiting"}
-            ended = {sid: st.status for sid, st in prog.steps.items()
-                     if st.status in NOT_SUCCEEDED}
-            succeeded = {sid for sid, st in prog.steps.items() if st.status == "succeeded"}
-            blocked = policy.blocked(plan.steps, ended, decided)
-            ready = [s for s in policy.ready(plan.steps, succeeded, decided)
-                     if s.step_id not in blocked]
-            if not blocked and not ready:
-                break
-            by_id = {s.step_id: s for s in plan.steps}
-            for sid, reason in blocked.items():
-                out.append(self._set(prog, by_id[sid], "vetoed", reason, cause_id,
+            status = {sid: st.status for sid, st in prog.steps.items()}
+            doomed = waves.doomed(plan.steps, status)
+            for sid, reason in doomed.items():
+                out.append(self._set(prog, by_id[sid], "skipped", reason, cause_id,
                                      rule="dependency"))
-            for step in ready:
+            changed = bool(doomed)
+            for step in waves.startable(plan.steps, status):
+                if step.step_id in doomed or self._held(prog, step, actions):
+                    continue
+                changed = True
                 eid = prog.steps[step.step_id].execution_id
                 j = policy.judge(step, subject=plan.subject, kind=kind, actions=actions,
                                  cfg=self.cfg, mode=mode, kill_engaged=kill, usage=usage,
-                                 now=now, execution_id=eid)
+                                 now=now, execution_id=eid, plan_id=plan.plan_id)
+                prog.steps[step.step_id].disruptive = j.step.disruptive
                 if j.outcome == "approve":
                     approved, usage = self._approve(prog, j.step, cause_id, "policy", usage, now)
                     out.append(approved)
@@ -301,9 +366,46 @@ class Governor(Actor):
                 else:
                     out.append(self._set(prog, j.step, "vetoed", j.reason, cause_id,
                                          rule=j.rule))
+            if not changed:
+                break
         if touched:
             await self._save_usage(usage, urev)
-        return out
+        return out + self._plan_events(prog, cause_id, now)
+
+    def _plan_events(self, prog: PlanProgress, cause_id: str, now: float) -> list[Event]:
+        """Wave N of M started (its first step released) or finished (every step of a
+        started wave ended), and the plan's end once every step ended. Recorded in the
+        progress, so a redelivery re-emits them under the same ids."""
+        plan = prog.plan
+        wave = waves.wave_of(plan.steps)
+        total = max(wave.values(), default=0)
+        out: list[PlanProgressed | PlanEnded] = []
+
+        def progressed(n: int, state: Literal["started", "finished"], ids: list[str],
+                       detail: str = "") -> PlanProgressed:
+            return PlanProgressed(id=derive_id("wave", plan.plan_id, n, state),
+                                  incident_id=plan.incident_id, causation_id=cause_id,
+                                  subject=plan.subject, plan_id=plan.plan_id, wave=n,
+                                  waves=total, state=state, steps=ids, detail=detail)
+
+        for n in range(1, total + 1):
+            ids = [s.step_id for s in plan.steps if wave[s.step_id] == n]
+            states = [prog.steps[i] for i in ids]
+            if n not in prog.waves_started and any(st.released for st in states):
+                prog.waves_started.append(n)
+                out.append(progressed(n, "started", ids))
+            if n in prog.waves_started and n not in prog.waves_finished and all(
+                    st.status in ENDED for st in states):
+                prog.waves_finished.append(n)
+                detail = "; ".join(
+                    f"{s.step_id} {s.action}: {prog.steps[s.step_id].ended}"
+                    for s in plan.steps if wave[s.step_id] == n)
+                out.append(progressed(n, "finished", ids, detail))
+        ended = all(st.status in ENDED for st in prog.steps.values())
+        if ended and not any(isinstance(e, PlanEnded) for e in prog.events):
+            out.append(_plan_ended(prog, cause_id, now))
+        prog.events.extend(out)
+        return list(out)
 
     def _approve(self, prog: PlanProgress, step: PlanStep, cause_id: str, by: str,
                  usage: policy.Usage, now: float) -> tuple[ExecutionApproved, policy.Usage]:
@@ -314,12 +416,15 @@ class Governor(Actor):
             causation_id=cause_id, subject=plan.subject, execution_id=st.execution_id,
             plan_id=plan.plan_id, step=step, approved_by=by,
             not_after=now + self.cfg.approval_ttl_s)
+        runs_s = max(step.timeout_s, step.budget_s)  # every try, with its backoff
         slot = policy.Slot(subject=plan.subject, action=step.action, plan_id=plan.plan_id,
-                           incident_id=plan.incident_id,
-                           until=approved.not_after + step.timeout_s + self.cfg.slot_grace_s)
+                           incident_id=plan.incident_id, disruptive=step.disruptive,
+                           until=approved.not_after + runs_s + self.cfg.slot_grace_s)
         usage = policy.record_release(usage, st.execution_id, step, plan.subject, now, slot)
         st.status = "approved"
         st.detail = f"approved by {by}"
+        st.released = True
+        st.disruptive = step.disruptive
         st.events.append(approved)
         log.info("approved", extra={"execution_id": st.execution_id, "action": step.action,
                                     "by": by})
@@ -345,6 +450,8 @@ class Governor(Actor):
         st = prog.steps[step.step_id]
         st.status = status
         st.detail = reason
+        if status != "awaiting_approval":
+            st.ended, st.rule, st.ended_at = status, rule, time.time()
         # Every outcome here but a wait is the end of a step that was never released.
         d = _decision(prog.plan, st.execution_id, step, outcome, reason, cause_id,
                       ends_step=status != "awaiting_approval", rule=rule)
@@ -372,6 +479,8 @@ class Governor(Actor):
             return _recorded(prog) if redelivered else []
         st.status = "succeeded" if result.status == "succeeded" else "failed"
         st.detail = f"{result.status}: {result.detail}"[:500]
+        st.ended, st.rule, st.ended_at = result.status, result.rule, time.time()
+        st.started_at, st.finished_at = result.started_at, result.finished_at
         kind, actions, _ = self._actions(prog.plan.subject)
         out = await self._advance(prog, result.id, kind, actions)
         await self._save_progress(prog, rev)
@@ -432,15 +541,15 @@ class Governor(Actor):
         return out
 
     async def _recorded_for(self, pending: Pending) -> list[Event]:
-        """What settling `pending` published: its step's events and the plan's Decisions
-        (dependents vetoed with it), never another step's approval."""
+        """What settling `pending` published: its step's events, the plan's Decisions
+        (dependents skipped with it) and its own events, never another step's approval."""
         prog, _ = await self._progress(pending.plan_id)
         if prog is None:
             return []
         mine = prog.steps[pending.step_id].events if pending.step_id in prog.steps else []
         others = [e for sid, st in prog.steps.items() if sid != pending.step_id
                   for e in st.events if isinstance(e, Decision)]
-        return [*mine, *others]
+        return [*mine, *others, *prog.events]
 
     async def _release(self, prog: PlanProgress, step: PlanStep, cause_id: str, by: str,
                        kind: str, actions: dict[str, ActionSpec]) -> list[Event]:
@@ -485,8 +594,7 @@ class Governor(Actor):
     async def _publish_all(self, events: Sequence[Event]) -> None:
         for e in events:
             await self.rt.publish(e)
-            self.m_decisions.labels(outcome=e.outcome if isinstance(e, Decision)
-                                    else "approved").inc()
+        self._count(events)
 
     async def _forget_pending(self, execution_id: str) -> None:
         async with self.lock:
@@ -541,6 +649,7 @@ class Governor(Actor):
                f"(approval expired, step timeout and grace passed)")
         st.status = "failed"
         st.detail = f"expired: {why}"
+        st.ended, st.rule, st.ended_at = "expired", "expired", time.time()
         d = _decision(prog.plan, eid, step, "expired", why, derive_id("expired", eid),
                       ends_step=True, rule="expired")
         raw = await self.kv.get_bytes(revoked_key(eid))
@@ -553,6 +662,7 @@ class Governor(Actor):
                     if rv is not None else "revoked") + "; no executor ran it")
             d = msgspec.structs.replace(d, id=derive_id("expired", eid, "revoked"),
                                         outcome="revoked", reason=why, rule="revoked")
+            st.ended, st.rule = "revoked", "revoked"
         st.events.append(d)
         log.warning("released execution expired unreported", extra={"execution_id": eid})
         kind, actions, _ = self._actions(prog.plan.subject)
@@ -694,7 +804,35 @@ def _policy_changed(cmd: ControlCommand) -> PolicyChanged:
 
 
 def _recorded(prog: PlanProgress) -> list[Event]:
-    return [e for st in prog.steps.values() for e in st.events]
+    return [*(e for st in prog.steps.values() for e in st.events), *prog.events]
+
+
+def _plan_ended(prog: PlanProgress, cause_id: str, now: float) -> PlanEnded:
+    """How the plan ended: `succeeded` if every step but fire-and-forget ones did,
+    `failed` if a released one did not, else `blocked`. The deciding step is the first
+    to end without success that was not merely skipped behind another."""
+    plan = prog.plan
+    endings = [StepEnding(step_id=s.step_id, action=s.action, params=s.params, mode=s.mode,
+                          ended=prog.steps[s.step_id].ended or prog.steps[s.step_id].status,
+                          rule=prog.steps[s.step_id].rule,
+                          detail=prog.steps[s.step_id].detail[:300],
+                          released=prog.steps[s.step_id].released)
+               for s in plan.steps]
+    counted = [(e, prog.steps[e.step_id]) for e in endings if e.mode != "fire_and_forget"]
+    bad = sorted(((e, st) for e, st in counted if st.status != "succeeded"),
+                 key=lambda x: (x[1].status == "skipped", x[1].ended_at))
+    outcome: Literal["succeeded", "failed", "blocked"] = (
+        "succeeded" if not bad else
+        "failed" if any(st.released for _, st in bad) else "blocked")
+    if outcome == "failed":  # the released step that failed decides, not a veto beside it
+        bad.sort(key=lambda x: (not x[1].released, x[1].status == "skipped", x[1].ended_at))
+    started = [st.started_at for st in prog.steps.values() if st.started_at]
+    finished = [st.finished_at for st in prog.steps.values() if st.finished_at]
+    return PlanEnded(id=derive_id("plan-ended", plan.plan_id), incident_id=plan.incident_id,
+                     causation_id=cause_id, subject=plan.subject, plan_id=plan.plan_id,
+                     outcome=outcome, steps=endings, deciding=bad[0][0] if bad else None,
+                     started_at=min(started, default=0.0),
+                     finished_at=max(finished, default=0.0) or now)
 
 
 ACTOR = Governor

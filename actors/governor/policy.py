@@ -57,6 +57,7 @@ class Slot(msgspec.Struct, frozen=True, kw_only=True):
     plan_id: str = ""
     incident_id: str = ""
     until: float
+    disruptive: bool = False  # counted by the blast-radius rule while in flight
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -65,6 +66,9 @@ class Usage(msgspec.Struct, kw_only=True):
     grants: list[Grant] = []
     in_flight: dict[str, Slot] = {}
     last_run: dict[str, float] = {}  # "<subject>/<action>" -> time of the last release
+    # "<subject>/<action>" -> the plan of that release: a plan's own steps (defragment
+    # m1, m2, m3) are not each other's cooldown; the cooldown is between attempts.
+    last_plan: dict[str, str] = {}
 
 
 def cooldown_key(subject: str, action: str) -> str:
@@ -79,6 +83,8 @@ def prune(usage: Usage, now: float, keep_s: float) -> Usage:
         grants=[g for g in usage.grants if g.at > now - RATE_WINDOW_S],
         in_flight=dict(usage.in_flight),
         last_run={k: t for k, t in usage.last_run.items() if t > now - keep_s},
+        last_plan={k: p for k, p in usage.last_plan.items()
+                   if usage.last_run.get(k, 0.0) > now - keep_s},
     )
 
 
@@ -86,16 +92,19 @@ def record_release(usage: Usage, execution_id: str, step: PlanStep, subject: str
                    now: float, slot: Slot) -> Usage:
     grants = [g for g in usage.grants if g.execution_id != execution_id]
     grants.append(Grant(execution_id=execution_id, subject=subject, action=step.action, at=now))
+    key = cooldown_key(subject, step.action)
     return Usage(
         grants=grants,
         in_flight={**usage.in_flight, execution_id: slot},
-        last_run={**usage.last_run, cooldown_key(subject, step.action): now},
+        last_run={**usage.last_run, key: now},
+        last_plan={**usage.last_plan, key: slot.plan_id},
     )
 
 
 def free_slot(usage: Usage, execution_id: str) -> Usage:
     in_flight = {k: s for k, s in usage.in_flight.items() if k != execution_id}
-    return Usage(grants=usage.grants, in_flight=in_flight, last_run=usage.last_run)
+    return Usage(grants=usage.grants, in_flight=in_flight, last_run=usage.last_run,
+                 last_plan=usage.last_plan)
 
 
 Outcome = Literal["approve", "await_human", "veto"]
@@ -110,10 +119,36 @@ class Judgement:
 
 
 def normalise(step: PlanStep, spec: ActionSpec) -> PlanStep:
+    """The registry's word, or the plan's where it is stricter. The retry policy is the
+    registry's alone, and only an idempotent step retries."""
     risk = step.risk if RISK_ORDER[step.risk] > RISK_ORDER[spec.risk] else spec.risk
+    idempotent = spec.idempotent and step.idempotent
+    retry = spec.retry if idempotent else msgspec.structs.replace(spec.retry, attempts=1)
     return msgspec.structs.replace(
-        step, risk=risk, idempotent=spec.idempotent and step.idempotent, timeout_s=spec.timeout_s
-    )
+        step, risk=risk, idempotent=idempotent, timeout_s=spec.timeout_s,
+        disruptive=spec.disruptive or step.disruptive, attempts=retry.attempts,
+        budget_s=retry.budget_s(spec.timeout_s))
+
+
+def static_problem(step: PlanStep, *, subject: str, kind: str,
+                   actions: Mapping[str, ActionSpec],
+                   cfg: GovernorConfig) -> tuple[str, str] | None:
+    """(rule, reason) if the step could never run here, whatever the moment: its action
+    is not registered, its parameters are bad, or the allow-list forbids it. The
+    governor asks this of every step of a plan before the first one starts."""
+    spec = actions.get(step.action)
+    if spec is None:
+        known = ", ".join(sorted(actions)) or "none"
+        return "registry", (f"action {step.action!r} is not registered for subject kind "
+                            f"{kind!r} (registered: {known})")
+    try:
+        spec.validate(step.params)
+    except ActionError as exc:
+        return "params", str(exc)
+    allowed = cfg.allow.get(subject)
+    if allowed is not None and ALLOW_ALL not in allowed and step.action not in allowed:
+        return "allow_list", f"action {step.action!r} is not in the allow-list of {subject!r}"
+    return None
 
 
 def judge(
@@ -129,6 +164,7 @@ def judge(
     now: float,
     execution_id: str,
     human_approved: bool = False,
+    plan_id: str = "",
 ) -> Judgement:
     """One step's fate. Checks run cheapest-to-explain first; the first failing one wins."""
 
@@ -139,20 +175,11 @@ def judge(
         return veto("kill switch engaged", "kill")
     if mode == "observe":
         return veto("observe mode: nothing executes", "mode")
-    spec = actions.get(step.action)
-    if spec is None:
-        known = ", ".join(sorted(actions)) or "none"
-        return veto(f"action {step.action!r} is not registered for subject kind {kind!r} "
-                    f"(registered: {known})", "registry")
-    try:
-        spec.validate(step.params)
-    except ActionError as exc:
-        return veto(str(exc), "params")
+    problem = static_problem(step, subject=subject, kind=kind, actions=actions, cfg=cfg)
+    if problem is not None:
+        return veto(problem[1], problem[0])
     allowed = cfg.allow.get(subject)
-    if allowed is not None and ALLOW_ALL not in allowed and step.action not in allowed:
-        return veto(f"action {step.action!r} is not in the allow-list of {subject!r}",
-                    "allow_list")
-    norm = normalise(step, spec)
+    norm = normalise(step, actions[step.action])
     if not human_approved:
         if mode == "approve":
             return Judgement("await_human", "approve mode: a human must approve", norm,
@@ -165,7 +192,8 @@ def judge(
         if RISK_ORDER[norm.risk] > RISK_ORDER[cfg.approval_above]:
             return Judgement("await_human", f"risk {norm.risk} is above "
                              f"{cfg.approval_above}: a human must approve", norm, "approval")
-    limit = limit_breached(usage, subject, step.action, cfg, now, execution_id)
+    limit = limit_breached(usage, subject, step.action, cfg, now, execution_id,
+                           plan_id=plan_id, disruptive=norm.disruptive)
     if limit:
         return veto(limit[1], limit[0], norm)
     who = "a human" if human_approved else "policy"
@@ -174,16 +202,23 @@ def judge(
 
 
 def limit_breached(usage: Usage, subject: str, action: str, cfg: GovernorConfig, now: float,
-                   execution_id: str) -> tuple[str, str] | None:
+                   execution_id: str, *, plan_id: str = "",
+                   disruptive: bool = False) -> tuple[str, str] | None:
     """(rule, reason) if a release would break a limit, else None.
 
     `execution_id`'s own entries are ignored, so judging a step again (a
     redelivered plan after a crash) does not count it against itself.
     """
-    flying = [k for k, s in usage.in_flight.items() if s.until > now and k != execution_id]
+    flying = {k: s for k, s in usage.in_flight.items() if s.until > now and k != execution_id}
     if len(flying) >= cfg.max_concurrent:
         return "concurrency", (f"concurrency limit: {len(flying)} executions in flight "
                                f"(max {cfg.max_concurrent})")
+    out_of_service = [s for s in flying.values() if s.disruptive and s.subject == subject]
+    if disruptive and len(out_of_service) >= cfg.max_disruptive_per_subject:
+        busy = ", ".join(sorted({s.action for s in out_of_service}))
+        return "blast_radius", (f"blast radius: {len(out_of_service)} disruptive step(s) "
+                                f"already in flight on {subject!r} ({busy}; max "
+                                f"{cfg.max_disruptive_per_subject})")
     recent = [g for g in usage.grants
               if g.at > now - RATE_WINDOW_S and g.execution_id != execution_id]
     per_subject = sum(1 for g in recent if g.subject == subject)
@@ -193,8 +228,10 @@ def limit_breached(usage: Usage, subject: str, action: str, cfg: GovernorConfig,
     if len(recent) >= cfg.max_per_minute:
         return "rate", (f"rate limit: {len(recent)} executions in the last minute "
                         f"(max {cfg.max_per_minute})")
-    last = usage.last_run.get(cooldown_key(subject, action))
-    own = any(g.execution_id == execution_id for g in usage.grants)
+    key = cooldown_key(subject, action)
+    last = usage.last_run.get(key)
+    own = any(g.execution_id == execution_id for g in usage.grants) or (
+        bool(plan_id) and usage.last_plan.get(key) == plan_id)
     if last is not None and not own and now - last < cfg.action_cooldown_s:
         return "cooldown", (f"cooldown: {action!r} on {subject!r} ran {now - last:.1f}s "
                             f"ago (cooldown {cfg.action_cooldown_s:g}s)")

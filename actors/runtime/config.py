@@ -58,6 +58,12 @@ class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_per_minute: int = 20
     action_cooldown_s: float = 5.0
     max_concurrent: int = 2
+    # Steps of one plan released at once (a plan may ask fewer with max_parallel).
+    max_parallel_steps: int = 4
+    # Blast radius: steps that take a member or node out of service (ActionSpec
+    # disruptive) in flight at once on one subject. A plan's own wait their turn;
+    # another plan's are vetoed (rule blast_radius).
+    max_disruptive_per_subject: int = 1
     approval_above: Risk = "low"  # risk strictly above this needs `menders approve`
     approval_timeout_s: float = 600.0
     # An approved execution that no executor has started by then is refused (not_after).
@@ -72,6 +78,9 @@ class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"governor.approval_ttl_s must be > 0 and <= "
                              f"{MAX_APPROVAL_TTL_S} (every approval expires), "
                              f"got {self.approval_ttl_s}")
+        if self.max_parallel_steps < 1 or self.max_disruptive_per_subject < 1:
+            raise ValueError("governor.max_parallel_steps and "
+                             "governor.max_disruptive_per_subject must be >= 1")
         if self.approval_timeout_s <= 0:
             raise ValueError(f"governor.approval_timeout_s must be > 0, "
                              f"got {self.approval_timeout_s}")
