@@ -538,6 +538,28 @@ def plan_of(*steps: m.PlanStep, subject: str = "shop") -> m.Plan:
                   attempt=1, steps=list(steps))
 
 
+def governed(e: m.Event) -> Any:
+    """What the planner hears when a one-step plan's step ends this way: the governor's
+    PlanEnded (as actors/governor/actor.py:_plan_ended builds it), or nothing while
+    the step has not ended (waiting for a human, killed or revoked while it runs).
+    Any other event passes unchanged."""
+    if isinstance(e, m.ExecutionResult):
+        ending = m.StepEnding(step_id="s1", action=e.action, ended=e.status, rule=e.rule,
+                              detail=e.detail, released=True)
+        outcome = "succeeded" if e.status == "succeeded" else "failed"
+    elif isinstance(e, m.Decision):
+        if not e.ends_step:
+            return None
+        ending = m.StepEnding(step_id="s1", action="a", ended=e.outcome, rule=e.rule,
+                              detail=e.reason, released=e.outcome == "expired")
+        outcome = "failed" if ending.released else "blocked"
+    else:
+        return e
+    return m.PlanEnded(id=f"ended-{e.id}", incident_id=e.incident_id, subject=e.subject,
+                       plan_id=e.plan_id, outcome=outcome, steps=[ending],
+                       deciding=None if outcome == "succeeded" else ending)
+
+
 def step(action: str, sid: str = "s1", **kw: Any) -> m.PlanStep:
     return m.PlanStep(step_id=sid, action=action, **kw)
 

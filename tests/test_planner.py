@@ -25,7 +25,7 @@ from actors.planner.attempts import (
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from subjects.base import ActionSpec, NoParams
-from tests.harness import Bus, Collector, spawn_stopping, wait_stopped
+from tests.harness import Bus, Collector, governed, spawn_stopping, wait_stopped
 
 # --- the pure state machine -------------------------------------------------------------
 
@@ -53,14 +53,7 @@ def verdict(incident: str, plan_id: str, passed: bool = False) -> m.Verdict:
 
 
 def run(events: list[m.Event], rules: Rules = RULES) -> tuple[IncidentState | None, list[Any]]:
-    state: IncidentState | None = None
-    out: list[Any] = []
-    for e in events:
-        step = apply(state, e, rules)
-        if step is not None:
-            state = step.state
-            out += step.events
-    return state, out
+    return run_from(None, events, rules)
 
 
 def test_diagnosis_gives_one_step_plan_of_the_top_action() -> None:
@@ -113,8 +106,9 @@ def test_a_failed_attempt_asks_for_a_fresh_diagnosis_and_plans_from_its_answer()
 def run_from(state: IncidentState | None, events: list[m.Event],
              rules: Rules = RULES, now: float = 0.0) -> tuple[IncidentState | None, list[Any]]:
     out: list[Any] = []
-    for e in events:
-        step = apply(state, e, rules, now)
+    for raw in events:
+        e = governed(raw)
+        step = apply(state, e, rules, now) if e is not None else None
         if step is not None:
             state = step.state
             out += step.events
@@ -227,6 +221,41 @@ def test_an_inconclusive_verdict_uses_the_attempt_and_asks_for_a_fresh_look() ->
         verdict("i1", plan_id_for("i1", 1)), inconclusive=True)])
     assert kinds(out) == ["Plan", "DiagnosisRequested"]
     assert out[1].history[0].outcome == "inconclusive"
+
+
+def test_a_step_event_is_not_the_planners_input_its_plans_end_is() -> None:
+    """The planner acts on PlanEnded alone: a step's own Decision or result (a step of a
+    plan still running) changes nothing, whatever it says."""
+    state, _ = run([diagnosis("i1", "recycle_pool", "restart_worker")])
+    p1 = plan_id_for("i1", 1)
+    for raw in (m.ExecutionResult(incident_id="i1", execution_id="x", plan_id=p1,
+                                  action="recycle_pool", status="failed"),
+                m.Decision(incident_id="i1", outcome="vetoed", reason="kill switch engaged",
+                           plan_id=p1, ends_step=True)):
+        assert apply(state, raw, RULES) is None
+
+
+def test_a_multi_step_plan_is_judged_by_its_deciding_step() -> None:
+    state, _ = run([diagnosis("i1", "recycle_pool", "enable_cache")])
+    p1 = plan_id_for("i1", 1)
+    done = m.StepEnding(step_id="compact", action="recycle_pool", ended="succeeded",
+                        released=True)
+    failed = m.StepEnding(step_id="defrag_m2", action="recycle_pool", ended="failed",
+                          detail="HTTP 500", released=True)
+    skipped = m.StepEnding(step_id="disarm", action="recycle_pool", ended="skipped",
+                           rule="dependency", detail="dependency 'defrag_m2' did not succeed")
+    step = apply(state, m.PlanEnded(incident_id="i1", plan_id=p1, outcome="failed",
+                                    steps=[done, failed, skipped], deciding=failed), RULES)
+    assert step is not None
+    [req] = step.events
+    assert isinstance(req, m.DiagnosisRequested)
+    assert req.reason == "step defrag_m2 of 3: execution of recycle_pool failed: HTTP 500"
+    # A blast-radius veto of a later step parks; it is not a failed fix.
+    held = m.StepEnding(step_id="defrag_m1", action="recycle_pool", ended="vetoed",
+                        rule="blast_radius", detail="blast radius: 1 disruptive step(s)")
+    step = apply(state, m.PlanEnded(incident_id="i1", plan_id=p1, outcome="blocked",
+                                    steps=[done, held], deciding=held), RULES)
+    assert step is not None and step.state.parked == "limit" and step.state.attempt == 0
 
 
 def test_a_decision_that_does_not_end_the_step_waits() -> None:
@@ -456,8 +485,7 @@ async def test_failed_verdict_asks_for_a_fresh_diagnosis_and_plans_its_answer(
 
 
 @pytest.mark.e2e
-async def test_a_rate_limit_veto_parks_and_retries_while_awaiting_approval_waits(
-        bus: Bus) -> None:
+async def test_a_rate_limit_veto_parks_and_retries(bus: Bus) -> None:
     bus.write_config("[planner]\npark_retry_s = 0.5\n")
     await start_planner(bus)
     async with bus.collect() as col:
@@ -468,15 +496,10 @@ async def test_a_rate_limit_veto_parks_and_retries_while_awaiting_approval_waits
         await bus.publish("diagnoser", d)
         p1 = await next_plan(col, d.incident_id, 1)
         assert p1.steps[0].params == {"size": 16}
-        await bus.publish("governor", m.Decision(
-            incident_id=d.incident_id, subject="webshop", outcome="awaiting_approval",
-            reason="medium risk needs a human", plan_id=p1.plan_id))
-        await barrier(bus, col)
-        assert len(plans_of(col, d.incident_id)) == 1
-        await bus.publish("governor", m.Decision(
+        await bus.publish("governor", governed(m.Decision(
             incident_id=d.incident_id, subject="webshop", outcome="vetoed",
             reason="rate limit: 6 executions on 'webshop' in the last minute (max 6)",
-            plan_id=p1.plan_id, ends_step=True))
+            plan_id=p1.plan_id, ends_step=True)))
         [parked] = await col.wait_for(lambda e: isinstance(e, m.IncidentParked)
                                       and e.incident_id == d.incident_id)
         found = await col.wait_for(lambda e: isinstance(e, m.Plan)
@@ -496,10 +519,10 @@ async def test_max_attempts_escalates_and_posts_the_webhook(bus: Bus) -> None:
             d = bus_diagnosis("recycle_pool", "failover_dependency", "restart_worker")
             await bus.publish("diagnoser", d)
             p1 = await next_plan(col, d.incident_id, 1)
-            await bus.publish("executor", m.ExecutionResult(
+            await bus.publish("governor", governed(m.ExecutionResult(
                 incident_id=d.incident_id, subject="webshop", execution_id=m.new_id(),
                 plan_id=p1.plan_id, action="recycle_pool", status="failed",
-                detail="HTTP 500"))
+                detail="HTTP 500")))
             req = await next_request(col, d.incident_id)
             await bus.publish("diagnoser", answer(req, "failover_dependency"))
             p2 = await next_plan(col, d.incident_id, 2)
@@ -652,10 +675,10 @@ async def test_a_tick_committed_when_the_planner_dies_is_published_by_its_succes
         d = bus_diagnosis("recycle_pool")
         await bus.publish("diagnoser", d)
         p1 = await next_plan(col, d.incident_id, 1)
-        await bus.publish("governor", m.Decision(
+        await bus.publish("governor", governed(m.Decision(
             incident_id=d.incident_id, subject="webshop", outcome="vetoed",
             reason="rate limit: 6 executions on 'webshop' in the last minute (max 6)",
-            plan_id=p1.plan_id, ends_step=True))
+            plan_id=p1.plan_id, ends_step=True)))
         await col.wait_for(lambda e: isinstance(e, m.IncidentParked)
                            and e.incident_id == d.incident_id)
         # Its next tick retries the parked incident: committed, then the process stops

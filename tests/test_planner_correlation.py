@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from bus_schemas import messages as m
-from tests.harness import Bus, Collector
+from tests.harness import Bus, Collector, governed
 
 SUBJECT = "webshop"
 FIX = m.RecommendedAction(action="recycle_pool", rationale="the shared cause's fix")
@@ -104,9 +104,9 @@ async def test_followers_escalate_with_their_leader(bus: Bus) -> None:
         lead, f1, f2 = await three_incidents(bus, col, leader_actions=(FIX,))
         [leader_plan] = plans(col, lead)
         # The governor vetoes the leader's only plan: no alternative left, it escalates.
-        await bus.publish("governor", m.Decision(
+        await bus.publish("governor", governed(m.Decision(
             incident_id=lead, subject=SUBJECT, outcome="vetoed", reason="allow-list",
-            plan_id=leader_plan.plan_id, execution_id=m.new_id()))
+            plan_id=leader_plan.plan_id, execution_id=m.new_id(), ends_step=True)))
         escalated = await col.wait_for(
             lambda e: isinstance(e, m.IncidentEscalated) and e.incident_id in {lead, f1, f2},
             timeout=30, count=3)

@@ -42,6 +42,7 @@ from bus_schemas.governor import (
     encode_revocation,
     kill_state,
 )
+from tests.harness import governed
 
 ACTIONS = subjects.load("webshop").actions
 NAMES = sorted(ACTIONS)
@@ -135,8 +136,12 @@ class Crew(RuleBasedStateMachine):
         return self.w.rev
 
     def _planner(self, event: m.Event) -> None:
+        """The planner hears a step's end as the governor's PlanEnded (one-step plans)."""
         iid = event.incident_id
-        self._planner_step(iid, apply(self.incidents.get(iid), event, self.rules, self.w.now))
+        ended = governed(event)
+        if ended is not None:
+            self._planner_step(iid, apply(self.incidents.get(iid), ended, self.rules,
+                                          self.w.now))
 
     def _planner_step(self, iid: str, step: PlannerStep | None) -> None:
         if step is None:

@@ -1,5 +1,5 @@
-"""The verifier as a real process: incidents and results published as their
-producers (detector, executor), observations as the monitor."""
+"""The verifier as a real process: incidents and plan endings published as their
+producers (detector, governor), observations as the monitor."""
 
 from __future__ import annotations
 
@@ -30,13 +30,16 @@ async def open_incident(bus: Bus, spec: InvariantSpec) -> str:
 
 
 async def finish(bus: Bus, incident_id: str, status: m.ExecutionStatus = "succeeded",
-                 plan_id: str = "plan-1") -> m.ExecutionResult:
+                 plan_id: str = "plan-1") -> m.PlanEnded:
+    """The governor's word that the plan's one step ended with `status`."""
     now = time.time()
-    result = m.ExecutionResult(incident_id=incident_id, subject=SUBJECT,
-                               execution_id=m.new_id(), plan_id=plan_id, action="restart",
-                               status=status, started_at=now - 1, finished_at=now)
-    await bus.publish("executor", result)
-    return result
+    ending = m.StepEnding(step_id="s1", action="restart", ended=status, released=True)
+    ended = m.PlanEnded(incident_id=incident_id, subject=SUBJECT, plan_id=plan_id,
+                        outcome="succeeded" if status == "succeeded" else "failed",
+                        steps=[ending], deciding=None if status == "succeeded" else ending,
+                        started_at=now - 1, finished_at=now)
+    await bus.publish("governor", ended)
+    return ended
 
 
 async def start_verifier(bus: Bus) -> None:

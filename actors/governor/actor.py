@@ -478,7 +478,7 @@ class Governor(Actor):
         if st.status != "approved":  # already settled: a redelivered or repeated result
             return _recorded(prog) if redelivered else []
         st.status = "succeeded" if result.status == "succeeded" else "failed"
-        st.detail = f"{result.status}: {result.detail}"[:500]
+        st.detail = result.detail[:500]  # how it ended is st.ended
         st.ended, st.rule, st.ended_at = result.status, result.rule, time.time()
         st.started_at, st.finished_at = result.started_at, result.finished_at
         kind, actions, _ = self._actions(prog.plan.subject)

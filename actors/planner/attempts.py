@@ -56,21 +56,17 @@ from bus_schemas.messages import (
     IncidentUpdated,
     ObstacleKind,
     Plan,
+    PlanEnded,
     PlanStep,
     RecommendedAction,
     RetryRequested,
+    StepEnding,
     Verdict,
 )
 from subjects.base import ActionError, ActionSpec
 
 # Ran, and did not fix it: an attempt used, a fresh diagnosis next.
 FAILED_STATUSES = frozenset({"failed", "timed_out", "unknown"})
-# Did not run (or was stopped): why (the executor's detail) decides park or refusal.
-BLOCKED_STATUSES = frozenset({"cancelled", "skipped"})
-# A Decision that ends the current plan's step: a refusal, or any Decision the governor
-# marks `ends_step` (revoked before release, expired unreported). awaiting_approval
-# waits; a `killed` or `revoked` released step ends in its executor's ExecutionResult.
-REFUSALS = frozenset({"vetoed", "denied"})
 FINAL = frozenset({"resolved", "verified"})  # closed for good; "escalated" is not final
 SEEN_LIMIT = 64  # input ids remembered per incident: far more than one incident's events
 HISTORY_LIMIT = 20  # attempt records kept per incident (and sent with each request)
@@ -181,6 +177,7 @@ RULE_ENDINGS: dict[str, tuple[Ending, ObstacleKind]] = {
     "registry": ("refused", "other"), "params": ("refused", "other"),
     "allow_list": ("refused", "other"), "dag": ("refused", "other"),
     "dependency": ("refused", "other"), "fire_and_forget": ("refused", "other"),
+    "plan": ("refused", "other"),
     "denied": ("refused", "other"), "revoked": ("refused", "other"),
 }
 
@@ -189,13 +186,25 @@ def ending_of(event: Decision | ExecutionResult) -> tuple[Ending, ObstacleKind]:
     """Whether a step's end is a failed fix, an obstacle to wait out, or a "no" to the
     action. The rule named by the governor or the executor decides; events from before
     rules were named are read by their words."""
-    if isinstance(event, ExecutionResult) and event.status in FAILED_STATUSES:
-        return "failed", "other"
-    if event.rule in RULE_ENDINGS and not (isinstance(event, Decision)
-                                           and event.outcome == "awaiting_approval"):
-        return RULE_ENDINGS[event.rule]
     if isinstance(event, ExecutionResult):
-        why = event.detail
+        return _ending(True, event.status, event.rule, event.detail)
+    return _ending(False, event.outcome, event.rule, event.reason)
+
+
+def ending_of_step(step: StepEnding) -> tuple[Ending, ObstacleKind]:
+    """The same, for the step that decided a plan's end (PlanEnded.deciding)."""
+    return _ending(step.released, step.ended, step.rule, step.detail)
+
+
+def _ending(released: bool, ended: str, rule: str, why: str) -> tuple[Ending, ObstacleKind]:
+    """`released`: an executor got the step, and `ended` is its ExecutionStatus (or the
+    governor's `expired`/`revoked` for a step no executor reported); else `ended` is the
+    governor's Decision outcome."""
+    if released and ended in FAILED_STATUSES:
+        return "failed", "other"
+    if rule in RULE_ENDINGS and ended != "awaiting_approval":
+        return RULE_ENDINGS[rule]
+    if released and ended not in ("expired", "revoked"):
         if why.startswith("kill switch"):
             return "park", "kill"
         if why.startswith("revoked"):
@@ -205,8 +214,7 @@ def ending_of(event: Decision | ExecutionResult) -> tuple[Ending, ObstacleKind]:
         if why.startswith(("approval expired", "approval valid for")):
             return "park", "expired"
         return "park", "other"
-    why = event.reason
-    if event.outcome == "vetoed":
+    if ended == "vetoed":
         if why.startswith("kill switch"):
             return "park", "kill"
         if why.startswith("observe mode"):
@@ -214,13 +222,13 @@ def ending_of(event: Decision | ExecutionResult) -> tuple[Ending, ObstacleKind]:
         if why.startswith(("concurrency limit", "rate limit", "cooldown")):
             return "park", "limit"
         return "refused", "other"  # registry, parameters, allow-list, dependencies
-    if event.outcome == "denied":
+    if ended == "denied":
         if "no human decision within" in why:
             return "park", "approval"  # nobody looked: not a "no"
         return "refused", "other"
-    if event.outcome == "revoked":
+    if ended == "revoked":
         return "refused", "other"
-    if event.outcome == "expired":
+    if ended == "expired":
         return "park", "expired"
     return "park", "other"
 
@@ -257,19 +265,22 @@ def apply(state: IncidentState | None, event: Event, rules: Rules,
             word = "inconclusive" if event.inconclusive else "failed"
             return _failed(state, event, outcome, f"verdict {word}: {event.reason}",
                            rules, now)
-    elif isinstance(event, ExecutionResult):
-        if event.plan_id == state.plan_id and event.status in FAILED_STATUSES | BLOCKED_STATUSES:
-            why = f"execution of {event.action} {event.status}"
-            why = f"{why}: {event.detail}" if event.detail else why
-            ending, kind = ending_of(event)
-            if ending == "failed":
-                return _failed(state, event, event.status, why, rules, now)
-            return _blocked(state, event, ending, kind, why, rules, now)
-    elif isinstance(event, Decision):
-        if event.plan_id == state.plan_id and (event.outcome in REFUSALS or event.ends_step):
-            ending, kind = ending_of(event)
-            why = f"governor {event.outcome}: {event.reason}"
-            return _blocked(state, event, ending, kind, why, rules, now)
+    elif isinstance(event, PlanEnded):
+        # The governor's word that every step of the plan ended; its deciding step says
+        # how the attempt went. A success waits for the verifier's verdict.
+        d = event.deciding
+        if event.plan_id != state.plan_id or event.outcome == "succeeded" or d is None:
+            return None
+        where = f"step {d.step_id} of {len(event.steps)}: " if len(event.steps) > 1 else ""
+        if d.released:
+            why = f"{where}execution of {d.action} {d.ended}"
+            why = f"{why}: {d.detail}" if d.detail else why
+        else:
+            why = f"{where}governor {d.ended}: {d.detail}"
+        ending, kind = ending_of_step(d)
+        if ending == "failed":
+            return _failed(state, event, d.ended, why, rules, now)
+        return _blocked(state, event, ending, kind, why, rules, now)
     return None
 
 

@@ -8,17 +8,18 @@ Two consumers feed one process:
   the detector (subjects.invariants; baselines are learned here from the same
   observations). Every new observation wakes the checks of that subject
   through an asyncio.Condition: no polling, no fixed sleeps.
-- `verifier` (IncidentOpened, IncidentResolved, ExecutionResult). An
-  ExecutionResult with status "succeeded" starts a check *inside the
-  handler*: it awaits fresh observations (ts after the execution finished)
-  until the invariant has held for `stable_window_s` (passed) or until
-  `deadline_s` after the execution finished (failed). The runtime keeps
+- `verifier` (IncidentOpened, IncidentResolved, PlanEnded). A plan that
+  ended `succeeded` (every step of it, the governor's word) starts a check
+  *inside the handler*: it awaits fresh observations (ts after its last step
+  finished) until the invariant has held for `stable_window_s` (passed) or
+  until `deadline_s` after that (failed). A multi-step repair is judged once,
+  as a whole: compact, defragment and disarm are one fix. The runtime keeps
   the message alive with in_progress meanwhile, so if the verifier dies
   mid-check JetStream redelivers it and the check starts again; the
-  verdict's id is derived from the result's id, so at most one verdict per
-  execution is ever recorded, whichever attempt publishes it. An
-  IncidentResolved of the incident during the check passes it. Other
-  statuses get no verdict: the planner handles them.
+  verdict's id is derived from the PlanEnded's id, so at most one verdict per
+  plan is ever recorded, whichever attempt publishes it. An IncidentResolved
+  of the incident during the check passes it. A failed or blocked plan gets
+  no verdict: the planner handles it.
 
 Honest credit. A pass says who earned it (`recovered`): "after" when the
 invariant was still broken as the step started and held after it finished;
@@ -55,10 +56,10 @@ from bus_schemas import catalog
 from bus_schemas.errors import MendersError
 from bus_schemas.messages import (
     Event,
-    ExecutionResult,
     IncidentOpened,
     IncidentResolved,
     Observation,
+    PlanEnded,
     Recovery,
     Verdict,
 )
@@ -200,9 +201,9 @@ class Verifier(Actor):
         if isinstance(event, IncidentResolved):
             await self._resolved(event)
             return ()
-        if isinstance(event, ExecutionResult):
-            if event.status != "succeeded":
-                return ()
+        if isinstance(event, PlanEnded):
+            if event.outcome != "succeeded":
+                return ()  # the planner handles it: no fix to verify
             return (await self._check(event),)
         return ()
 
@@ -240,7 +241,7 @@ class Verifier(Actor):
 
     # --- checks -------------------------------------------------------------------
 
-    async def _check(self, result: ExecutionResult) -> Verdict:
+    async def _check(self, result: PlanEnded) -> Verdict:
         vc = self.config.verifier
         finished = result.finished_at or result.ts
         started = result.started_at or finished
@@ -327,7 +328,7 @@ class Verifier(Actor):
         if self.rt.stopping.is_set():
             raise CheckHandedBack("verifier stopping: check handed back for redelivery")
 
-    def _verdict(self, result: ExecutionResult, invariant: str, passed: bool, reason: str,
+    def _verdict(self, result: PlanEnded, invariant: str, passed: bool, reason: str,
                  finished: float, recovered: Recovery = "", *,
                  inconclusive: bool = False) -> Verdict:
         outcome = "inconclusive" if inconclusive else "passed" if passed else "failed"
