@@ -302,10 +302,14 @@ async def test_nospace_is_cured_by_compact_defrag_each_then_disarm_not_by_disarm
     assert_holds(m, "member_down", "no_leader", "raft_lag")
     m = await watch.until(lambda m: m.get("put_error_rate", 0) > 0.5, 10.0, "puts failing")
     rule, _escalate, actions = best_rule_actions("low_disk_space", m, watch.logs)
-    assert rule == "nospace_alarm" and actions == [a.action for a in NOSPACE_REPAIR]
+    [remedy] = NOSPACE_REPAIR  # one remedy of five steps, one plan
+    assert rule == "nospace_alarm" and actions == [remedy.action]
+    assert [(st.action, st.depends_on) for st in remedy.steps] == [
+        ("compact", []), ("defragment", ["compact"]), ("defragment", ["compact"]),
+        ("defragment", ["compact"]), ("disarm_alarm", ["defrag_m1", "defrag_m2", "defrag_m3"])]
     await run(kv, "disarm_alarm")  # the tempting shortcut: the next put raises it again
     await watch.stays_broken("low_disk_space")
-    details = [await run(kv, step.action, dict(step.params)) for step in NOSPACE_REPAIR]
+    details = [await run(kv, step.action, dict(step.params)) for step in remedy.steps]
     assert "compacted" in details[0] and all("defragmented" in d for d in details[1:4])
     m = await watch.cured("low_disk_space")
     assert m["nospace_alarm"] == 0.0

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import subjects
+from actors.diagnoser.runbook import vet_actions
 from subjects.base import ActionError
 from subjects.kvcluster.chaos import FAULTS as HOOKS
 from subjects.kvcluster.definition import DEFINITION, layout_for
@@ -41,8 +42,10 @@ def test_runbooks_name_known_invariants_valid_actions_and_parseable_conditions()
     for rule in DEFINITION.runbooks:
         assert rule.invariant is None or rule.invariant in names, rule.name
         assert rule.escalate == (not rule.actions), rule.name
-        for rec in rule.actions:
-            DEFINITION.actions[rec.action].validate(rec.params)
+        # Every remedy is usable whole, as the diagnoser vets it (a multi-step one: every
+        # step registered with valid params, dependencies on its own steps).
+        kept, notes = vet_actions(rule.actions, DEFINITION.actions)
+        assert notes == [] and len(kept) == len(rule.actions), rule.name
 
 
 def test_only_the_actions_that_take_a_member_out_are_disruptive() -> None:

@@ -716,3 +716,20 @@ async def test_an_escalated_incident_re_enters_when_its_evidence_changes_materia
         await bus.publish("detector", updated(2000.0))  # x2.2 since the escalation
         req = await next_request(col, d.incident_id)
     assert "the evidence changed: latency_p99 moved from 900 to 2000" in req.reason
+
+
+def test_a_multi_step_remedy_becomes_one_plan_keeping_its_steps() -> None:
+    rec = m.RecommendedAction(action="drain_and_recycle", max_parallel=1, steps=[
+        m.RecommendedStep(id="cache", action="enable_cache"),
+        m.RecommendedStep(id="recycle", action="recycle_pool", depends_on=["cache"],
+                          mode="async")])
+    d = msgspec.structs.replace(diagnosis("i1"), actions=[rec])
+    _, [plan] = run([d])
+    assert plan.max_parallel == 1 and plan.attempt == 1
+    assert [(s.step_id, s.action, s.depends_on, s.mode) for s in plan.steps] == [
+        ("cache", "enable_cache", [], "sync"), ("recycle", "recycle_pool", ["cache"], "async")]
+    # One unregistered step makes the whole remedy unusable.
+    broken = msgspec.structs.replace(rec, steps=[*rec.steps, m.RecommendedStep(
+        id="x", action="format_disk")])
+    _, out = run([msgspec.structs.replace(diagnosis("i1"), actions=[broken])])
+    assert kinds(out) == ["IncidentEscalated"] and "format_disk: not registered" in out[0].reason

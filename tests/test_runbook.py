@@ -7,8 +7,9 @@ import math
 import msgspec
 import pytest
 
-from actors.diagnoser.runbook import RunbookDiagnoser, diagnose, rank
+from actors.diagnoser.runbook import RunbookDiagnoser, diagnose, rank, vet_actions
 from bus_schemas.messages import IncidentOpened, RecommendedAction
+from bus_schemas.messages import RecommendedStep as Step
 from subjects.base import ActionSpec, NoParams, RunbookRule, SubjectDefinition
 from subjects.rules import ConditionError, check_rules, match_condition, parse_condition
 
@@ -217,3 +218,25 @@ def test_a_tried_and_failed_action_is_dropped_unless_the_evidence_changed() -> N
     assert [a.action for a in again.actions] == ["enable_cache"]
     assert any("evidence changed" in e for e in again.evidence)
     assert any("refused" in e for e in again.evidence)
+
+
+def test_a_multi_step_remedy_is_kept_whole_or_dropped_naming_its_bad_step() -> None:
+    good = RecommendedAction(action="drain_and_recycle", steps=[
+        Step(id="a", action="recycle_pool"), Step(id="b", action="recycle_pool",
+                                                 depends_on=["a"], mode="async")])
+    kept, notes = vet_actions([good], ACTIONS)
+    assert kept == [good] and notes == []
+    bad = [
+        msgspec.structs.replace(good, steps=[*good.steps, Step(id="c", action="format")]),
+        msgspec.structs.replace(good, steps=[Step(id="a", action="recycle_pool",
+                                                  depends_on=["zz"])]),
+        msgspec.structs.replace(good, steps=[Step(id="a", action="recycle_pool"),
+                                             Step(id="a", action="recycle_pool")]),
+    ]
+    kept, notes = vet_actions(bad, ACTIONS)
+    assert kept == []
+    assert notes == [
+        "dropped remedy 'drain_and_recycle': 'format' is not registered for this subject",
+        "dropped remedy 'drain_and_recycle': step 'a' depends on a step the remedy does "
+        "not have",
+        "dropped remedy 'drain_and_recycle': step id 'a' is empty or repeated"]

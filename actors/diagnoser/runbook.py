@@ -25,7 +25,13 @@ from typing import Any
 import msgspec
 
 from actors.runtime import follow_id
-from bus_schemas.messages import AttemptRecord, Diagnosis, IncidentOpened, RecommendedAction
+from bus_schemas.messages import (
+    AttemptRecord,
+    Diagnosis,
+    IncidentOpened,
+    RecommendedAction,
+    RecommendedStep,
+)
 from bus_schemas.queries import PastIncident, verified_before
 from subjects.base import ActionError, ActionSpec, RunbookRule, SubjectDefinition
 from subjects.rules import ConditionError, match_condition
@@ -105,6 +111,16 @@ def vet_actions(candidates: Iterable[RecommendedAction],
     notes: list[str] = []
     seen: set[tuple[str, bytes]] = set()
     for rec in candidates:
+        if rec.steps:
+            vetted = _vet_steps(rec, actions)
+            if isinstance(vetted, str):
+                notes.append(vetted)
+                continue
+            key = (rec.action, msgspec.json.encode(vetted, order="sorted"))
+            if key not in seen:
+                seen.add(key)
+                kept.append(msgspec.structs.replace(rec, steps=vetted))
+            continue
         spec = actions.get(rec.action)
         if spec is None:
             notes.append(f"dropped action {rec.action!r}: not registered for this subject")
@@ -120,6 +136,32 @@ def vet_actions(candidates: Iterable[RecommendedAction],
         seen.add(key)
         kept.append(RecommendedAction(action=rec.action, params=params, rationale=rec.rationale))
     return kept, notes
+
+
+def _vet_steps(rec: RecommendedAction,
+               actions: Mapping[str, ActionSpec]) -> list[RecommendedStep] | str:
+    """A multi-step remedy is usable only whole: every step registered with valid params,
+    unique ids, dependencies on its own steps. Else why it was dropped."""
+    ids = [s.id for s in rec.steps]
+    out: list[RecommendedStep] = []
+    for s in rec.steps:
+        why = ""
+        spec = actions.get(s.action)
+        if spec is None:
+            why = f"{s.action!r} is not registered for this subject"
+        elif not s.id or ids.count(s.id) > 1:
+            why = f"step id {s.id!r} is empty or repeated"
+        elif any(d not in ids for d in s.depends_on):
+            why = f"step {s.id!r} depends on a step the remedy does not have"
+        else:
+            try:
+                params = msgspec.to_builtins(spec.validate(s.params))
+            except ActionError as exc:
+                why = str(exc)
+        if why:
+            return f"dropped remedy {rec.action!r}: {why}"
+        out.append(msgspec.structs.replace(s, params=params))
+    return out
 
 
 def observed_evidence(incident: IncidentOpened) -> str:

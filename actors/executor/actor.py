@@ -15,8 +15,11 @@ for each one:
    it: `observe`, or `approve` for a step that only policy approved. A refusal
    is recorded and reported `skipped`.
 3. Claims the execution with KV `create()` (a lease it renews while it runs),
-   publishes ExecutionStarted, looks once more, then runs the action through
-   the subject's client with the step's timeout.
+   publishes ExecutionStarted, asks the subject's precondition on fresh state
+   if the step is disruptive (a refusal is `skipped`, rule `precondition`),
+   looks once more, then runs the action through the subject's client: each try
+   bounded by the step's timeout, retried as the action's RetryPolicy says
+   (failures only, never after a kill), the whole bounded by its budget.
 4. A kill or a revocation seen at any moment (KV watch, re-created on
    reconnect, plus a periodic `get` while something runs) cancels it: one seen
    before the action's task exists means it never starts (`skipped`), one seen
@@ -63,9 +66,10 @@ from bus_schemas.messages import (
     ExecutionResult,
     ExecutionStarted,
     ExecutionStatus,
+    PlanStep,
 )
 from bus_schemas.verifier import IncidentRecord, incident_key
-from subjects.base import ActionClientProtocol, ActionError
+from subjects.base import NO_RETRY, ActionClientProtocol, ActionError, RetryPolicy
 
 log = get_logger("menders.executor")
 
@@ -87,6 +91,7 @@ class Running:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     stop_renewing: asyncio.Event = field(default_factory=asyncio.Event)
     lost_lease: bool = False
+    tries: int = 0  # calls of the action so far (its retry policy)
 
 
 class LostLease(MendersError, RuntimeError):
@@ -252,19 +257,21 @@ class Executor(Actor):
                 causation_id=event.id, subject=event.subject, execution_id=eid,
                 plan_id=event.plan_id, action=step.action))
             await self._reached("started_published")
-            refusal = await self._refusal(event, last_look=True)
+            client = self._client(event.subject)
+            # The subject's own check on fresh state (etcd: every other member up), before
+            # the last look, so that no await sits between the look and the start.
+            blocked = await self._precondition(client, step) if step.disruptive else None
+            rule = "precondition" if blocked else ""
+            refusal = blocked or await self._refusal(event, last_look=True)
             if refusal is None:
                 refusal = run.cancel_reason  # seen by a watch while we looked
             if refusal is not None:
-                result = self._result(event, "skipped", refusal, started)
+                result = self._result(event, "skipped", refusal, started, rule=rule)
             else:
                 # No await since the look above: a kill from here on finds the task.
-                client = self._client(event.subject)
-                # Our bound fires first (-> timed_out); the client's own is a backstop.
-                run.task = asyncio.create_task(client.run(step.action, dict(step.params),
-                                                          step.timeout_s + GRACE_S))
+                run.task = asyncio.create_task(self._tries(client, event, run))
                 log.info("running", extra={"execution_id": eid, "action": step.action})
-                done, _ = await asyncio.wait({run.task}, timeout=step.timeout_s)
+                done, _ = await asyncio.wait({run.task}, timeout=_budget(step))
                 result = self._classify(event, run, bool(done), started)
         finally:
             if run.task is not None and not run.task.done():
@@ -313,23 +320,69 @@ class Executor(Actor):
                 log.warning("lease renewal failed",
                             extra={"execution_id": run.approved.execution_id, "err": repr(exc)})
 
+    async def _precondition(self, client: ActionClientProtocol, step: PlanStep) -> str | None:
+        """Why a disruptive step must not start now, per the subject; a check that
+        cannot be made refuses (fail closed)."""
+        try:
+            return await asyncio.wait_for(client.precondition(step.action, dict(step.params)),
+                                          step.timeout_s)
+        except Exception as exc:
+            return f"{step.action}: the precondition could not be checked: {exc!r}"
+
+    async def _tries(self, client: ActionClientProtocol, event: ExecutionApproved,
+                     run: Running) -> str:
+        """The action, tried as its retry policy says: only failures retry (a kill or a
+        revocation cancels this task, and nothing after), never a failure whose code says
+        a retry cannot help, and a timeout only if the policy says so."""
+        step = event.step
+        policy = self._retry_policy(event)
+        while True:
+            run.tries += 1
+            try:
+                # Our bound fires first (-> timed_out); the client's own is a backstop.
+                return await asyncio.wait_for(
+                    client.run(step.action, dict(step.params), step.timeout_s + GRACE_S),
+                    step.timeout_s)
+            except ActionError as exc:
+                if run.tries >= step.attempts or exc.code in policy.not_retryable:
+                    raise
+                why = str(exc)
+            except TimeoutError:
+                if run.tries >= step.attempts or not policy.retry_timeouts:
+                    raise
+                why = f"no answer within {step.timeout_s:g}s"
+            pause = policy.backoff(run.tries)
+            log.info("retrying", extra={"execution_id": event.execution_id, "try": run.tries,
+                                        "pause_s": pause, "why": why[:300]})
+            await asyncio.sleep(pause)
+
+    def _retry_policy(self, event: ExecutionApproved) -> RetryPolicy:
+        """The registry's policy; the approved step's `attempts` caps it."""
+        sc = self.config.subjects.get(event.subject)
+        spec = subjects.load(sc.kind).actions.get(event.step.action) if sc else None
+        return spec.retry if spec is not None else NO_RETRY
+
     def _classify(self, event: ExecutionApproved, run: Running, done: bool,
                   started: float) -> ExecutionResult:
         assert run.task is not None
         maybe = "" if event.step.idempotent else "; its effect may or may not have happened"
+        tries = f" (after {run.tries} tries)" if run.tries > 1 else ""
         if not done:
-            return self._result(event, "timed_out",
-                                f"no answer within {event.step.timeout_s:g}s{maybe}", started)
+            return self._result(event, "timed_out", f"no answer within "
+                                f"{_budget(event.step):g}s{tries}{maybe}", started, run.tries)
         if run.task.cancelled():
-            return self._result(event, "cancelled", f"{run.cancel_reason}{maybe}", started)
+            return self._result(event, "cancelled", f"{run.cancel_reason}{maybe}", started,
+                                run.tries)
         exc = run.task.exception()
         if isinstance(exc, TimeoutError):
-            return self._result(event, "timed_out", f"{exc!r}{maybe}", started)
+            return self._result(event, "timed_out", f"no answer within "
+                                f"{event.step.timeout_s:g}s{tries}{maybe}", started, run.tries)
         if isinstance(exc, ActionError):
-            return self._result(event, "failed", str(exc), started)
+            return self._result(event, "failed", f"{exc}{tries}", started, run.tries)
         if exc is not None:
-            return self._result(event, "failed", f"{type(exc).__name__}: {exc}", started)
-        return self._result(event, "succeeded", run.task.result(), started)
+            return self._result(event, "failed", f"{type(exc).__name__}: {exc}{tries}",
+                                started, run.tries)
+        return self._result(event, "succeeded", run.task.result(), started, run.tries)
 
     async def _refusal(self, event: ExecutionApproved, last_look: bool = False) -> str | None:
         """Why this approval must not be acted on now, or None (fresh `get`s, fail closed).
@@ -380,12 +433,13 @@ class Executor(Actor):
         return self.clients[subject]
 
     def _result(self, event: ExecutionApproved, status: ExecutionStatus, detail: str,
-                started: float) -> ExecutionResult:
+                started: float, tries: int = 0, rule: str = "") -> ExecutionResult:
         return ExecutionResult(
             id=derive_id("result", event.execution_id), incident_id=event.incident_id,
             causation_id=event.id, subject=event.subject, execution_id=event.execution_id,
             plan_id=event.plan_id, action=event.step.action, status=status,
-            detail=detail[:2000], started_at=started, finished_at=time.time())
+            detail=detail[:2000], started_at=started, finished_at=time.time(), tries=tries,
+            rule=rule)
 
     def _done(self, result: ExecutionResult) -> ExecutionResult:
         self.m_exec.labels(action=result.action, status=result.status).inc()
@@ -447,3 +501,8 @@ class Executor(Actor):
 
 
 ACTOR = Executor
+
+
+def _budget(step: PlanStep) -> float:
+    """The longest the whole step may take: every try and every pause."""
+    return max(step.budget_s, step.timeout_s)

@@ -59,6 +59,7 @@ from bus_schemas.messages import (
     PlanEnded,
     PlanStep,
     RecommendedAction,
+    RecommendedStep,
     RetryRequested,
     StepEnding,
     Verdict,
@@ -361,32 +362,49 @@ def _next(state: IncidentState, cause: Event, why: str, rules: Rules) -> Step:
                              f"no alternative left after {_used(state)} attempt(s) "
                              f"({_tried(state)}), the last: {why}")
         rec = alternatives.pop(0)
-        spec = rules.spec_for(state.subject, rec.action)
+        steps = plan_steps(rec, state.subject, rules)
+        if isinstance(steps, str):
+            unusable.append(steps)
+            continue
+        return _plan(state, cause, rec, steps, alternatives, why)
+
+
+def plan_steps(rec: RecommendedAction, subject: str, rules: Rules) -> list[PlanStep] | str:
+    """The plan steps of one remedy, or why it cannot be planned. A single action is one
+    step; a multi-step remedy keeps its steps' ids, dependencies and modes (the
+    governor judges its waves). Every action must be registered with valid parameters:
+    the diagnoser checked too, an LLM one may not have."""
+    wanted = rec.steps or [RecommendedStep(id="", action=rec.action, params=rec.params)]
+    out: list[PlanStep] = []
+    for n, want in enumerate(wanted, 1):
+        spec = rules.spec_for(subject, want.action)
         if spec is None:
-            unusable.append(f"{rec.action}: not registered")
-            continue
+            return f"{want.action}: not registered"
         try:
-            spec.validate(rec.params)  # the diagnoser checked too; an LLM one may not have
+            spec.validate(want.params)
         except ActionError as exc:
-            unusable.append(str(exc))
-            continue
-        return _plan(state, cause, rec, spec, alternatives, why)
+            return str(exc)
+        out.append(PlanStep(step_id=want.id or f"s{n}", action=want.action,
+                            params=want.params, depends_on=list(want.depends_on),
+                            mode=want.mode, risk=spec.risk, idempotent=spec.idempotent,
+                            timeout_s=spec.timeout_s, disruptive=spec.disruptive))
+    return out
 
 
-def _plan(state: IncidentState, cause: Event, rec: RecommendedAction, spec: ActionSpec,
+def _plan(state: IncidentState, cause: Event, rec: RecommendedAction, steps: list[PlanStep],
           rest: list[RecommendedAction], why: str) -> Step:
     attempt = state.attempt + 1
     plans = state.plans + 1
     plan_id = plan_id_for(state.incident_id, plans)
-    step = PlanStep(step_id=derive_id(plan_id, "step", 1), action=rec.action,
-                    params=rec.params, risk=spec.risk, idempotent=spec.idempotent,
-                    timeout_s=spec.timeout_s)
+    if not rec.steps:  # one action: its step id is derived, as it always was
+        steps = [msgspec.structs.replace(steps[0], step_id=derive_id(plan_id, "step", 1))]
     rationale = rec.rationale or state.hypothesis
     if why:
         rationale = f"after {why}; {rationale}"
     plan = Plan(id=plan_id, incident_id=state.incident_id, causation_id=cause.id,
                 subject=state.subject, plan_id=plan_id, invariant=state.invariant,
-                attempt=attempt, steps=[step], rationale=rationale)
+                attempt=attempt, steps=steps, rationale=rationale,
+                max_parallel=rec.max_parallel)
     new = msgspec.structs.replace(state, attempt=attempt, plans=plans, plan_id=plan_id,
                                   action=rec.action, current=rec, alternatives=rest,
                                   parked="", park_reason="", retry_at=0.0)
@@ -464,10 +482,10 @@ def unpark(state: IncidentState, cause: Event, rules: Rules, now: float) -> Step
         return None
     why = f"retry after {state.parked} ({state.park_reason})"
     rec = state.current
-    spec = rules.spec_for(state.subject, rec.action) if rec is not None else None
-    if rec is None or spec is None:
+    steps = plan_steps(rec, state.subject, rules) if rec is not None else "none"
+    if rec is None or isinstance(steps, str):
         return _next(msgspec.structs.replace(state, parked=""), cause, why, rules)
-    return _plan(state, cause, rec, spec, list(state.alternatives), why)
+    return _plan(state, cause, rec, steps, list(state.alternatives), why)
 
 
 def _on_escalated(state: IncidentState, event: Event, rules: Rules, now: float) -> Step | None:

@@ -58,7 +58,10 @@ class KvClusterActionClient:
         if spec is None or not spec.disruptive:
             return None
         member = str(params.get("member", ""))
-        down = [n for n, s in (await self._statuses()).items() if n != member and s is None]
+        down = [n for n, s in (await self._statuses()).items() if s is None]
+        if not member and action in ("restart_member", "replace_member") and len(down) == 1:
+            member = down[0]  # "the one member that does not answer": bringing it back
+        down = [n for n in down if n != member]
         if down:
             return (f"{action}: {', '.join(down)} down; taking {member or 'a member'} out "
                     "too would risk quorum")

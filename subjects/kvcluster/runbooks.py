@@ -1,25 +1,33 @@
 """Runbook rules for the etcd cluster (the condition syntax is subjects.rules').
 
 Ranked actions are alternatives, best first. Where the repair is several steps
-(NOSPACE: compact, defragment each member one at a time, disarm), the actions
-are listed in the order a plan runs them, each one safe on its own; a planner
-that builds multi-step plans turns them into a chain of `depends_on`.
+(NOSPACE: compact, defragment each member one at a time, disarm), it is one
+remedy with `steps`: one plan, run in waves by the governor, verified as a whole.
 """
 
 from __future__ import annotations
 
 from bus_schemas.messages import RecommendedAction as Do
+from bus_schemas.messages import RecommendedStep as Step
 from subjects.base import RunbookRule
 
-NOSPACE_REPAIR = [
-    Do(action="compact", rationale="step 1: drop the history up to the current revision"),
-    Do(action="defragment", params={"member": "m1"}, rationale="step 2: return m1's freed "
-       "pages to the disk (one member at a time: the others keep quorum)"),
-    Do(action="defragment", params={"member": "m2"}, rationale="step 3: the same for m2"),
-    Do(action="defragment", params={"member": "m3"}, rationale="step 4: the same for m3"),
-    Do(action="disarm_alarm", params={"alarm": "NOSPACE"}, rationale="step 5: accept "
-       "writes again, now that every backend is under quota"),
-]
+
+def _reclaim(disarm: bool) -> Do:
+    """compact -> defragment m1, m2, m3 (wave 2; each takes its member out while it
+    runs, so the blast radius lets one at a time) -> disarm the alarm."""
+    defrags = [Step(id=f"defrag_{m}", action="defragment", params={"member": m},
+                    depends_on=["compact"]) for m in ("m1", "m2", "m3")]
+    disarming = [Step(id="disarm", action="disarm_alarm", params={"alarm": "NOSPACE"},
+                      depends_on=[d.id for d in defrags])] if disarm else []
+    return Do(action="nospace_repair" if disarm else "reclaim_space",
+              rationale="compact the history to the current revision, defragment each "
+              "member one at a time (the others keep quorum)" +
+              (", then disarm NOSPACE so writes are accepted again" if disarm else ""),
+              steps=[Step(id="compact", action="compact"), *defrags, *disarming])
+
+
+NOSPACE_REPAIR = [_reclaim(disarm=True)]
+
 
 RUNBOOKS: tuple[RunbookRule, ...] = (
     RunbookRule(
@@ -65,7 +73,7 @@ RUNBOOKS: tuple[RunbookRule, ...] = (
         name="backend_near_quota", invariant="low_disk_space", when={"nospace_alarm": "<0.5"},
         hypothesis="The backend is close to its quota; compaction and defragmentation "
                    "reclaim the history before NOSPACE stops writes.",
-        confidence=0.7, actions=NOSPACE_REPAIR[:4],
+        confidence=0.7, actions=[_reclaim(disarm=False)],
     ),
     RunbookRule(
         name="no_leader_with_quorum", invariant="no_leader", when={"quorum_members": ">0"},
