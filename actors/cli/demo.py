@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -302,7 +303,9 @@ def _summarize(row: Row, events: list[m.Event], t0: float) -> None:
 
 async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSession,
                      chaos: str, subject: DemoSubject | None = None,
-                     rows: list[Row] | None = None) -> Row:
+                     rows: list[Row] | None = None,
+                     approve: Callable[[m.HumanApproval], Awaitable[None]] | None = None
+                     ) -> Row:
     """One fault's row (appended to `rows` at once, so a failed clear still reports it)."""
     subject = subject or SUBJECTS[SUBJECT]
     name = subject.kind
@@ -322,6 +325,10 @@ async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSess
             escalated = any(isinstance(e, m.IncidentEscalated) for e in events)
             if (settled and not _verdicts_pending(events)) or (escalated and not fault.fixable):
                 break
+            if approve is not None:
+                for ap in to_approve(fault, events):
+                    print(f"   ({ON_CALL}: menders approve {ap.execution_id})", flush=True)
+                    await approve(ap)
             await tl.wait(0.5)
     finally:
         _summarize(row, tl.since(t0, name), t0)
@@ -335,10 +342,28 @@ async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSess
 
 
 def _verdicts_pending(events: list[m.Event]) -> bool:
-    """A succeeded execution whose verdict has not arrived yet (it may trail the resolution)."""
+    """A plan that succeeded whose verdict has not arrived yet (it may trail the
+    resolution)."""
     judged = {e.plan_id for e in events if isinstance(e, m.Verdict)}
-    return any(isinstance(e, m.ExecutionResult) and e.status == "succeeded"
+    return any(isinstance(e, m.PlanEnded) and e.outcome == "succeeded"
                and e.plan_id not in judged for e in events)
+
+
+ON_CALL = "demo-oncall"
+
+
+def to_approve(fault: FaultSpec, events: list[m.Event]) -> list[m.HumanApproval]:
+    """The demo's on-call human: approve the steps of `fault.human_approves` actions the
+    governor holds for a human, once each; the governor still judges them on release."""
+    actions: tuple[str, ...] = getattr(fault, "human_approves", ())  # not every catalog has it
+    asked = [e for e in events if isinstance(e, m.Decision)
+             and e.outcome == "awaiting_approval" and e.step is not None
+             and e.step.action in actions]
+    answered = {e.execution_id for e in events if isinstance(e, m.HumanApproval)}
+    return [m.HumanApproval(execution_id=d.execution_id, approved=True, by=ON_CALL,
+                            reason=f"demo: {fault.name} needs {d.step.action}",
+                            incident_id=d.incident_id, subject=d.subject)
+            for d in asked if d.step is not None and d.execution_id not in answered]
 
 
 def _fmt(value: float | None) -> str:
@@ -503,6 +528,7 @@ async def _drive(stack: Stack, picked: tuple[DemoSubject, ...], quiet: bool,
     every lifecycle event seen, for the closing notes."""
     import nats
 
+    from actors.cli import operator
     from bus_schemas.natsconf import inbox_prefix
 
     tl = Timeline(quiet)
@@ -524,7 +550,8 @@ async def _drive(stack: Stack, picked: tuple[DemoSubject, ...], quiet: bool,
                     print(f"   ({d.kind}: baseline not healthy within "
                           f"{d.settle_deadline_s:g}s)", flush=True)
                 for fault in d.faults:
-                    await _run_fault(fault, tl, session, chaos, d, rows)
+                    await _run_fault(fault, tl, session, chaos, d, rows,
+                                     lambda ap: operator.publish(nc, ap))
         return tl.events
     finally:
         await nc.close()

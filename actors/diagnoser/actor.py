@@ -22,7 +22,7 @@ import msgspec
 import nats.errors
 
 import subjects
-from actors.diagnoser.runbook import RunbookDiagnoser, exclude_tried, no_match
+from actors.diagnoser.runbook import MAX_LOG_LINES, RunbookDiagnoser, exclude_tried, no_match
 from actors.runtime import Actor, Delivery, Reject, Runtime
 from bus_schemas import catalog
 from bus_schemas.messages import (
@@ -142,9 +142,28 @@ class DiagnoserActor(Actor):
             diagnosis = no_match(event, f"no subject definition for {event.subject!r}: "
                                         "nothing to diagnose against")
         else:
+            event = await self._with_recent_logs(event, definition)
             diagnosis = await self.diagnoser.diagnose(event, definition)
         diagnosis = msgspec.structs.replace(diagnosis, symptoms=dict(event.symptoms))
         return self._done(diagnosis, started)
+
+    async def _with_recent_logs(self, incident: IncidentOpened,
+                                definition: SubjectDefinition) -> IncidentOpened:
+        """The incident carries the log lines of the scrape that opened it; a subject's
+        last words often come earlier (etcd panics on its lost data dir while the
+        invariant is still within its `for_s`). Add the monitor's lines since shortly
+        before the break began (for_s + fresh_window_s ago: not so far back that an
+        earlier, unrelated incident's lines creep in), oldest first, without repeats;
+        without the monitor, the incident's own lines stand."""
+        spec = next((s for s in definition.invariants if s.name == incident.invariant), None)
+        for_s = spec.for_s if spec is not None else 0.0
+        window_s = max(for_s + self.config.diagnoser.fresh_window_s, 1.0)
+        got = await self._ask_monitor(ObsQuery(subject=incident.subject, logs=LogsInput(
+            limit=100, since_s=window_s)))
+        if got is None or not got.lines:
+            return incident
+        lines = list(dict.fromkeys([*got.lines, *incident.recent_logs]))[-MAX_LOG_LINES:]
+        return msgspec.structs.replace(incident, recent_logs=lines)
 
     async def _rediagnose(self, req: DiagnosisRequested) -> Sequence[Event]:
         """A fresh diagnosis on fresh observations, knowing what was tried (issue 9)."""

@@ -14,7 +14,8 @@ FAULTS: tuple[FaultSpec, ...] = (
     FaultSpec("nospace", True, "history written past the backend quota (NOSPACE, writes "
               "fail): compact, defragment each member one at a time, disarm"),
     FaultSpec("data_dir_removed", True, "a member's data dir deleted while it runs: remove "
-              "it and add it back as a new member"),
+              "it and add it back as a new member (high risk: the on-call approves)",
+              human_approves=("replace_member",)),
     FaultSpec("quorum_lost", False, "two of three members lost with their data: escalate, "
               "never force a new cluster"),
 )

@@ -14,6 +14,9 @@ class FaultSpec:
     name: str  # the chaos hook's name (chaos.Fault.name)
     fixable: bool  # False: the right answer is an escalation, not a fix
     description: str
+    # Actions whose steps the demo's on-call human approves (`menders approve`) when the
+    # governor holds them for one: the high-risk repairs policy never runs unattended.
+    human_approves: tuple[str, ...] = ()
 
 
 FAULTS: tuple[FaultSpec, ...] = (
