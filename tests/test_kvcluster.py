@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bus_schemas import messages as m_
 from subjects.base import ActionError, InvariantSpec
 from subjects.kvcluster import chaos
 from subjects.kvcluster.client import KvClusterActionClient, RemedyFailed
@@ -37,7 +38,7 @@ from subjects.kvcluster.observer import KvClusterObserver
 from subjects.kvcluster.procman import LocalProcessManager
 from subjects.kvcluster.runbooks import NOSPACE_REPAIR
 from subjects.rules import match_condition
-from tests.harness import require_binary
+from tests.harness import Bus, plan_of, require_binary, start_crew, step
 
 pytestmark = pytest.mark.e2e
 
@@ -334,6 +335,45 @@ async def test_data_dir_removed_needs_remove_and_re_add_not_a_restart(kv: Cluste
         detail = await run(kv, "replace_member")
         assert "re-added as a new member" in detail
         await watch.cured("member_down")
+    finally:
+        await fault.clear()
+        await watch.observer.close()
+
+
+def crew_config(kv: Cluster) -> str:
+    """The governor and executor in charge of this cluster as subject `kv` (not embedded:
+    the fixture runs it)."""
+    return (f'[governor]\nmode = "execute"\nallow = {{ kv = ["*"] }}\n'
+            f'approval_above = "medium"\n[runtime]\nheartbeat_s = 0.5\n'
+            f'[subjects.kv]\nkind = "kvcluster"\nurl = "{kv.loadgen_url}"\n'
+            f'embedded = false\n[subjects.kv.options]\ncluster_dir = "{kv.layout.home}"\n')
+
+
+async def test_the_precondition_refuses_a_defragment_while_another_member_is_down(
+        kv: Cluster, bus: Bus) -> None:
+    """Blast radius on fresh state: the governor approves the step (policy allows it),
+    and the executor, asking etcd right before it starts, refuses it."""
+    watch = await healthy(kv)
+    fault = kv.fault("member_killed")
+    bus.write_config(crew_config(kv))
+    await start_crew(bus, "governor", "executor")
+    try:
+        await fault.inject()
+        m = await watch.breaks("member_down")
+        down = next(n for n in kv.layout.names if m.get(f"{n}_up") == 0.0)
+        up = next(n for n in kv.layout.names if n != down)
+        plan = plan_of(step("defragment", "defrag", params={"member": up}), subject="kv")
+        async with bus.collect() as col:
+            await bus.publish("planner", plan)
+            [end] = await col.wait_for(lambda e: isinstance(e, m_.PlanEnded)
+                                       and e.plan_id == plan.plan_id, 30.0)
+        [approved] = [a for a in col.events(m_.ExecutionApproved) if a.plan_id == plan.plan_id]
+        assert approved.step.disruptive  # the registry's word, whatever the plan said
+        [result] = [r for r in col.events(m_.ExecutionResult) if r.plan_id == plan.plan_id]
+        assert (result.status, result.rule, result.tries) == ("skipped", "precondition", 0)
+        assert f"{down} down; taking {up} out too would risk quorum" in result.detail
+        assert end.outcome == "failed" and end.deciding is not None
+        assert end.deciding.rule == "precondition"
     finally:
         await fault.clear()
         await watch.observer.close()

@@ -49,7 +49,7 @@ ACTIONS: dict[str, ActionSpec] = {
         ActionSpec(
             "restart_worker",
             "Restart the worker: frees its memory, drops in-flight requests, rewarms the cache.",
-            NoParams, risk="medium", idempotent=False, timeout_s=10.0,
+            NoParams, risk="medium", idempotent=False, timeout_s=10.0, disruptive=True,
         ),
         ActionSpec(
             "enable_cache",
