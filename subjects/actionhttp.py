@@ -63,8 +63,8 @@ class HttpActionClient:
         except (ValueError, KeyError, TypeError):
             raise ActionFailed(f"{action}: HTTP {status}: unreadable reply {raw[:200]!r}",
                                status) from None
-        if status == 400:
-            raise ActionError(detail)
+        if status == 400:  # the service refused the input: a retry cannot help
+            raise ActionError(detail, code="invalid")
         if status != 200 or not ok:
             raise ActionFailed(detail or f"{action}: HTTP {status}", status)
         return detail

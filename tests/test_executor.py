@@ -4,6 +4,7 @@ HTTP action server that answers like the webshop's action endpoints."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 
@@ -290,3 +291,27 @@ async def test_a_step_for_an_incident_already_resolved_is_not_run(
         res = await result_of(col, approved.execution_id)
     assert res.status == "skipped" and "was resolved by the detector" in res.detail
     assert actions.count() == 0
+
+
+async def test_a_failing_idempotent_action_is_retried_as_its_policy_says_then_fails(
+        bus: Bus, actions: RecordingServer) -> None:
+    """enable_cache declares RetryPolicy(attempts=3): three calls, one result, and the
+    plan's step says how many tries it took. A non-retrying action is called once."""
+    actions.fail |= {"enable_cache", "recycle_pool"}
+    bus.write_config(config_toml(actions.url))
+    await start_crew(bus, "governor", "executor")
+    plan = plan_of(step("enable_cache", "a"), step("recycle_pool", "b"))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        a = await approval_of(col, plan, "a")
+        b = await approval_of(col, plan, "b")
+        ra = await result_of(col, a.execution_id)
+        rb = await result_of(col, b.execution_id)
+    assert a.step.attempts == 3 and a.step.budget_s > 3 * a.step.timeout_s
+    assert (ra.status, ra.tries) == ("failed", 3) and "(after 3 tries)" in ra.detail
+    assert (rb.status, rb.tries) == ("failed", 1)
+    calls = [c for c in actions.calls if c.action == "enable_cache"]
+    assert len(calls) == 3 and actions.count("recycle_pool") == 1
+    # The pauses between tries follow the backoff (0.2 s, then 0.4 s).
+    gaps = [y.at - x.at for x, y in itertools.pairwise(calls)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4, gaps

@@ -332,8 +332,9 @@ class Executor(Actor):
     async def _tries(self, client: ActionClientProtocol, event: ExecutionApproved,
                      run: Running) -> str:
         """The action, tried as its retry policy says: only failures retry (a kill or a
-        revocation cancels this task, and nothing after), never a failure whose code says
-        a retry cannot help, and a timeout only if the policy says so."""
+        revocation cancels this task, and nothing after), never an ActionError whose code
+        says a retry cannot help (refused, invalid), and a timeout only if the policy
+        says so."""
         step = event.step
         policy = self._retry_policy(event)
         while True:
@@ -351,6 +352,10 @@ class Executor(Actor):
                 if run.tries >= step.attempts or not policy.retry_timeouts:
                     raise
                 why = f"no answer within {step.timeout_s:g}s"
+            except Exception as exc:  # the subject failed it (HTTP 500, etcd error, ...)
+                if run.tries >= step.attempts:
+                    raise
+                why = f"{type(exc).__name__}: {exc}"
             pause = policy.backoff(run.tries)
             log.info("retrying", extra={"execution_id": event.execution_id, "try": run.tries,
                                         "pause_s": pause, "why": why[:300]})

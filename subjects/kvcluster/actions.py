@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from subjects.base import ActionSpec, NoParams
+from subjects.base import ActionSpec, NoParams, RetryPolicy
 
 # A member name as the layout spells them; validated again against the live cluster.
 MemberName = Annotated[str, msgspec.Meta(pattern=r"^(m[1-9])?$", max_length=8)]
@@ -30,6 +30,10 @@ class DisarmParams(msgspec.Struct, forbid_unknown_fields=True):
     alarm: Literal["NOSPACE"] = "NOSPACE"  # CORRUPT is for a human, never disarmed here
 
 
+# A cluster-wide call fails while the members elect a leader (a second or two): retried.
+# Disruptive steps are not: their precondition was checked for the first try only.
+ELECTION_RETRY = RetryPolicy(attempts=3, backoff_s=0.5, backoff_max_s=2.0)
+
 ACTIONS: dict[str, ActionSpec] = {
     spec.name: spec
     for spec in (
@@ -44,7 +48,7 @@ ACTIONS: dict[str, ActionSpec] = {
             "compact",
             "Compact the keyspace history up to the current revision (frees pages inside "
             "the backend; the file shrinks only on defragment).",
-            NoParams, risk="low", idempotent=True, timeout_s=15.0,
+            NoParams, risk="low", idempotent=True, timeout_s=15.0, retry=ELECTION_RETRY,
         ),
         ActionSpec(
             "defragment",
@@ -57,12 +61,13 @@ ACTIONS: dict[str, ActionSpec] = {
             "disarm_alarm",
             "Deactivate the NOSPACE alarm on every member that raised it, so writes are "
             "accepted again (it is raised again at once if the backend is still over quota).",
-            DisarmParams, risk="low", idempotent=True, timeout_s=10.0,
+            DisarmParams, risk="low", idempotent=True, timeout_s=10.0, retry=ELECTION_RETRY,
         ),
         ActionSpec(
             "move_leader",
             "Transfer raft leadership to `target` (empty: the most caught-up healthy follower).",
             MoveLeaderParams, risk="low", idempotent=True, timeout_s=10.0,
+            retry=ELECTION_RETRY,
         ),
         ActionSpec(
             "replace_member",

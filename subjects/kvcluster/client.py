@@ -43,7 +43,8 @@ class KvClusterActionClient:
     async def run(self, action: str, params: dict[str, Any], timeout_s: float) -> str:
         spec = ACTIONS.get(action)
         if spec is None:
-            raise ActionError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+            raise ActionError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}",
+                              code="invalid")
         typed = spec.validate(params)
         try:
             async with asyncio.timeout(timeout_s):
@@ -81,7 +82,8 @@ class KvClusterActionClient:
 
     def _named(self, member: str) -> str:
         if member and member not in self.layout.names:
-            raise ActionError(f"no member {member!r}; members: {', '.join(self.layout.names)}")
+            raise ActionError(f"no member {member!r}; members: {', '.join(self.layout.names)}",
+                              code="invalid")
         return member
 
     async def _the_down_one(self, member: str, action: str) -> str:
@@ -90,7 +92,7 @@ class KvClusterActionClient:
         down = [n for n, s in (await self._statuses()).items() if s is None]
         if len(down) != 1:
             raise ActionError(f"{action}: refused: name the member; {len(down)} members do "
-                              f"not answer ({', '.join(down) or 'none'})")
+                              f"not answer ({', '.join(down) or 'none'})", code="refused")
         return down[0]
 
     async def _healthy_url(self, exclude: str = "") -> str:
@@ -104,7 +106,7 @@ class KvClusterActionClient:
         down = [n for n, s in (await self._statuses()).items() if n != member and s is None]
         if down:
             raise ActionError(f"{action}: refused: {', '.join(down)} down; taking {member} "
-                              "out too would risk quorum")
+                              "out too would risk quorum", code="refused")
 
     async def _wait_healthy(self, name: str, deadline: float) -> None:
         url = self.layout.member(name).client_url
@@ -139,7 +141,8 @@ class KvClusterActionClient:
         if not any((self.layout.data_dir(name) / "member" / "wal").glob("*.wal")):
             # Rejoining empty, it could vote a stale member in and lose committed writes.
             raise ActionError(f"restart_member: refused: {name} has no data (no WAL under "
-                              f"its data dir); a lost member is replaced, not restarted")
+                              f"its data dir); a lost member is replaced, not restarted",
+                              code="refused")
         if await self._status(name) is not None:
             await self._all_others_up(name, "restart_member")
         await asyncio.to_thread(self.procman.stop, name)
@@ -164,7 +167,8 @@ class KvClusterActionClient:
             (n for n, s in statuses.items() if s is not None),
             key=lambda n: as_int((statuses[n] or {}).get("dbSize")), default="")
         if not name or statuses.get(name) is None:
-            raise ActionError(f"defragment: refused: {name or 'no member'} does not answer")
+            raise ActionError(f"defragment: refused: {name or 'no member'} does not answer",
+                              code="refused")
         await self._all_others_up(name, "defragment")
         before = as_int((statuses[name] or {}).get("dbSize"))
         await self.gw.defragment(self.layout.member(name).client_url, timeout_s=25.0)
@@ -190,7 +194,7 @@ class KvClusterActionClient:
             followers, key=lambda n: as_int(followers[n].get("raftAppliedIndex")), default="")
         if target not in followers:
             raise ActionError(f"move_leader: refused: {target or 'no follower'} is not an "
-                              f"answering follower (leader: {leader})")
+                              f"answering follower (leader: {leader})", code="refused")
         await self.gw.transfer_leadership(self.layout.member(leader).client_url,
                                           str(followers[target]["header"]["member_id"]))
         return f"leadership moved {leader} -> {target}"
@@ -199,7 +203,7 @@ class KvClusterActionClient:
         name = await self._the_down_one(p.member, "replace_member")
         if await self._status(name) is not None:
             raise ActionError(f"replace_member: refused: {name} answers; replace only a "
-                              "member that lost its data (restart it otherwise)")
+                              "member that lost its data (restart it otherwise)", code="refused")
         url = await self._healthy_url(exclude=name)
         peer = self.layout.member(name).peer_url
         await asyncio.to_thread(self.procman.stop, name)

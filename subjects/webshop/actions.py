@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from subjects.base import ActionSpec, NoParams
+from subjects.base import ActionSpec, NoParams, RetryPolicy
 
 MIN_POOL_SIZE = 1
 MAX_POOL_SIZE = 64
@@ -55,6 +55,8 @@ ACTIONS: dict[str, ActionSpec] = {
             "enable_cache",
             "Enable the product cache and warm it.",
             NoParams, risk="low", idempotent=True, timeout_s=5.0,
+            # Warming reads the catalog: a busy database fails it now and then.
+            retry=RetryPolicy(attempts=3, backoff_s=0.2, backoff_max_s=1.0),
         ),
         ActionSpec(
             "rotate_logs",
