@@ -13,6 +13,7 @@ The parsers are pure (bytes in, value out): actors/runtime/kv.py does the I/O.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import get_args
 
@@ -83,6 +84,13 @@ _encoder = msgspec.json.Encoder()
 
 def revoked_key(execution_id: str) -> str:
     return REVOKED_PREFIX + execution_id
+
+
+def plan_revoked_key(plan_id: str) -> str:
+    """Where a revocation of a whole plan is recorded (plan ids may hold any character;
+    the key takes a hash of it)."""
+    return REVOKED_PREFIX + "plan-" + hashlib.blake2b(plan_id.encode(),
+                                                      digest_size=16).hexdigest()
 
 
 def parse_kill(raw: bytes | None) -> KillFlag:

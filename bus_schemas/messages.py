@@ -357,6 +357,7 @@ class ControlCommand(Event, tag="control", frozen=True, kw_only=True):
     command: Literal["mode", "kill", "resume", "revoke"]
     mode: Mode | None = None
     execution_id: str = ""
+    plan_id: str = ""  # revoke a whole plan: its running steps cancelled, no new wave
     by: str = "operator"
     reason: str = ""
 

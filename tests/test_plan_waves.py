@@ -122,3 +122,31 @@ async def test_a_plan_that_cannot_run_in_full_starts_nothing(
     assert got["note"].rule == got["fine"].rule == "plan"
     assert end.outcome == "blocked" and actions.count() == 0
     assert not col.events(m.ExecutionApproved)
+
+
+async def test_revoking_a_plan_cancels_its_running_steps_and_starts_no_new_wave(
+        bus: Bus, actions: RecordingServer) -> None:
+    actions.block_s["rotate_logs"] = 20.0
+    bus.write_config(config_toml(actions.url, approval_above="low"))
+    await start_crew(bus, "governor", "executor")
+    # Wave 1: one running step and one waiting for a human; wave 2 behind them.
+    plan = plan_of(step("rotate_logs", "running"),
+                   step("scale_pool", "asking", params={"size": 8}),
+                   step("recycle_pool", "later", depends_on=["running"]))
+    async with bus.collect() as col:
+        await bus.publish("planner", plan)
+        await approval_of(col, plan, "running")
+        await col.wait_for(lambda e: isinstance(e, m.Decision) and e.plan_id == plan.plan_id
+                           and e.outcome == "awaiting_approval")
+        await actions.wait_calls(1)
+        nc = await bus.connect(catalog.OPERATOR)
+        await operator.publish(nc, m.ControlCommand(command="revoke", plan_id=plan.plan_id,
+                                                    by="ana", reason="wrong diagnosis"))
+        end = await ended(col, plan)
+    got = {s.step_id: s for s in end.steps}
+    assert got["running"].ended == "cancelled" and got["running"].released
+    assert "revoked by ana: wrong diagnosis" in got["running"].detail
+    assert got["asking"].ended == "revoked" and not got["asking"].released
+    assert got["later"].ended in ("revoked", "skipped") and not got["later"].released
+    assert [c.action for c in actions.calls] == ["rotate_logs"]
+    assert end.outcome == "failed"

@@ -24,7 +24,7 @@ from actors.runtime.config import Config, ConfigError
 from bus_schemas import catalog, codec, render
 from bus_schemas import messages as m
 from bus_schemas.errors import MendersError
-from bus_schemas.governor import MODE_KEY, parse_mode, revoked_key
+from bus_schemas.governor import MODE_KEY, parse_mode, plan_revoked_key, revoked_key
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NATS = 1, 2, 3
 
@@ -264,6 +264,12 @@ async def cmd_resume(args: argparse.Namespace) -> int:
 
 
 async def cmd_revoke(args: argparse.Namespace) -> int:
+    if args.plan:
+        event = m.ControlCommand(command="revoke", plan_id=args.execution_id, by=args.by,
+                                 reason=args.reason)
+        return await _control(args, event, lambda v: True, plan_revoked_key(args.execution_id),
+                              f"plan {args.execution_id} revoked: its running steps are "
+                              "cancelled, no further step starts")
     event = m.ControlCommand(command="revoke", execution_id=args.execution_id, by=args.by,
                              reason=args.reason)
     return await _control(args, event, lambda v: True, revoked_key(args.execution_id),
@@ -382,8 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("mode", choices=("observe", "approve", "execute"))
     kill = add("kill", cmd_kill, "engage the kill switch: stop every execution now")
     resume = add("resume", cmd_resume, "release the kill switch (through the governor)")
-    revoke = add("revoke", cmd_revoke, "revoke one queued or running execution")
-    revoke.add_argument("execution_id")
+    revoke = add("revoke", cmd_revoke, "revoke one queued or running execution, or a "
+                 "whole plan (--plan)")
+    revoke.add_argument("execution_id", metavar="id", help="an execution id, or with --plan "
+                        "a plan id")
+    revoke.add_argument("--plan", action="store_true", help="the id is a plan's: cancel its "
+                        "running steps and start none of the rest")
     approve = add("approve", cmd_approve, "approve an execution awaiting a human")
     approve.add_argument("execution_id")
     deny = add("deny", cmd_deny, "deny an execution awaiting a human")

@@ -68,6 +68,7 @@ from bus_schemas.governor import (
     parse_kill,
     parse_mode,
     parse_revocation,
+    plan_revoked_key,
     revoked_key,
 )
 from bus_schemas.messages import (
@@ -138,6 +139,7 @@ class PlanProgress(msgspec.Struct, kw_only=True):
     waves_finished: list[int] = []
     # The plan's own events (waves, its end), re-emitted with the steps' on redelivery.
     events: list[PlanProgressed | PlanEnded] = []
+    revoked: str = ""  # why the whole plan was revoked: no step starts any more
 
 
 def execution_id_for(plan_id: str, step_id: str) -> str:
@@ -348,7 +350,7 @@ class Governor(Actor):
                                      rule="dependency"))
             changed = bool(doomed)
             for step in waves.startable(plan.steps, status):
-                if step.step_id in doomed or self._held(prog, step, actions):
+                if prog.revoked or step.step_id in doomed or self._held(prog, step, actions):
                     continue
                 changed = True
                 eid = prog.steps[step.step_id].execution_id
@@ -720,9 +722,11 @@ class Governor(Actor):
         return await self._revoke(cmd, redelivered)
 
     async def _revoke(self, cmd: ControlCommand, redelivered: bool) -> list[Event]:
+        if cmd.plan_id:
+            return await self._revoke_plan(cmd, redelivered)
         eid = cmd.execution_id
         if not eid:
-            raise Reject("revoke command without an execution_id")
+            raise Reject("revoke command without an execution_id or a plan_id")
         # Written first, whatever follows: executors refuse it, `menders revoke` sees it.
         rev = Revocation(execution_id=eid, by=cmd.by, reason=cmd.reason, at=cmd.ts)
         await self.kv.put(revoked_key(eid), encode_revocation(rev))
@@ -742,6 +746,42 @@ class Governor(Actor):
         return [Decision(id=derive_id("decision", eid, "revoked"), incident_id=slot.incident_id,
                          causation_id=cmd.id, subject=slot.subject, outcome="revoked",
                          reason=why, rule="revoked", plan_id=slot.plan_id, execution_id=eid)]
+
+    async def _revoke_plan(self, cmd: ControlCommand, redelivered: bool) -> list[Event]:
+        """A whole plan: its running steps revoked (their executors cancel them), its
+        waiting steps ended `revoked`, its steps awaiting a human settled `revoked`; no
+        step of it starts any more, and its PlanEnded follows as usual."""
+        why = f"plan revoked by {cmd.by}" + (f": {cmd.reason}" if cmd.reason else "")
+        await self.kv.put(plan_revoked_key(cmd.plan_id), encode_revocation(Revocation(
+            execution_id=cmd.plan_id, by=cmd.by, reason=cmd.reason, at=cmd.ts)))
+        prog, rev = await self._progress(cmd.plan_id)
+        if prog is None:
+            log.warning("revocation recorded for a plan the governor does not know",
+                        extra={"plan_id": cmd.plan_id})
+            return []
+        if prog.revoked:
+            return _recorded(prog) if redelivered else []
+        prog.revoked = why
+        out: list[Event] = []
+        for step in prog.plan.steps:
+            st = prog.steps[step.step_id]
+            if st.status == "waiting":
+                out.append(self._set(prog, step, "revoked", why, cmd.id, rule="revoked"))
+            elif st.status == "approved":
+                # Written first: executors refuse or cancel it. Its end is its result.
+                await self.kv.put(revoked_key(st.execution_id), encode_revocation(Revocation(
+                    execution_id=st.execution_id, by=cmd.by, reason=cmd.reason, at=cmd.ts)))
+                d = _decision(prog.plan, st.execution_id, step, "revoked", why, cmd.id,
+                              ends_step=False, rule="revoked")
+                st.events.append(d)
+                out.append(d)
+        out += self._plan_events(prog, cmd.id, time.time())
+        await self._save_progress(prog, rev)
+        for step in prog.plan.steps:  # each settles (and saves) the plan's progress itself
+            pending = self.pending.get(prog.steps[step.step_id].execution_id)
+            if pending is not None and prog.steps[step.step_id].status == "awaiting_approval":
+                out += await self._settle(pending, cmd.id, False, cmd.by, why, "revoked")
+        return out
 
     async def _kill_decisions(self, flag: KillFlag) -> list[Event]:
         """One `killed` Decision per execution in flight, so each plan hears of it."""
