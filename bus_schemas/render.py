@@ -27,8 +27,20 @@ def summary(event: m.Event) -> str:
             return f"[{src} {c:.0%}] {h} -> {ranked}"
         case m.Plan(follows=leader, rationale=why) if leader:
             return f"follows incident {leader[:8]}: {why}"
+        case m.Plan(attempt=n, steps=[one]):
+            return f"attempt {n}: {one.action}{_params(one.params)}"
         case m.Plan(attempt=n, steps=steps):
-            return f"attempt {n}: " + ", ".join(f"{s.action}{_params(s.params)}" for s in steps)
+            # Several steps: ids and dependencies say the waves.
+            return f"attempt {n}: " + ", ".join(
+                f"{s.step_id}={s.action}{_params(s.params)}"
+                + (f" after {'+'.join(s.depends_on)}" if s.depends_on else "")
+                + ("" if s.mode == "sync" else f" [{s.mode}]") for s in steps)
+        case m.PlanProgressed(wave=n, waves=total, state=state, steps=ids, detail=d):
+            return f"wave {n}/{total} {state.upper()}: " + (d or ", ".join(ids))
+        case m.PlanEnded(outcome=outcome, steps=steps, deciding=d):
+            why = f" ({d.step_id} {d.action} {d.ended}: {d.detail})" if d else ""
+            ok = sum(1 for s in steps if s.ended == "succeeded")
+            return f"{outcome.upper()} {ok}/{len(steps)} steps succeeded{why}".rstrip()
         case m.ExecutionApproved(execution_id=xid, step=step, approved_by=by):
             return f"{xid[:8]} {step.action}{_params(step.params)} approved by {by}"
         case m.Decision(outcome=outcome, reason=reason, execution_id=xid, step=step):
@@ -57,8 +69,8 @@ def summary(event: m.Event) -> str:
             return f"[{outcome}] {text}"
         case m.HumanApproval(execution_id=xid, approved=ok, by=by):
             return f"{xid[:8]} {'approved' if ok else 'denied'} by {by}"
-        case m.ControlCommand(command=cmd, mode=mode, execution_id=xid, by=by):
-            arg = mode or xid[:8]
+        case m.ControlCommand(command=cmd, mode=mode, execution_id=xid, plan_id=pid, by=by):
+            arg = mode or (f"plan {pid[:8]}" if pid else xid[:8])
             return f"{cmd} {arg} by {by}".replace("  ", " ")
         case m.KillReengaged(reason=reason):
             return f"KILL SWITCH RE-ENGAGED: {reason}"
