@@ -19,21 +19,43 @@ import msgspec
 from actors.diagnoser.llm.prompt import DIAGNOSIS_TOOL
 from actors.diagnoser.runbook import vet_actions
 from bus_schemas.errors import MendersError
-from bus_schemas.messages import RecommendedAction
+from bus_schemas.messages import RecommendedAction, RecommendedStep, StepMode
 from subjects.base import SubjectDefinition
 
 Text = Annotated[str, msgspec.Meta(max_length=600)]
 
 
+Params = Annotated[dict[str, Any], msgspec.Meta(
+    description="parameters matching the action's schema in the registry")]
+StepId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
+MAX_STEPS = 8
+
+
 @cache
 def final_struct(action_type: Any) -> type[msgspec.Struct]:
     """The FinalDiagnosis Struct with `action` typed as given (an enum, or str)."""
+    step = msgspec.defstruct(
+        "ProposedStep",
+        [("id", StepId), ("action", action_type), ("params", Params, {}),
+         ("depends_on", Annotated[list[StepId], msgspec.Meta(
+             max_length=MAX_STEPS, description="ids of steps that must succeed first")], []),
+         ("mode", Annotated[StepMode, msgspec.Meta(
+             description="sync: later waves wait for it; async: only its dependents "
+                         "do; fire_and_forget: a note that nothing waits on")], "sync")],
+        kw_only=True, forbid_unknown_fields=True)
     proposed = msgspec.defstruct(
         "ProposedAction",
-        [("action", action_type),
-         ("params", Annotated[dict[str, Any], msgspec.Meta(
-             description="parameters matching the action's schema in the registry")], {}),
-         ("rationale", Text, "")],
+        [("action", Annotated[action_type, msgspec.Meta(
+            description="the registered action; for a remedy of several steps, the "
+                        "action of its first step")]),
+         ("params", Params, {}),
+         ("rationale", Text, ""),
+         ("remedy", Annotated[str, msgspec.Meta(
+             max_length=60, description="with steps: a short name for the remedy")], ""),
+         ("steps", Annotated[list[step], msgspec.Meta(  # type: ignore[valid-type]
+             max_length=MAX_STEPS, description="a repair of several registered actions, "
+             "run as one plan in waves (each step after its depends_on); empty for one "
+             "action")], [])],
         kw_only=True, forbid_unknown_fields=True)
     return msgspec.defstruct(
         "FinalDiagnosis",
@@ -78,6 +100,17 @@ class Final:
     refusals: list[str]  # proposals dropped on arrival, and why
 
 
+def _recommended(a: Any) -> RecommendedAction:
+    """One proposal as the planner takes it: a single action, or a named remedy whose
+    steps the diagnoser vets whole (runbook.vet_actions)."""
+    if not a.steps:
+        return RecommendedAction(action=a.action, params=a.params, rationale=a.rationale)
+    return RecommendedAction(
+        action=a.remedy or f"{a.action}_and_more", rationale=a.rationale,
+        steps=[RecommendedStep(id=s.id, action=s.action, params=s.params,
+                               depends_on=list(s.depends_on), mode=s.mode) for s in a.steps])
+
+
 class InvalidDiagnosis(MendersError, ValueError):
     """The tool input does not match the schema: the text goes back to the model."""
 
@@ -87,8 +120,7 @@ def parse_final(raw: object, definition: SubjectDefinition) -> Final:
         got: Any = msgspec.convert(raw, final_struct(str))
     except msgspec.ValidationError as exc:
         raise InvalidDiagnosis(f"{DIAGNOSIS_TOOL}: {exc}") from None
-    proposed = [RecommendedAction(action=a.action, params=a.params, rationale=a.rationale)
-                for a in got.actions]
+    proposed = [_recommended(a) for a in got.actions]
     kept, refusals = vet_actions(proposed, definition.actions)
     return Final(hypothesis=got.hypothesis, evidence=list(got.evidence),
                  confidence=got.confidence, actions=kept,
