@@ -281,7 +281,7 @@ class ExecutionResult(Event, tag="exec.result", frozen=True, kw_only=True):
     started_at: float = 0.0
     finished_at: float = 0.0
     rule: Rule = ""  # for skipped and cancelled: the rule that stopped it
-    tries: int = 1  # how many times the action was called (its retry policy)
+    tries: int = 1  # how many times the action was called (its retry policy); 0: never
 
 
 WaveState = Literal["started", "finished"]

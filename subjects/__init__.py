@@ -1,8 +1,20 @@
-"""Managed subjects: one package per system under management."""
+"""Managed subjects: one package per system under management.
+
+A kind is found by name: the built-in ones, and any installed distribution's entry
+point in the `menders.subjects` group whose value is a SubjectDefinition, e.g. in its
+pyproject.toml:
+
+    [project.entry-points."menders.subjects"]
+    mykind = "mykind.definition:DEFINITION"
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import logging
 from collections.abc import Mapping
+from functools import cache
 from typing import Any, Protocol
 
 import msgspec
@@ -22,24 +34,57 @@ class Configured(Protocol):
     def subjects(self) -> Mapping[str, _Kinded]: ...
 
 
+ENTRY_POINT_GROUP = "menders.subjects"
+# The kinds this repo ships, registered in pyproject.toml like any plugin. They are
+# also known here, so a source checkout that was never installed still runs, and so a
+# third-party package can never replace one (its entry point is ignored, with a warning).
+BUILTIN: dict[str, str] = {
+    "webshop": "subjects.webshop.definition:DEFINITION",
+    "ratelimiter": "subjects.ratelimiter.definition:DEFINITION",
+    "kvcluster": "subjects.kvcluster.definition:DEFINITION",
+}
+KINDS = tuple(BUILTIN)
+log = logging.getLogger("menders.subjects")
+
+
+@cache
+def _registered() -> dict[str, str]:
+    """kind -> "module:attribute", the built-ins first, then the `menders.subjects`
+    entry points of every installed distribution."""
+    found = dict(BUILTIN)
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in BUILTIN:
+            if ep.value != BUILTIN[ep.name]:
+                log.warning("subject kind %r is built in: the entry point %r of %s is "
+                            "ignored", ep.name, ep.value, ep.dist.name if ep.dist else "?")
+            continue
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def kinds() -> tuple[str, ...]:
+    """Every subject kind this installation can manage: built-ins, then plugins."""
+    return tuple(_registered())
+
+
+def is_builtin(kind: str) -> bool:
+    return kind in BUILTIN
+
+
+@cache
 def load(kind: str) -> SubjectDefinition:
-    """The definition of a subject kind (never its chaos hooks)."""
-    if kind == "webshop":
-        from subjects.webshop.definition import DEFINITION
-
-        return DEFINITION
-    if kind == "ratelimiter":
-        from subjects.ratelimiter.definition import DEFINITION as RATELIMITER
-
-        return RATELIMITER
-    if kind == "kvcluster":
-        from subjects.kvcluster.definition import DEFINITION as KVCLUSTER
-
-        return KVCLUSTER
-    raise KeyError(f"unknown subject kind {kind!r}; known: {', '.join(KINDS)}")
-
-
-KINDS = ("webshop", "ratelimiter", "kvcluster")
+    """The definition of a subject kind (never its chaos hooks). KeyError for a kind
+    nobody registered; TypeError for an entry point that is not a SubjectDefinition of
+    that kind."""
+    target = _registered().get(kind)
+    if target is None:
+        raise KeyError(f"unknown subject kind {kind!r}; installed: {', '.join(kinds())}")
+    module, _, attribute = target.partition(":")
+    definition = getattr(importlib.import_module(module), attribute or "DEFINITION")
+    if not isinstance(definition, SubjectDefinition) or definition.kind != kind:
+        raise TypeError(f"subject kind {kind!r}: {target} is not a SubjectDefinition of "
+                        f"kind {kind!r}")
+    return definition
 
 
 def validate_options(kind: str, options: dict[str, Any]) -> msgspec.Struct | None:

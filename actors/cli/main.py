@@ -341,6 +341,23 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     return await run_audit(_load(args), args)
 
 
+async def cmd_subjects(args: argparse.Namespace) -> int:
+    """One line per installed subject kind: where it comes from and its actions."""
+    import subjects
+
+    for kind in subjects.kinds():
+        origin = "built-in" if subjects.is_builtin(kind) else "plugin"
+        try:
+            definition = subjects.load(kind)
+        except Exception as exc:  # a broken plugin is listed, not fatal
+            print(f"{kind:<14} {origin:<8} BROKEN: {exc}")
+            continue
+        acts = ", ".join(f"{n}[{a.risk}{', disruptive' if a.disruptive else ''}]"
+                         for n, a in definition.actions.items()) or "no actions"
+        print(f"{kind:<14} {origin:<8} {acts}")
+    return 0
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from actors.cli.demo import run_demo
 
@@ -368,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--child-logs", action="store_true",
                     help="write each actor's log to <home>/logs/<actor>.log")
     up.add_argument("--ready-only", action="store_true", help="exit once everything is ready")
+    add("subjects", cmd_subjects, "list the installed subject kinds and their actions")
     run = add("run", cmd_run, "run one actor in this process")
     run.add_argument("actor", choices=catalog.ACTORS)
     prov = add("provision", cmd_provision, "create or update streams, consumers and KV buckets")

@@ -759,10 +759,11 @@ class Governor(Actor):
             log.warning("revocation recorded for a plan the governor does not know",
                         extra={"plan_id": cmd.plan_id})
             return []
-        if prog.revoked:
-            return _recorded(prog) if redelivered else []
-        prog.revoked = why
         out: list[Event] = []
+        if prog.revoked:  # a redelivery: re-emit, and settle what a crash left waiting
+            return [*(_recorded(prog) if redelivered else []),
+                    *await self._settle_waiting(prog, cmd)]
+        prog.revoked = why
         for step in prog.plan.steps:
             st = prog.steps[step.step_id]
             if st.status == "waiting":
@@ -777,10 +778,16 @@ class Governor(Actor):
                 out.append(d)
         out += self._plan_events(prog, cmd.id, time.time())
         await self._save_progress(prog, rev)
-        for step in prog.plan.steps:  # each settles (and saves) the plan's progress itself
-            pending = self.pending.get(prog.steps[step.step_id].execution_id)
-            if pending is not None and prog.steps[step.step_id].status == "awaiting_approval":
-                out += await self._settle(pending, cmd.id, False, cmd.by, why, "revoked")
+        return out + await self._settle_waiting(prog, cmd)
+
+    async def _settle_waiting(self, prog: PlanProgress, cmd: ControlCommand) -> list[Event]:
+        """A revoked plan's steps still awaiting a human end `revoked`; each settle loads
+        and saves the plan's progress itself."""
+        out: list[Event] = []
+        for st in list(prog.steps.values()):
+            pending = self.pending.get(st.execution_id)
+            if pending is not None and st.status == "awaiting_approval":
+                out += await self._settle(pending, cmd.id, False, cmd.by, cmd.reason, "revoked")
         return out
 
     async def _kill_decisions(self, flag: KillFlag) -> list[Event]:

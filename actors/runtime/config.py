@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -151,7 +151,7 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    kind: Literal["webshop", "ratelimiter", "kvcluster"] = "webshop"
+    kind: str = "webshop"  # a built-in kind or a plugin's (`menders subjects` lists them)
     url: str = "http://127.0.0.1:8080"  # the service; the chaos port is never given here
     log_path: str = ""  # default for an embedded subject: <home>/subjects/<name>/logs/app.log
     scrape_interval_s: float = 1.0
@@ -164,6 +164,12 @@ class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         import subjects  # the kind's own Struct; subjects imports nothing of actors
 
+        if self.kind not in subjects.kinds():
+            raise ValueError(f"unknown subject kind {self.kind!r}; installed: "
+                             f"{', '.join(subjects.kinds())}")
+        if self.embedded and not subjects.is_builtin(self.kind):
+            raise ValueError(f"kind {self.kind!r} is a plugin: menders cannot start it "
+                             "itself; set embedded = false and run the service yourself")
         subjects.validate_options(self.kind, self.options)
 
     def log_file(self, home: Path, name: str) -> Path | None:

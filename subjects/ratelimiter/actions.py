@@ -48,7 +48,7 @@ ACTIONS: dict[str, ActionSpec] = {
             "restart_node",
             "Restart limiter nodes (`auto`: those not answering /health; `all`; or "
             "`node-<i>`). The node re-reads its config file.",
-            NodeParams, risk="medium", idempotent=False, timeout_s=15.0,
+            NodeParams, risk="medium", idempotent=False, timeout_s=15.0, disruptive=True,
         ),
         ActionSpec(
             "reconnect_node",
