@@ -118,6 +118,7 @@ class IncidentSummary(Event, tag="incident.summary", frozen=True, kw_only=True):
     summary: str
     outcome: str = ""  # resolved | escalated: the closing event it summarises
     model: str = ""
+    redactions: int = 0  # secret-like strings cut from the timeline the model read
 
 
 # --- diagnose / plan ----------------------------------------------------------
@@ -158,6 +159,7 @@ class Diagnosis(Event, tag="diagnosis", frozen=True, kw_only=True):
     # The DiagnosisRequested this answers ("" for the first diagnosis of an opened
     # incident): the planner ignores an answer to a request it no longer waits for.
     request_id: str = ""
+    redactions: int = 0  # secret-like strings cut from what the model saw (never them)
     symptoms: dict[str, float] = {}  # what the diagnosis was made on (fresh ones on a request)
 
 

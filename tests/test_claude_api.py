@@ -10,6 +10,7 @@ with errors; tests/test_claude_diagnoser.py runs them over a real nats-server.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -227,3 +228,16 @@ async def test_a_fresh_look_gives_the_model_the_attempt_history_as_untrusted_dat
         await d.diagnose(incident(), load("webshop"))
         await d.client.close()
     assert "attempt(s) already ran" not in fake.requests[0]["messages"][0]["content"]
+
+
+async def test_secrets_in_logs_never_reach_the_model_and_their_count_is_recorded() -> None:
+    leak = "db auth failed: postgres://shop:hunter2-Secret@db:5432 token=abcd1234efgh"
+    async with fake_anthropic(GoodSre()) as fake:
+        d, _ = diagnoser(fake)
+        got = await d.diagnose(incident(recent_logs=[leak]), load("webshop"))
+        await d.client.close()
+    sent = json.dumps(fake.requests)
+    assert "hunter2-Secret" not in sent and "abcd1234efgh" not in sent
+    assert "[REDACTED]" in sent
+    assert got.source == "claude" and got.redactions == 2
+    assert "2 secret-like string(s) redacted before the model saw the data" in got.evidence

@@ -55,6 +55,8 @@ class Auditor(Actor):
         # appends and they never see a half-done append transaction.
         self.reader = await AuditStore.open(path, readonly=True)
         self.memory = await IncidentMemory.open(memory_path(self.config.home_dir))
+        # Memory answers the model's similar_incidents tool: no secret may go in.
+        self.redactor = self.config.redaction.redactor()
         metrics = self.rt.metrics
         self.appended = metrics.counter(
             "menders_audit_rows_appended", "Rows appended to the audit record", ["stream"])
@@ -107,7 +109,7 @@ class Auditor(Actor):
         # allowed to hold back the record itself.
         try:
             _, records = await self.store.timeline(incident_id)
-            past = fold(r.event() for r in records)
+            past = fold((r.event() for r in records), self.redactor)
             if past is not None:
                 await self.memory.upsert(past)
                 self.memory_indexed.labels(outcome=past.outcome).inc()

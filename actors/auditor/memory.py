@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from actors.runtime.redaction import Redactor
 from bus_schemas import messages as m
 from bus_schemas.queries import PastIncident, SimilarQuery, symptom_tokens
 
@@ -69,8 +70,9 @@ def match_expression(q: SimilarQuery) -> str:
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
-def fold(events: Iterable[m.Event]) -> PastIncident | None:
-    """One closed incident from its timeline; None while it is still open."""
+def fold(events: Iterable[m.Event], redactor: Redactor | None = None) -> PastIncident | None:
+    """One closed incident from its timeline, its text fields redacted (hypothesis,
+    summary, escalation reason: they quote the subject's logs); None while open."""
     opened: m.IncidentOpened | None = None
     diagnosis: m.Diagnosis | None = None
     plans: dict[str, m.PlanStep] = {}
@@ -99,10 +101,13 @@ def fold(events: Iterable[m.Event]) -> PastIncident | None:
                 summary = e.summary
     if opened is None or not outcome:
         return None
+    cut = redactor or Redactor()
+    hypothesis = cut.text(diagnosis.hypothesis)[0] if diagnosis else ""
+    summary, escalation = cut.text(summary)[0], cut.text(escalation)[0]
     return PastIncident(
         incident_id=opened.incident_id, subject=opened.subject, invariant=opened.invariant,
         opened_at=opened.ts, closed_at=closed_at, outcome=outcome, symptoms=opened.symptoms,
-        hypothesis=diagnosis.hypothesis if diagnosis else "",
+        hypothesis=hypothesis,
         source=diagnosis.source if diagnosis else "", tried=tried,
         verified_action=verified.action if verified else "",
         verified_params=dict(verified.params) if verified else {},

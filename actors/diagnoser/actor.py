@@ -101,8 +101,9 @@ def make_diagnoser(rt: Runtime | None = None) -> tuple[Diagnoser, Summarizer | N
     cfg = rt.config.llm
     metrics = LlmMetrics(rt.metrics, cfg)
     client = LlmClient(cfg, metrics, key)
-    summarizer = Summarizer(cfg, client, rt.nc) if cfg.summaries else None
-    return ClaudeDiagnoser(cfg, client, metrics, runbooks, rt.nc), summarizer
+    redactor = rt.config.redaction.redactor()
+    summarizer = Summarizer(cfg, client, rt.nc, redactor) if cfg.summaries else None
+    return ClaudeDiagnoser(cfg, client, metrics, runbooks, rt.nc, redactor), summarizer
 
 
 class DiagnoserActor(Actor):

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from actors.runtime.redaction import Redactor
 from bus_schemas.errors import MendersError
 from bus_schemas.messages import MAX_APPROVAL_TTL_S, Mode, Risk
 
@@ -201,6 +202,18 @@ class LlmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     output_usd_per_mtok: float = 0.0
 
 
+class RedactionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Your own secret patterns (regular expressions; group 1, if any, is the secret),
+    # beside the built-in ones (actors/runtime/redaction.py).
+    patterns: list[str] = []
+
+    def __post_init__(self) -> None:
+        Redactor(self.patterns)  # a pattern that does not compile names itself
+
+    def redactor(self) -> Redactor:
+        return Redactor(self.patterns)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     home: str = ""  # state directory; default $MENDERS_HOME or ~/.menders
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
@@ -212,6 +225,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     verifier: VerifierConfig = msgspec.field(default_factory=VerifierConfig)
     executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
     llm: LlmConfig = msgspec.field(default_factory=LlmConfig)
+    redaction: RedactionConfig = msgspec.field(default_factory=RedactionConfig)
     subjects: dict[str, SubjectConfig] = msgspec.field(
         default_factory=lambda: {"webshop": SubjectConfig()}
     )
@@ -223,6 +237,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def nats_url(self) -> str:
         return self.nats.url or f"nats://{self.nats.host}:{self.nats.port}"
+
 
 
 class ConfigError(MendersError, ValueError):

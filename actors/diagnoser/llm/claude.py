@@ -32,6 +32,7 @@ from actors.diagnoser.llm.schema import Final, InvalidDiagnosis, diagnosis_tool,
 from actors.diagnoser.llm.usage import LlmMetrics, Tally
 from actors.diagnoser.runbook import RunbookDiagnoser, diagnosis_of, observed_evidence
 from actors.runtime.config import LlmConfig
+from actors.runtime.redaction import Cuts, Redactor
 from bus_schemas.errors import MendersError
 from bus_schemas.messages import AttemptRecord, Diagnosis, IncidentOpened
 from subjects.base import SubjectDefinition
@@ -53,6 +54,7 @@ class Investigation:
     final: Final
     turns: int
     tally: Tally
+    redactions: int = 0  # secrets cut from what the model saw
 
 
 def _block_param(block: Any) -> dict[str, Any] | None:
@@ -75,12 +77,14 @@ class ClaudeDiagnoser:
     source = SOURCE
 
     def __init__(self, cfg: LlmConfig, client: LlmClient, metrics: LlmMetrics,
-                 fallback: RunbookDiagnoser, nc: Client | None) -> None:
+                 fallback: RunbookDiagnoser, nc: Client | None,
+                 redactor: Redactor | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.metrics = metrics
         self.fallback = fallback
         self.nc = nc
+        self.redactor = redactor or Redactor()
 
     async def diagnose(self, incident: IncidentOpened, definition: SubjectDefinition,
                        history: Sequence[AttemptRecord] = ()) -> Diagnosis:
@@ -94,11 +98,15 @@ class ClaudeDiagnoser:
         usage = (f"claude {self.cfg.model}: {inv.turns} turn(s), {t.total} tokens "
                  f"({t.cache_read} from cache), est. ${t.cost_usd:.4f}")
         evidence = [observed_evidence(incident), *f.evidence, *f.refusals, usage]
+        if inv.redactions:
+            evidence.append(f"{inv.redactions} secret-like string(s) redacted before the "
+                            "model saw the data")
         if not f.actions and not f.escalate:
             evidence.append("no valid registered action left: a human must decide")
-        return diagnosis_of(incident, hypothesis=f.hypothesis, evidence=evidence,
-                          confidence=f.confidence, actions=f.actions,
-                          escalate=f.escalate or not f.actions, source=SOURCE)
+        d = diagnosis_of(incident, hypothesis=f.hypothesis, evidence=evidence,
+                         confidence=f.confidence, actions=f.actions,
+                         escalate=f.escalate or not f.actions, source=SOURCE)
+        return msgspec.structs.replace(d, redactions=inv.redactions)
 
     async def _fall_back(self, incident: IncidentOpened, definition: SubjectDefinition,
                          category: str, reason: str) -> Diagnosis:
@@ -115,8 +123,10 @@ class ClaudeDiagnoser:
         tools = [*tool_definitions(), diagnosis_tool(definition)]
         tools[-1] = {**tools[-1], "cache_control": CACHE}  # caches every tool definition
         system = [{"type": "text", "text": SYSTEM_PROMPT, "cache_control": CACHE}]
+        scrub = Cuts(self.redactor)  # every string of observed data, counted
         messages: list[dict[str, Any]] = [
-            {"role": "user", "content": incident_message(incident, definition, history)}]
+            {"role": "user", "content": incident_message(incident, definition, history,
+                                                         scrub)}]
         tools_by_bus = Investigator(self.nc, incident, definition, cfg.tool_timeout_s)
         tally = Tally()
         for turn in range(1, cfg.max_turns + 1):
@@ -126,10 +136,10 @@ class ClaudeDiagnoser:
             resp = await self.client.create(
                 model=cfg.model, deadline=deadline, tally=tally, max_tokens=cfg.max_tokens,
                 system=system, tools=tools, tool_choice=choice, messages=messages)
-            final, answers = await self._turn(resp, tools_by_bus, definition)
+            final, answers = await self._turn(resp, tools_by_bus, definition, scrub)
             if final is not None:
                 self.metrics.turns.labels().observe(turn)
-                return Investigation(final, turn, tally)
+                return Investigation(final, turn, tally, scrub.count)
             messages.append({"role": "assistant", "content": [
                 p for b in resp.content if (p := _block_param(b)) is not None]})
             messages.append({"role": "user", "content": answers or
@@ -142,8 +152,8 @@ class ClaudeDiagnoser:
                           f"{cfg.max_turns} turns, {cfg.max_total_tokens} tokens, "
                           f"{cfg.max_wall_s:g}s)")
 
-    async def _turn(self, resp: Message, tools: Investigator, definition: SubjectDefinition
-                    ) -> tuple[Final | None, list[dict[str, Any]]]:
+    async def _turn(self, resp: Message, tools: Investigator, definition: SubjectDefinition,
+                    scrub: Cuts) -> tuple[Final | None, list[dict[str, Any]]]:
         """A valid final diagnosis, or the tool_results to send back."""
         answers: list[dict[str, Any]] = []
         for block in resp.content:
@@ -161,7 +171,7 @@ class ClaudeDiagnoser:
             except ToolError as exc:
                 answers.append(_result(block.id, str(exc), error=True))
                 continue
-            text = untrusted(block.name, data)
+            text = untrusted(block.name, data, scrub)
             if len(text) > MAX_TOOL_ANSWER_CHARS:
                 text = untrusted(block.name, {"error": "answer too large: narrow the query"})
             answers.append(_result(block.id, text))
