@@ -15,6 +15,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from bus_schemas.errors import MendersError
+
 MARK = "[REDACTED]"
 
 # (name, pattern): a group 1, where present, is the secret; the rest stays as context.
@@ -34,7 +36,7 @@ BUILTIN: tuple[tuple[str, str], ...] = (
 )
 
 
-class PatternError(ValueError):
+class PatternError(MendersError, ValueError):
     """A configured pattern that does not compile, named by its position."""
 
 
