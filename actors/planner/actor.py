@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -135,7 +136,9 @@ class Planner(Actor):
         self.webhook = EscalationWebhook(
             cfg.escalation_webhook,
             metrics.counter("menders_escalation_webhook", "Escalation webhook POSTs, by "
-                            "outcome (sent, failed)", ["outcome"]))
+                            "outcome (sent, failed)", ["outcome"]),
+            fmt=cfg.escalation_format,
+            routing_key=os.environ.get(cfg.escalation_routing_key_env, ""))
 
     async def teardown(self) -> None:
         await self.webhook.close()

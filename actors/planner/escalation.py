@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+import time
+from typing import Any, Literal
 
 import aiohttp
 from prometheus_client import Counter
@@ -71,10 +72,52 @@ def recurring_body(rec: IncidentRecurring) -> dict[str, Any]:
     }
 
 
+Format = Literal["menders", "alertmanager", "pagerduty", "slack"]
+
+
+def formatted(body: dict[str, Any], fmt: Format, routing_key: str = "") -> dict[str, Any]:
+    """The menders body as the receiver a user pastes the URL of expects it. Every
+    shape keeps the incident's identity as its dedup key, so a repeated POST is one
+    page, one alert, one thread."""
+    if fmt == "menders":
+        return body
+    ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(body.get("ts", time.time())))
+    summary = body["text"][:1024]
+    labels = {"alertname": f"menders_{body['event'].replace('.', '_')}",
+              "subject": body.get("subject", ""), "invariant": body.get("invariant", ""),
+              "incident_id": body.get("incident_id", ""), "source": "menders"}
+    if fmt == "alertmanager":
+        alert = {"status": "firing", "labels": labels,
+                 "annotations": {"summary": summary, "reason": body.get("reason", "")},
+                 "startsAt": ts, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "",
+                 "fingerprint": body["incident_id"][:16]}
+        return {"version": "4", "groupKey": f"{{}}:{{incident_id=\"{body['incident_id']}\"}}",
+                "truncatedAlerts": 0, "status": "firing", "receiver": "menders",
+                "groupLabels": {"incident_id": body["incident_id"]}, "commonLabels": labels,
+                "commonAnnotations": alert["annotations"], "externalURL": "",
+                "alerts": [alert]}
+    if fmt == "pagerduty":
+        return {"routing_key": routing_key, "event_action": "trigger",
+                "dedup_key": f"menders-{body['incident_id']}",
+                "payload": {"summary": summary, "source": body.get("subject") or "menders",
+                            "severity": "critical" if body["event"] == "incident.escalated"
+                            else "warning",
+                            "timestamp": ts, "component": body.get("invariant", ""),
+                            "group": body.get("subject", ""), "class": body["event"],
+                            "custom_details": body}}
+    return {"text": summary, "blocks": [
+        {"type": "section", "text": {"type": "mrkdwn", "text": summary}},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text":
+            f"`{body['event']}` incident `{body.get('incident_id', '')}`"}]}]}
+
+
 class EscalationWebhook:
     def __init__(self, url: str, sent: Bound[Counter], *, timeout_s: float = 5.0,
-                 tries: int = 3, backoff_s: float = 0.5) -> None:
+                 tries: int = 3, backoff_s: float = 0.5, fmt: Format = "menders",
+                 routing_key: str = "") -> None:
         self.url = url
+        self.fmt: Format = fmt
+        self.routing_key = routing_key
         self.sent = sent
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.tries = tries
@@ -110,8 +153,9 @@ class EscalationWebhook:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
         for attempt in range(1, self.tries + 1):
             try:
-                async with self._session.post(self.url, json=body,
-                                              headers={"Idempotency-Key": body["id"]}) as resp:
+                async with self._session.post(
+                        self.url, json=formatted(body, self.fmt, self.routing_key),
+                        headers={"Idempotency-Key": body["id"]}) as resp:
                     if resp.status < 300:
                         self.sent.labels(outcome="sent").inc()
                         log.info("escalation webhook sent", extra={"status": resp.status})

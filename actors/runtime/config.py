@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -90,6 +90,13 @@ class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: int = 3
     escalation_webhook: str = ""
+    # The body's shape: menders (documented in docs/architecture.md), alertmanager (an
+    # Alertmanager v4 webhook payload), pagerduty (Events API v2: POST it to
+    # https://events.pagerduty.com/v2/enqueue) or slack (an incoming-webhook message).
+    escalation_format: Literal["menders", "alertmanager", "pagerduty", "slack"] = "menders"
+    # pagerduty: the environment variable holding the integration's routing key (the
+    # key itself never goes in the config file).
+    escalation_routing_key_env: str = "MENDERS_PAGERDUTY_ROUTING_KEY"
     # An incident that followed another's remediation gets this long, after that
     # remediation verified, to resolve by itself before it is planned on its own.
     follow_grace_s: float = 10.0
