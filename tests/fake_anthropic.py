@@ -220,8 +220,14 @@ def good_sre_decision(invariant: str, symptoms: dict[str, float], logs: list[str
     # Memory reorders what fits the symptoms, as the runbook diagnoser's memory does; it
     # never promotes an action the symptoms argue against (recycling a pool at 10 %
     # utilisation because a past latency incident was a leak).
+    # Like the runbook diagnoser's memory: only a past incident of the same cause counts
+    # (a slow replica and a leaked pool both raise latency; recycling fixed the leak).
+    # The fake reads "the same cause" as the cause's key word in the past hypothesis.
+    cause = {"Connection pool exhausted by a leak.": "pool",
+             "The database replica is slow.": "replica"}.get(h, "")
     fits = {x["action"] for x in a}
-    verified = [p for p in verified if p["verified_action"] in fits]
+    verified = [p for p in verified if p["verified_action"] in fits
+                and cause in p.get("hypothesis", "").lower()]
     if verified:
         first = {"action": verified[0]["verified_action"],
                  "params": verified[0].get("verified_params", {}),
