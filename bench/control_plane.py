@@ -4,7 +4,8 @@
 
 One nats-server (loopback, temp dir, the generated nats.conf) and the real
 diagnoser (runbook rules), planner, governor (execute mode) and executor, each
-its own process with its own credentials, plus the auditor: the runbook
+its own process with its own credentials, plus the monitor (the diagnoser asks
+it for the subject's log lines before the break) and the auditor: the runbook
 diagnoser asks the auditor's incident memory (`menders.query.audit.similar`)
 for similar past incidents before it answers, so the auditor is on the path.
 The managed subject `bench` is a webshop-kind subject whose action endpoint
@@ -120,7 +121,10 @@ async def bench(n: int, warmup: int) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="menders-bench-cp-") as tmp:
             async with bench_bus(Path(tmp), config(recorder.url)) as bus:
-                actors = ("auditor", "governor", "executor", "planner", "diagnoser")
+                # The monitor too: the diagnoser asks it for the log lines before the
+                # break (the loop as deployed; it answers from memory).
+                actors = ("auditor", "monitor", "governor", "executor", "planner",
+                          "diagnoser")
                 for actor in actors:
                     bus.spawn(actor)
                 await bus.wait_heartbeats(dict.fromkeys(actors, 1))

@@ -106,6 +106,11 @@ def make_diagnoser(rt: Runtime | None = None) -> tuple[Diagnoser, Summarizer | N
     return ClaudeDiagnoser(cfg, client, metrics, runbooks, rt.nc, redactor), summarizer
 
 
+# The first diagnosis is on the loop's critical path: the monitor's log lines are worth
+# this long at most (it answers from memory in a millisecond or two).
+LOOKBACK_TIMEOUT_S = 0.25
+
+
 class DiagnoserActor(Actor):
     name = "diagnoser"
 
@@ -158,9 +163,11 @@ class DiagnoserActor(Actor):
         without the monitor, the incident's own lines stand."""
         spec = next((s for s in definition.invariants if s.name == incident.invariant), None)
         for_s = spec.for_s if spec is not None else 0.0
-        window_s = max(for_s + self.config.diagnoser.fresh_window_s, 1.0)
+        cfg = self.config.diagnoser
+        window_s = max(for_s + cfg.fresh_window_s, 1.0)
         got = await self._ask_monitor(ObsQuery(subject=incident.subject, logs=LogsInput(
-            limit=100, since_s=window_s)))
+            limit=100, since_s=window_s)), timeout_s=min(cfg.fresh_timeout_s,
+                                                         LOOKBACK_TIMEOUT_S))
         if got is None or not got.lines:
             return incident
         lines = list(dict.fromkeys([*got.lines, *incident.recent_logs]))[-MAX_LOG_LINES:]
@@ -220,12 +227,12 @@ class DiagnoserActor(Actor):
                                   symptoms=symptoms, recent_logs=logs)
         return incident, note
 
-    async def _ask_monitor(self, q: ObsQuery) -> ObsReply | None:
+    async def _ask_monitor(self, q: ObsQuery, timeout_s: float = 0.0) -> ObsReply | None:
         method = "observations" if q.observations is not None else "logs"
         try:
-            msg = await self.rt.nc.request(catalog.service_subject("monitor", method),
-                                           msgspec.json.encode(q),
-                                           timeout=self.config.diagnoser.fresh_timeout_s)
+            msg = await self.rt.nc.request(
+                catalog.service_subject("monitor", method), msgspec.json.encode(q),
+                timeout=timeout_s or self.config.diagnoser.fresh_timeout_s)
             reply = msgspec.json.decode(msg.data, type=ObsReply)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
             log.warning("monitor not reachable for a fresh look", extra={"err": repr(exc)})
