@@ -341,6 +341,23 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     return await run_audit(_load(args), args)
 
 
+async def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every problem of the config file, each with its key path; exit 2 if any."""
+    from actors.cli.configcheck import problems_of
+
+    path = args.file or args.config or os.environ.get("MENDERS_CONFIG")
+    if not path:
+        raise CliError("menders check-config: name a file (or --config, or $MENDERS_CONFIG)",
+                       EXIT_USAGE)
+    problems = problems_of(path)
+    for p in problems:
+        print(f"{path}: {p}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    print(f"{path}: ok")
+    return 0
+
+
 async def cmd_subjects(args: argparse.Namespace) -> int:
     """One line per installed subject kind: where it comes from and its actions."""
     import subjects
@@ -386,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write each actor's log to <home>/logs/<actor>.log")
     up.add_argument("--ready-only", action="store_true", help="exit once everything is ready")
     add("subjects", cmd_subjects, "list the installed subject kinds and their actions")
+    check = add("check-config", cmd_check_config, "validate a config file: every error, "
+                "with its key path")
+    check.add_argument("file", nargs="?", help="the TOML file (default: --config)")
     run = add("run", cmd_run, "run one actor in this process")
     run.add_argument("actor", choices=catalog.ACTORS)
     prov = add("provision", cmd_provision, "create or update streams, consumers and KV buckets")
