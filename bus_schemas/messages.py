@@ -160,6 +160,7 @@ class Diagnosis(Event, tag="diagnosis", frozen=True, kw_only=True):
     # incident): the planner ignores an answer to a request it no longer waits for.
     request_id: str = ""
     redactions: int = 0  # secret-like strings cut from what the model saw (never them)
+    cost_usd: float = 0.0  # the model's estimated cost for this diagnosis
     symptoms: dict[str, float] = {}  # what the diagnosis was made on (fresh ones on a request)
 
 

@@ -241,3 +241,22 @@ async def test_secrets_in_logs_never_reach_the_model_and_their_count_is_recorded
     assert "[REDACTED]" in sent
     assert got.source == "claude" and got.redactions == 2
     assert "2 secret-like string(s) redacted before the model saw the data" in got.evidence
+
+
+async def test_the_dollar_budget_per_incident_hands_over_to_the_runbooks() -> None:
+    async with fake_anthropic(GoodSre()) as fake:
+        d, _ = diagnoser(fake, max_usd_per_incident=0.5)
+        spent = await d.diagnose(incident(), load("webshop"), spent_usd=0.5)
+        assert fake.requests == []  # spent already: the model is not asked at all
+        tiny, _ = diagnoser(fake, max_usd_per_incident=1e-9)
+        ran_out = await tiny.diagnose(incident(), load("webshop"))
+        ok, _ = diagnoser(fake)
+        fine = await ok.diagnose(incident(), load("webshop"))
+        for x in (d, tiny, ok):
+            await x.client.close()
+    assert spent.source == "claude->runbook"
+    assert "the model's budget for this incident is spent ($0.5000 of $0.50)" in \
+        spent.evidence[0]
+    assert ran_out.source == "claude->runbook" and len(fake.requests) >= 1
+    assert "budget for this incident ran out during the investigation" in ran_out.evidence[0]
+    assert fine.source == "claude" and 0 < fine.cost_usd < 1.0

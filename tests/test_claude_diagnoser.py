@@ -16,6 +16,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from actors.diagnoser.actor import spent_on
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.queries import SimilarQuery
@@ -207,3 +208,12 @@ async def test_closed_incident_gets_a_summary_in_the_audit_record(
     summary_request = next(b for b in fake.requests if not b.get("tools"))
     assert summary_request["model"] == "claude-haiku-4-5"
     assert '<untrusted-data source="timeline">' in sre.summaries[0]
+
+
+def test_the_spend_on_an_incident_is_summed_from_its_recorded_diagnoses() -> None:
+    iid = m.new_id()
+    events = [codec.encode(m.Diagnosis(incident_id=iid, invariant="p99", hypothesis="h",
+                                       cost_usd=c)) for c in (0.01, 0.02)]
+    events += [codec.encode(m.IncidentOpened(incident_id=iid, invariant="p99", summary="s",
+                                             value=1.0, threshold=0.5)), b"not json"]
+    assert spent_on(events) == pytest.approx(0.03)

@@ -24,7 +24,7 @@ import nats.errors
 import subjects
 from actors.diagnoser.runbook import MAX_LOG_LINES, RunbookDiagnoser, exclude_tried, no_match
 from actors.runtime import Actor, Delivery, Reject, Runtime
-from bus_schemas import catalog
+from bus_schemas import catalog, codec
 from bus_schemas.messages import (
     AttemptRecord,
     Diagnosis,
@@ -42,6 +42,7 @@ from bus_schemas.queries import (
     PastIncident,
     SimilarQuery,
     SimilarReply,
+    TimelineReply,
 )
 from subjects.base import SubjectDefinition
 from subjects.rules import check_rules
@@ -56,7 +57,8 @@ class Diagnoser(Protocol):
     source: str
 
     async def diagnose(self, incident: IncidentOpened, definition: SubjectDefinition,
-                       history: Sequence[AttemptRecord] = ()) -> Diagnosis: ...
+                       history: Sequence[AttemptRecord] = (),
+                       spent_usd: float = 0.0) -> Diagnosis: ...
 
 
 # The memory only reorders a runbook's alternatives: never worth stalling the loop for.
@@ -104,6 +106,19 @@ def make_diagnoser(rt: Runtime | None = None) -> tuple[Diagnoser, Summarizer | N
     redactor = rt.config.redaction.redactor()
     summarizer = Summarizer(cfg, client, rt.nc, redactor) if cfg.summaries else None
     return ClaudeDiagnoser(cfg, client, metrics, runbooks, rt.nc, redactor), summarizer
+
+
+def spent_on(events: Sequence[msgspec.Raw | bytes]) -> float:
+    """The model's estimated cost over an incident's recorded Diagnoses."""
+    total = 0.0
+    for raw in events:
+        try:
+            e = codec.decode(bytes(raw))
+        except codec.DecodeError:
+            continue
+        if isinstance(e, Diagnosis):
+            total += e.cost_usd
+    return total
 
 
 # The first diagnosis is on the loop's critical path: the monitor's log lines are worth
@@ -182,7 +197,11 @@ class DiagnoserActor(Actor):
             diagnosis = no_match(incident, f"no subject definition for {req.subject!r}: "
                                            "nothing to diagnose against")
         else:
-            diagnosis = await self.diagnoser.diagnose(incident, definition, req.history)
+            # Rules cost nothing: only a model's diagnoser needs the incident's spend.
+            spent = (await self._spent_usd(req.incident_id)
+                     if self.diagnoser.source != "runbook" else 0.0)
+            diagnosis = await self.diagnoser.diagnose(incident, definition, req.history,
+                                                      spent)
             cfg = self.config.diagnoser
             diagnosis = exclude_tried(diagnosis, req.history, req.excluded, incident.symptoms,
                                       definition, cfg.evidence_factor, cfg.evidence_floor)
@@ -192,6 +211,21 @@ class DiagnoserActor(Actor):
                                             symptoms=dict(incident.symptoms),
                                             evidence=[e for e in evidence if e])
         return self._done(diagnosis, started)
+
+    async def _spent_usd(self, incident_id: str) -> float:
+        """What the model already cost on this incident, from the audit record (it
+        survives a diagnoser restart). Unknown (the auditor does not answer) counts as
+        spent: the runbooks answer rather than an uncapped model."""
+        try:
+            msg = await self.rt.nc.request(catalog.service_subject("auditor", "timeline"),
+                                           incident_id.encode(),
+                                           timeout=self.config.diagnoser.fresh_timeout_s)
+            reply = msgspec.json.decode(msg.data, type=TimelineReply)
+        except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+            log.warning("auditor not reachable: the model's spend on this incident is "
+                        "unknown", extra={"err": repr(exc)})
+            return float("inf")
+        return spent_on(reply.events)
 
     async def _fresh_incident(self, req: DiagnosisRequested,
                               definition: SubjectDefinition | None

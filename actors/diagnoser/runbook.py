@@ -332,8 +332,10 @@ class RunbookDiagnoser:
         self.recall = recall
 
     async def diagnose(self, incident: IncidentOpened, definition: SubjectDefinition,
-                       history: Sequence[AttemptRecord] = ()) -> Diagnosis:
-        # The history is applied by the caller (exclude_tried), the same for every diagnoser.
+                       history: Sequence[AttemptRecord] = (),
+                       spent_usd: float = 0.0) -> Diagnosis:
+        # The history is applied by the caller (exclude_tried), the same for every
+        # diagnoser; rules cost nothing, so the model's spend does not matter here.
         d = diagnose(incident, definition)
         if self.recall is None:
             return d

@@ -197,6 +197,10 @@ class LlmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout_s: float = 30.0  # per request
     max_total_tokens: int = 60_000  # input + output over one investigation
     max_wall_s: float = 60.0  # one investigation, model calls and tools together
+    # Dollars the model may cost per incident, every diagnosis of it together (the
+    # estimate of usage.py's price table); past it, the runbooks answer and the
+    # Diagnosis says why. 0: no cap.
+    max_usd_per_incident: float = 1.0
     max_retries: int = 2  # the SDK's own retries with backoff (the first layer)
     retry_attempts: int = 1  # whole-call retries after the SDK gave up, then runbooks
     retry_backoff_s: float = 2.0

@@ -87,9 +87,16 @@ class ClaudeDiagnoser:
         self.redactor = redactor or Redactor()
 
     async def diagnose(self, incident: IncidentOpened, definition: SubjectDefinition,
-                       history: Sequence[AttemptRecord] = ()) -> Diagnosis:
+                       history: Sequence[AttemptRecord] = (),
+                       spent_usd: float = 0.0) -> Diagnosis:
+        cap = self.cfg.max_usd_per_incident
+        if cap and spent_usd >= cap:
+            return await self._fall_back(incident, definition, "cost_budget",
+                                         f"the model's budget for this incident is spent "
+                                         f"(${spent_usd:.4f} of ${cap:.2f})")
         try:
-            inv = await self.investigate(incident, definition, history)
+            inv = await self.investigate(incident, definition, history,
+                                         cap - spent_usd if cap else 0.0)
         except LlmUnavailable as exc:
             return await self._fall_back(incident, definition, "api", f"Claude unavailable: {exc}")
         except BudgetSpent as exc:
@@ -106,7 +113,7 @@ class ClaudeDiagnoser:
         d = diagnosis_of(incident, hypothesis=f.hypothesis, evidence=evidence,
                          confidence=f.confidence, actions=f.actions,
                          escalate=f.escalate or not f.actions, source=SOURCE)
-        return msgspec.structs.replace(d, redactions=inv.redactions)
+        return msgspec.structs.replace(d, redactions=inv.redactions, cost_usd=t.cost_usd)
 
     async def _fall_back(self, incident: IncidentOpened, definition: SubjectDefinition,
                          category: str, reason: str) -> Diagnosis:
@@ -117,7 +124,9 @@ class ClaudeDiagnoser:
                                        evidence=[f"{reason}; the runbooks answered", *d.evidence])
 
     async def investigate(self, incident: IncidentOpened, definition: SubjectDefinition,
-                          history: Sequence[AttemptRecord] = ()) -> Investigation:
+                          history: Sequence[AttemptRecord] = (),
+                          usd_left: float = 0.0) -> Investigation:
+        """`usd_left`: the incident's remaining dollar budget (0: no cap)."""
         cfg = self.cfg
         deadline = time.monotonic() + cfg.max_wall_s
         tools = [*tool_definitions(), diagnosis_tool(definition)]
@@ -146,6 +155,10 @@ class ClaudeDiagnoser:
                              f"Call {DIAGNOSIS_TOOL} now with your diagnosis."})
             if tally.total >= cfg.max_total_tokens:
                 break
+            if usd_left and tally.cost_usd >= usd_left:
+                raise BudgetSpent(f"the model's budget for this incident ran out during "
+                                  f"the investigation (est. ${tally.cost_usd:.4f}; "
+                                  f"${usd_left:.4f} were left)")
         self.metrics.turns.labels().observe(cfg.max_turns)
         raise BudgetSpent(f"Claude gave no valid diagnosis within the budget "
                           f"({tally.calls} call(s), {tally.total} tokens; limits "
