@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 import subjects
-from actors.executor.admission import kill_reason, refusal, revoke_reason
+from actors.executor.admission import kill_reason, refusal, revoke_reason, rule_of
 from actors.executor.ledger import LeaseWatch, Ledger, LedgerConflict, LedgerEntry, Record
 from actors.runtime import Actor, Delivery, Reject, derive_id
 from actors.runtime.killswitch import read_kill
@@ -157,7 +157,8 @@ class Executor(Actor):
                                 renewed_at=now)
             refusal = await self._refusal(event)
             if refusal is not None:
-                result = self._result(event, "skipped", refusal, now)
+                result = self._result(event, "skipped", refusal, now,
+                                      rule=rule_of(refusal))
                 entry = msgspec.structs.replace(entry, state="done", result=result)
                 if await self.ledger.claim(entry) is not None:
                     return [self._done(result)]
@@ -266,7 +267,8 @@ class Executor(Actor):
             if refusal is None:
                 refusal = run.cancel_reason  # seen by a watch while we looked
             if refusal is not None:
-                result = self._result(event, "skipped", refusal, started, rule=rule)
+                result = self._result(event, "skipped", refusal, started,
+                                      rule=rule or rule_of(refusal))
             else:
                 # No await since the look above: a kill from here on finds the task.
                 run.task = asyncio.create_task(self._tries(client, event, run))
@@ -377,7 +379,7 @@ class Executor(Actor):
                                 f"{_budget(event.step):g}s{tries}{maybe}", started, run.tries)
         if run.task.cancelled():
             return self._result(event, "cancelled", f"{run.cancel_reason}{maybe}", started,
-                                run.tries)
+                                run.tries, rule=rule_of(run.cancel_reason or ""))
         exc = run.task.exception()
         if isinstance(exc, TimeoutError):
             return self._result(event, "timed_out", f"no answer within "

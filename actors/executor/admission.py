@@ -49,3 +49,24 @@ def revoke_reason(value: bytes) -> str:
     if rev is None:
         return "revoked"
     return f"revoked by {rev.by}" + (f": {rev.reason}" if rev.reason else "")
+
+
+# Why a step did not run (or was stopped), as the rule a program acts on: each refusal
+# and cancellation text of the executor starts with one of these.
+_RULES: tuple[tuple[str, str], ...] = (
+    ("kill switch", "kill"), ("revoked", "revoked"),
+    ("approval valid for", "approval_expired"), ("approval expired", "approval_expired"),
+    ("mode is", "mode"), ("approved by policy, but the mode", "mode"),
+    ("incident ", "resolved"), ("lost the ledger lease", "lost_lease"),
+    ("subject ", "not_configured"), ("no action registry", "registry"),
+    ("action ", "registry"),
+)
+
+
+def rule_of(reason: str) -> str:
+    """The rule of a refusal or cancellation text (refusal, kill_reason, revoke_reason,
+    the executor's own); "params" for a parameter error, "" if none fits."""
+    for prefix, rule in _RULES:
+        if reason.startswith(prefix):
+            return rule
+    return "params" if ": bad parameters:" in reason else ""

@@ -179,6 +179,10 @@ RULE_ENDINGS: dict[str, tuple[Ending, ObstacleKind]] = {
     "allow_list": ("refused", "other"), "dag": ("refused", "other"),
     "dependency": ("refused", "other"), "fire_and_forget": ("refused", "other"),
     "plan": ("refused", "other"),
+    # The executor's: the incident healed first, another executor owns it, or this one
+    # cannot run the subject; none is a "no" to the action, so it is tried again.
+    "resolved": ("park", "other"), "lost_lease": ("park", "other"),
+    "not_configured": ("park", "other"),
     "denied": ("refused", "other"), "revoked": ("refused", "other"),
 }
 
