@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import re
 from collections.abc import Mapping
 from functools import cache
 from typing import Any, Protocol
@@ -22,16 +23,21 @@ import msgspec
 from subjects.base import SubjectDefinition
 
 
-class _Kinded(Protocol):
+class _Subject(Protocol):
+    """A subject's config as subjects sees it (actors' SubjectConfig has it)."""
+
     @property
     def kind(self) -> str: ...
+
+    @property
+    def options(self) -> dict[str, Any]: ...
 
 
 class Configured(Protocol):
     """What subjects need of a config (actors.runtime.config.Config has it): no import of it."""
 
     @property
-    def subjects(self) -> Mapping[str, _Kinded]: ...
+    def subjects(self) -> Mapping[str, _Subject]: ...
 
 
 ENTRY_POINT_GROUP = "menders.subjects"
@@ -42,6 +48,7 @@ BUILTIN: dict[str, str] = {
     "webshop": "subjects.webshop.definition:DEFINITION",
     "ratelimiter": "subjects.ratelimiter.definition:DEFINITION",
     "kvcluster": "subjects.kvcluster.definition:DEFINITION",
+    "service": "subjects.service.definition:DEFINITION",
 }
 KINDS = tuple(BUILTIN)
 log = logging.getLogger("menders.subjects")
@@ -71,6 +78,12 @@ def is_builtin(kind: str) -> bool:
     return kind in BUILTIN
 
 
+def embeddable(kind: str) -> bool:
+    """Whether `menders up` can run a subject of this kind itself: a built-in kind that
+    ships its own service (not `service`, which is always someone else's)."""
+    return is_builtin(kind) and not load(kind).extra.get("external", False)
+
+
 @cache
 def load(kind: str) -> SubjectDefinition:
     """The definition of a subject kind (never its chaos hooks). KeyError for a kind
@@ -98,7 +111,34 @@ def validate_options(kind: str, options: dict[str, Any]) -> msgspec.Struct | Non
     try:
         return msgspec.convert(options, spec)
     except msgspec.ValidationError as exc:
-        raise ValueError(f"options: {exc}".replace("`$", "`options")) from None
+        text = str(exc)
+        if " - at `$" in text:
+            raise ValueError(f"options: {exc}".replace("`$", "`options")) from None
+        key, sep, what = text.partition(": ")
+        if sep and re.fullmatch(r"[\w.\[\]-]+", key):  # a kind's check named the key
+            raise ValueError(f"options.{key}: {what}") from None
+        raise ValueError(f"options: {text}") from None
+
+
+def definition_of(cfg: _Subject) -> SubjectDefinition:
+    """One configured subject's definition. Most kinds have one for all their subjects; a
+    kind whose definition is its config (`service`) makes one per subject from its
+    options (`extra["specialise"]`). Raises as `load` and `validate_options` do."""
+    definition = load(cfg.kind)
+    if "specialise" not in definition.extra:
+        return definition
+    return _specialised(cfg.kind, msgspec.json.encode(cfg.options))
+
+
+@cache
+def _specialised(kind: str, options: bytes) -> SubjectDefinition:
+    """Keyed by the options' JSON, so every actor of a process shares one per subject."""
+    validated = validate_options(kind, msgspec.json.decode(options))
+    specialised = load(kind).extra["specialise"](validated)
+    if not isinstance(specialised, SubjectDefinition) or specialised.kind != kind:
+        raise TypeError(f"subject kind {kind!r}: specialise() did not return a "
+                        f"SubjectDefinition of kind {kind!r}")
+    return specialised
 
 
 def definition_for(config: Configured, subject: str) -> SubjectDefinition | None:
@@ -111,6 +151,6 @@ def definition_for(config: Configured, subject: str) -> SubjectDefinition | None
     if cfg is None:
         return None
     try:
-        return load(cfg.kind)
-    except KeyError:
+        return definition_of(cfg)
+    except (KeyError, ValueError):
         return None

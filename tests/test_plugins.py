@@ -64,7 +64,7 @@ def toy_installed(tmp_path: Path) -> Iterator[Path]:
 
 def test_an_installed_plugin_kind_is_found_loaded_and_configurable(
         toy_installed: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert subjects.kinds() == ("webshop", "ratelimiter", "kvcluster", "toy")
+    assert subjects.kinds() == ("webshop", "ratelimiter", "kvcluster", "service", "toy")
     toy = subjects.load("toy")
     assert toy.kind == "toy" and list(toy.actions) == ["poke"]
     # The built-in webshop stays ours, whatever a plugin declares.
@@ -81,7 +81,7 @@ def test_an_installed_plugin_kind_is_found_loaded_and_configurable(
 def test_unknown_and_embedded_plugin_kinds_are_config_errors_naming_the_kind(
         toy_installed: Path) -> None:
     with pytest.raises(msgspec.ValidationError, match=r"unknown subject kind 'nope'; "
-                       r"installed: webshop, ratelimiter, kvcluster, toy"):
+                       r"installed: webshop, ratelimiter, kvcluster, service, toy"):
         msgspec.convert({"kind": "nope"}, SubjectConfig)
     with pytest.raises(msgspec.ValidationError, match=r"kind 'toy' is a plugin: menders "
                        r"cannot start it itself; set embedded = false"):

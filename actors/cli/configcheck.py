@@ -8,6 +8,7 @@ configured subjects and registered actions, and that each kind's runbooks parse.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,15 @@ def problems_of(path: str | Path) -> list[str]:
 
 
 def _at(prefix: str, exc: msgspec.ValidationError) -> str:
-    """msgspec says "... - at `$.x`" relative to what it converted: rebase the path."""
+    """msgspec says "... - at `$.x`" relative to what it converted: rebase the path. A
+    kind's options check names its key ("options.actions.x: ..."): join it on too."""
     text = str(exc)
     if " - at `$" in text:
         what, _, where = text.rpartition(" - at `$")
-        return f"{prefix}{where.rstrip('`')}: {what}"
+        prefix, text = f"{prefix}{where.rstrip('`')}", what
+    key, sep, what = text.partition(": ")
+    if sep and re.fullmatch(r"options[\w.\[\]-]*", key):
+        return f"{prefix}.{key}: {what}"
     return f"{prefix}: {text}"
 
 
@@ -74,23 +79,24 @@ def _subjects(value: Any) -> list[str]:
 def _whole(config: Config) -> list[str]:
     out = []
     kinds = {name: sc.kind for name, sc in config.subjects.items()}
-    for name, kind in kinds.items():
+    registries: dict[str, dict[str, Any]] = {}
+    for name, sc in config.subjects.items():
         try:
-            definition = subjects.load(kind)
-        except (KeyError, TypeError, ImportError) as exc:
+            definition = subjects.definition_of(sc)
+        except (KeyError, TypeError, ImportError, ValueError) as exc:
             out.append(f"$.subjects.{name}.kind: {exc}")
             continue
-        out += [f"$.subjects.{name} (kind {kind}) runbooks: {p}"
+        registries[name] = dict(definition.actions)
+        out += [f"$.subjects.{name} (kind {sc.kind}) runbooks: {p}"
                 for p in check_rules(definition.runbooks)]
     for name, allowed in config.governor.allow.items():
         if name not in kinds:
             out.append(f"$.governor.allow.{name}: no subject {name!r} is configured "
                        f"(subjects: {', '.join(kinds) or 'none'})")
             continue
-        try:
-            registered = subjects.load(kinds[name]).actions
-        except (KeyError, TypeError, ImportError):
+        if name not in registries:
             continue  # reported above
+        registered = registries[name]
         for n, action in enumerate(allowed):
             if action != ALLOW_ALL and action not in registered:
                 out.append(f"$.governor.allow.{name}[{n}]: action {action!r} is not "

@@ -370,7 +370,9 @@ async def cmd_subjects(args: argparse.Namespace) -> int:
             print(f"{kind:<14} {origin:<8} BROKEN: {exc}")
             continue
         acts = ", ".join(f"{n}[{a.risk}{', disruptive' if a.disruptive else ''}]"
-                         for n, a in definition.actions.items()) or "no actions"
+                         for n, a in definition.actions.items()) or (
+            "actions declared per subject in TOML" if "specialise" in definition.extra
+            else "no actions")
         print(f"{kind:<14} {origin:<8} {acts}")
     return 0
 

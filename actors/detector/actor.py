@@ -192,7 +192,7 @@ class Detector(Actor):
                 self._ignored.add(subject)
                 log.warning("observation of an unconfigured subject", extra={"subject": subject})
             return None
-        return subjects.load(cfg.kind)
+        return subjects.definition_of(cfg)
 
     def _judge(self, definition: SubjectDefinition, state: SubjectState, obs: Observation,
                *, fresh: bool) -> tuple[SubjectState, list[IncidentEvent]]:

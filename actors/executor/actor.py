@@ -366,7 +366,7 @@ class Executor(Actor):
     def _retry_policy(self, event: ExecutionApproved) -> RetryPolicy:
         """The registry's policy; the approved step's `attempts` caps it."""
         sc = self.config.subjects.get(event.subject)
-        spec = subjects.load(sc.kind).actions.get(event.step.action) if sc else None
+        spec = subjects.definition_of(sc).actions.get(event.step.action) if sc else None
         return spec.retry if spec is not None else NO_RETRY
 
     def _classify(self, event: ExecutionApproved, run: Running, done: bool,
@@ -410,7 +410,7 @@ class Executor(Actor):
         if sc is None:
             return f"subject {event.subject!r} is not configured here"
         try:
-            spec = subjects.load(sc.kind).actions.get(event.step.action)
+            spec = subjects.definition_of(sc).actions.get(event.step.action)
         except Exception as exc:
             return f"no action registry for kind {sc.kind!r}: {exc!r}"
         if spec is None:  # the governor checked; we never act on an unregistered action
@@ -436,7 +436,7 @@ class Executor(Actor):
     def _client(self, subject: str) -> ActionClientProtocol:
         if subject not in self.clients:
             sc = self.config.subjects[subject]
-            self.clients[subject] = subjects.load(sc.kind).make_action_client(sc)
+            self.clients[subject] = subjects.definition_of(sc).make_action_client(sc)
         return self.clients[subject]
 
     def _result(self, event: ExecutionApproved, status: ExecutionStatus, detail: str,

@@ -251,7 +251,7 @@ class Governor(Actor):
         if sc is None:
             return "", {}, f"subject {subject!r} is not configured"
         try:
-            return sc.kind, subjects.load(sc.kind).actions, ""
+            return sc.kind, subjects.definition_of(sc).actions, ""
         except Exception as exc:  # an unloadable registry vetoes everything: fail closed
             return sc.kind, {}, f"no action registry for kind {sc.kind!r}: {exc!r}"
 

@@ -127,7 +127,7 @@ class Monitor(Actor):
         for name, cfg in self.config.subjects.items():
             target = Target.of(name, cfg, self.config.home_dir)
             self.targets[name] = target
-            self.observers[name] = subjects.load(cfg.kind).make_observer(target)
+            self.observers[name] = subjects.definition_of(cfg).make_observer(target)
             self.history[name] = History()
             self.outages[name] = Outage(f"publishing observations of {name}", log)
             log.info("watching", extra={"subject": name, "url": cfg.url,

@@ -175,8 +175,9 @@ class SubjectConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.kind not in subjects.kinds():
             raise ValueError(f"unknown subject kind {self.kind!r}; installed: "
                              f"{', '.join(subjects.kinds())}")
-        if self.embedded and not subjects.is_builtin(self.kind):
-            raise ValueError(f"kind {self.kind!r} is a plugin: menders cannot start it "
+        if self.embedded and not subjects.embeddable(self.kind):
+            what = "declared in TOML" if subjects.is_builtin(self.kind) else "a plugin"
+            raise ValueError(f"kind {self.kind!r} is {what}: menders cannot start it "
                              "itself; set embedded = false and run the service yourself")
         subjects.validate_options(self.kind, self.options)
 
