@@ -61,6 +61,19 @@ def _get(url: str, timeout: float = 2.0) -> bytes:
         return bytes(resp.read())
 
 
+def _reap(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Wait for `proc` (already signalled) to exit, SIGKILLing it after `timeout`; close
+    its pipes."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe:
+            pipe.close()
+
+
 def _as_pg_user() -> dict[str, Any]:
     """Popen arguments that drop root to PG_OS_USER (none when not root)."""
     if os.geteuid() != 0:
@@ -141,11 +154,7 @@ class PgStack:
         proc = self.procs.pop(name, None)
         if proc and proc.poll() is None:
             proc.send_signal(sig)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            _reap(proc)
 
     def pids(self) -> list[int]:
         """PIDs started here, plus the postmaster's children (its backends) from /proc."""
@@ -323,8 +332,8 @@ class IdleInTransaction:
                 self.procs.append(p)
                 continue
             p.kill()
-            p.wait(5)
-            err = p.stderr.read().decode(errors="replace").strip()
+            err = p.stderr.read().decode(errors="replace").strip()  # EOF once it is dead
+            _reap(p, 5)
             if count is None and any(r in err for r in REFUSED):
                 self.refusal = err
                 break
@@ -341,11 +350,7 @@ class IdleInTransaction:
             assert p.stdin
             p.stdin.close()
         for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            _reap(p, 5)
         self.procs.clear()
 
 
