@@ -103,6 +103,9 @@ class InvariantSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     baseline: the metric must stay below `factor` x its learned baseline
       (an EWMA over healthy samples) and above `threshold` as a floor.
     `down_breaks`: an observation with up=False counts as broken.
+    `alerts`: Alertmanager alerts (by alertname) that report this same condition. While
+      one fires the invariant is broken (and opens at once: the alert waited its own
+      `for`), so an alert and the metric it fires on are one incident, not two.
     """
 
     name: str
@@ -116,6 +119,7 @@ class InvariantSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     window_s: float = 5.0
     factor: float = 3.0
     down_breaks: bool = False
+    alerts: tuple[str, ...] = ()
 
 
 class RunbookRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

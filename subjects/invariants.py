@@ -22,6 +22,7 @@ and commit it only once it is persisted, and can store it as JSON.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import msgspec
@@ -46,6 +47,7 @@ class Sample(msgspec.Struct, frozen=True):
     ts: float
     value: float | None  # None: the metric is missing from the observation
     down: bool = False  # the subject did not answer its scrape
+    alerting: bool = False  # an alert the invariant claims (InvariantSpec.alerts) fires
 
 
 class Learner(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +63,7 @@ class Assessment(msgspec.Struct, frozen=True, kw_only=True):
     limit: float
     clear_limit: float
     down: bool = False
+    alerting: bool = False
 
     @property
     def informative(self) -> bool:
@@ -137,7 +140,10 @@ def assess(spec: InvariantSpec, learner: Learner, sample: Sample) -> tuple[Learn
         value = _rate(window, spec.window_s)
     learner = msgspec.structs.replace(learner, window=window)
     limit, clear_limit = limits(spec, learner)
-    if sample.down and spec.down_breaks:
+    if sample.alerting:  # the alert's word stands until it resolves, whatever the metric
+        a = Assessment(value=value, breaking=True, clear=False, limit=limit,
+                       clear_limit=clear_limit, down=sample.down, alerting=True)
+    elif sample.down and spec.down_breaks:
         a = Assessment(value=value, breaking=True, clear=False, limit=limit,
                        clear_limit=clear_limit, down=True)
     elif value is None or sample.down:
@@ -190,7 +196,7 @@ def step(spec: InvariantSpec, state: InvState, sample: Sample, *, fresh: bool,
             return Step(state=msgspec.structs.replace(st, breach_since=None), assessment=a)
         since = st.breach_since if st.breach_since is not None else ts
         st = msgspec.structs.replace(st, breach_since=since)
-        if fresh and ts - since >= spec.for_s - JITTER_S:
+        if fresh and (a.alerting or ts - since >= spec.for_s - JITTER_S):
             inc = OpenIncident(incident_id=new_incident_id, opened_at=ts, last_value=value,
                                last_update_at=ts)
             st = msgspec.structs.replace(st, open=inc, healthy_since=None)
@@ -216,4 +222,32 @@ def step(spec: InvariantSpec, state: InvState, sample: Sample, *, fresh: bool,
 
 
 def sample_of(spec: InvariantSpec, ts: float, up: bool, metrics: dict[str, float]) -> Sample:
-    return Sample(ts=ts, value=metrics.get(spec.metric), down=not up)
+    alerting = any(metrics.get(ALERT_PREFIX + name, 0.0) > 0 for name in spec.alerts)
+    return Sample(ts=ts, value=metrics.get(spec.metric), down=not up, alerting=alerting)
+
+
+# --- alerts -----------------------------------------------------------------------
+# The monitor reports each Alertmanager alert routed to a subject as the observation
+# metric `alert:<alertname>`: how many of its fingerprints fire (0 once all resolved).
+
+ALERT_PREFIX = "alert:"
+
+
+def alert_invariant(alertname: str) -> InvariantSpec:
+    """The invariant of an alert no declared invariant claims: broken while it fires,
+    opened and resolved by the alert alone (its `for` already waited)."""
+    return InvariantSpec(name=ALERT_PREFIX + alertname, metric=ALERT_PREFIX + alertname,
+                         description=f"the Alertmanager alert {alertname} is not firing",
+                         threshold=0.5, for_s=0.0)
+
+
+def judged(declared: Iterable[InvariantSpec], metrics: Iterable[str],
+           known: Iterable[str] = ()) -> list[InvariantSpec]:
+    """The invariants one observation is judged on: the declared ones, then one per alert
+    that no declared invariant claims, for each alert metric observed and each alert
+    invariant already `known` (open in state: it must not be forgotten when the monitor
+    loses the alert; with its metric missing it stays as it is)."""
+    specs = list(declared)
+    claimed = {ALERT_PREFIX + a for s in specs for a in s.alerts} | {s.name for s in specs}
+    extra = [m for m in (*metrics, *known) if m.startswith(ALERT_PREFIX) and m not in claimed]
+    return specs + [alert_invariant(m.removeprefix(ALERT_PREFIX)) for m in dict.fromkeys(extra)]

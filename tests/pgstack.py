@@ -315,7 +315,7 @@ class IdleInTransaction:
 
     def start(self, count: int | None = None, timeout_s: float = 10.0) -> int:
         """Open `count` sessions, or (None) until the server refuses `app`; return how many
-        are open. Raise if a client fails for any other reason."""
+        are open. Raise, having closed them, if a client fails for any other reason."""
         while count is None or len(self.procs) < count:
             p = subprocess.Popen(
                 [self.stack.bins["psql"], "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1",
@@ -337,7 +337,9 @@ class IdleInTransaction:
             if count is None and any(r in err for r in REFUSED):
                 self.refusal = err
                 break
-            raise PgStackError(f"idle client {len(self.procs) + 1} failed: {err or 'timeout'}")
+            n = len(self.procs)
+            self.stop()  # a half-made fault would outlive the error
+            raise PgStackError(f"idle client {n + 1} failed: {err or 'timeout'}")
         return len(self.procs)
 
     def alive(self) -> int:
@@ -433,6 +435,7 @@ def main() -> None:
     finally:
         chaos.stop()
         hook.shutdown()
+        hook.server_close()
     left = [p for p in pids if os.path.exists(f"/proc/{p}")]
     print(f"checked {len(pids)} pids, left alive: {left}; tmp removed: {not stack.tmp.exists()}")
     assert not left and not stack.tmp.exists()

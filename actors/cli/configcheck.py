@@ -89,6 +89,10 @@ def _whole(config: Config) -> list[str]:
         registries[name] = dict(definition.actions)
         out += [f"$.subjects.{name} (kind {sc.kind}) runbooks: {p}"
                 for p in check_rules(definition.runbooks)]
+    for n, route in enumerate(config.alertmanager.routes):
+        if route.subject not in kinds:
+            out.append(f"$.alertmanager.routes[{n}].subject: no subject {route.subject!r} "
+                       f"is configured (subjects: {', '.join(kinds) or 'none'})")
     for name, allowed in config.governor.allow.items():
         if name not in kinds:
             out.append(f"$.governor.allow.{name}: no subject {name!r} is configured "

@@ -198,7 +198,8 @@ class Detector(Actor):
                *, fresh: bool) -> tuple[SubjectState, list[IncidentEvent]]:
         invs: dict[str, inv.InvState] = {}
         events: list[IncidentEvent] = []
-        for spec in definition.invariants:
+        open_now = [n for n, st in state.invariants.items() if st.open is not None]
+        for spec in inv.judged(definition.invariants, obs.metrics, open_now):
             before = state.invariants.get(spec.name, inv.InvState())
             res = inv.step(spec, before, inv.sample_of(spec, obs.ts, obs.up, obs.metrics),
                            fresh=fresh, new_incident_id=derive_id(obs.id, "incident", spec.name))
@@ -280,6 +281,11 @@ def _far(spec: InvariantSpec, value: float, limit: float) -> bool:
 
 
 def _summary(spec: InvariantSpec, a: inv.Assessment, obs: Observation) -> str:
+    if a.alerting or spec.metric.startswith(inv.ALERT_PREFIX):
+        firing = [n for n in spec.alerts if obs.metrics.get(inv.ALERT_PREFIX + n, 0) > 0]
+        names = ", ".join(firing) or spec.metric.removeprefix(inv.ALERT_PREFIX)
+        return (f"{spec.name} broken on {obs.subject}: Alertmanager reports {names} "
+                f"firing ({spec.description})")
     if a.down:
         why = obs.error[:200] or "no answer"
         return f"{obs.subject} is not answering its scrape ({why}); {spec.name} broken"

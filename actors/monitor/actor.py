@@ -33,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from aiohttp import web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 import subjects
+from actors.monitor.alerts import AlertBook, receiver, serve
 from actors.monitor.history import History, answer_obs_query
 from actors.runtime import Actor, Delivery, Runtime
 from actors.runtime.config import SubjectConfig
@@ -119,6 +121,12 @@ class Monitor(Actor):
             "menders_monitor_scrapes",
             "Scrapes by subject and outcome (up, down, timeout, error, skipped, "
             "publish_failed)", ["subject", "outcome"])
+        self.alerts: AlertBook | None = None
+        self.receiver: web.AppRunner | None = None
+        self.alerts_seen = rt.metrics.counter(
+            "menders_monitor_alerts",
+            "Alertmanager alerts received, by outcome (firing, resolved, repeated, unrouted, "
+            "invalid, bad_payload, unauthorized, too_large)", ["outcome"])
         self.duration = rt.metrics.histogram(
             "menders_monitor_scrape_seconds", "Scrape duration", ["subject"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
@@ -135,6 +143,21 @@ class Monitor(Actor):
 
         self.query_sub = await self.rt.nc.subscribe(
             catalog.service_wildcard("monitor"), cb=self._on_query)
+        am = self.config.alertmanager
+        if am.listen:
+            self.alerts = AlertBook(am, self.targets, self.config.home_dir / "monitor" /
+                                    "alerts.json")
+            for route in am.routes:
+                if route.subject not in self.targets:
+                    log.warning("alert route to an unconfigured subject: its alerts are "
+                                "dropped", extra={"subject": route.subject})
+            self.receiver = await serve(receiver(self.alerts, self._count_alerts),
+                                        am.listen)
+            log.info("alertmanager receiver listening",
+                     extra={"listen": am.listen, "path": am.path})
+
+    def _count_alerts(self, outcome: str, n: int) -> None:
+        self.alerts_seen.labels(outcome=outcome).inc(n)
 
     async def _on_query(self, msg: Msg) -> None:
         if not msg.reply:
@@ -157,6 +180,8 @@ class Monitor(Actor):
         return ()  # consumes nothing
 
     async def teardown(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.cleanup()
         if self.query_sub is not None:
             await self.query_sub.unsubscribe()
         for observer in self.observers.values():
@@ -209,6 +234,11 @@ class Monitor(Actor):
             outcome = "error"
         elapsed = time.perf_counter() - started
         self.duration.labels(subject=target.name).observe(elapsed)
+        if self.alerts is not None:  # Alertmanager's word on the subject, beside ours
+            fields = {**fields, "metrics": {**(fields.get("metrics") or {}),
+                                            **self.alerts.metrics(target.name, time.time())},
+                      "log_lines": [*(fields.get("log_lines") or []),
+                                    *self.alerts.take_notes(target.name)]}
         obs = sanitize(target.name, ts, fields, elapsed * 1000)
         self.history[target.name].add(obs)
         try:

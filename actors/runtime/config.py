@@ -9,6 +9,7 @@ key or value fails with an error that names it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,6 +146,10 @@ class VerifierConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stale_after_s: float = 3.0
     # How long, in total, a check waits for missing evidence; then it is inconclusive.
     evidence_wait_s: float = 60.0
+    # An incident only an Alertmanager alert opened passes when the alert resolves,
+    # which takes the rule's `for` and Alertmanager's group_interval; past this deadline
+    # the verdict is inconclusive (never a silent pass, never a failed fix on no word).
+    alert_deadline_s: float = 300.0
 
 
 class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -226,6 +231,49 @@ class RedactionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Redactor(self.patterns)
 
 
+class AlertRoute(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Alerts whose labels all equal `match` (and fully match each `match_re` regex)
+    belong to `subject`. The first route that matches wins."""
+
+    subject: str
+    match: dict[str, str] = {}
+    match_re: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        if not self.match and not self.match_re:
+            raise ValueError(f"route to {self.subject!r}: give match or match_re labels")
+        for label, pattern in self.match_re.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"match_re.{label}: {pattern!r} does not compile: "
+                                 f"{exc}") from None
+
+
+class AlertmanagerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The monitor's Alertmanager webhook receiver (docs/architecture.md, "alerts")."""
+
+    listen: str = ""  # "127.0.0.1:9095"; empty: no receiver
+    path: str = "/alertmanager"
+    # If set, the environment variable holding the bearer token Alertmanager must send
+    # (its receiver's http_config.authorization.credentials).
+    token_env: str = ""
+    # Without a matching route, an alert labelled `menders_subject="<name>"` goes to
+    # that subject; any other alert is counted and dropped.
+    routes: list[AlertRoute] = []
+    # A resolved alert reads 0 this long (so the detector sees it clear), then is dropped.
+    keep_resolved_s: float = 600.0
+    max_body: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            host, sep, port = self.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"alertmanager.listen: want host:port, got {self.listen!r}")
+        if not self.path.startswith("/"):
+            raise ValueError(f"alertmanager.path must start with /, got {self.path!r}")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     home: str = ""  # state directory; default $MENDERS_HOME or ~/.menders
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
@@ -238,6 +286,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
     llm: LlmConfig = msgspec.field(default_factory=LlmConfig)
     redaction: RedactionConfig = msgspec.field(default_factory=RedactionConfig)
+    alertmanager: AlertmanagerConfig = msgspec.field(default_factory=AlertmanagerConfig)
     subjects: dict[str, SubjectConfig] = msgspec.field(
         default_factory=lambda: {"webshop": SubjectConfig()}
     )

@@ -105,7 +105,7 @@ class SubjectWindow:
         if self.entries and obs.ts <= self.entries[-1][0]:
             return  # out of order: checks read entries in ts order
         judged: dict[str, Judgement] = {}
-        for spec in definition.invariants:
+        for spec in inv.judged(definition.invariants, obs.metrics):
             sample = inv.sample_of(spec, obs.ts, obs.up, obs.metrics)
             learner, a = inv.assess(spec, self.learners.get(spec.name, inv.Learner()), sample)
             if a.value is not None and not a.breaking:
@@ -271,7 +271,10 @@ class Verifier(Actor):
                 result, invariant, True, f"the detector resolved the incident "
                 f"{finished - rec.resolved_at:.1f}s before the step finished: healthy, but "
                 f"not thanks to it{note}", finished, "before")
-        budget = max(finished + vc.deadline_s - time.time(), vc.stable_window_s + LATE_GRACE_S)
+        # An incident only an alert opened is judged by the alert resolving.
+        alert_only = invariant.startswith(inv.ALERT_PREFIX)
+        deadline_s = vc.alert_deadline_s if alert_only else vc.deadline_s
+        budget = max(finished + deadline_s - time.time(), vc.stable_window_s + LATE_GRACE_S)
         deadline = time.monotonic() + budget
         paused = 0.0  # time without evidence: it does not count against the deadline
         tick = time.monotonic()
@@ -304,6 +307,13 @@ class Verifier(Actor):
                         f"{result.subject} for {silent:.0f}s (monitor or bus unavailable); "
                         f"{why}{note}", finished, inconclusive=True)
                 remaining = deadline - now
+                if remaining <= 0 and alert_only:
+                    # Only the alert can say, and it resolves on Alertmanager's clock
+                    # (rule `for`, group_interval), not ours: no word is not a failure.
+                    return self._verdict(
+                        result, invariant, False, f"inconclusive: the alert behind "
+                        f"{invariant} did not resolve within {budget:.0f}s; {why}{note}",
+                        finished, inconclusive=True)
                 if remaining <= 0:
                     reason = (f"{' and '.join(names)} did not hold for "
                               f"{vc.stable_window_s:g}s by the deadline: {why}{note}")
@@ -352,7 +362,8 @@ class Verifier(Actor):
 
 
 def _has(definition: SubjectDefinition, name: str) -> bool:
-    return any(s.name == name for s in definition.invariants)
+    return name.startswith(inv.ALERT_PREFIX) or any(s.name == name
+                                                    for s in definition.invariants)
 
 
 ACTOR = Verifier

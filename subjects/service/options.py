@@ -17,6 +17,7 @@ import msgspec
 from bus_schemas.errors import MendersError
 from bus_schemas.messages import RecommendedAction, Risk
 from subjects.base import InvariantSpec, RetryPolicy, RunbookRule
+from subjects.invariants import ALERT_PREFIX
 from subjects.rules import check_rules
 from subjects.service import templates
 from subjects.service.params import NAME, ParamDecl, params_struct
@@ -235,11 +236,12 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             where = f"runbooks[{n}]"
             if problems := check_rules([rule]):
                 raise KeyedError(where, problems[0])
-            if rule.invariant is not None and rule.invariant not in invariants:
+            if rule.invariant is not None and rule.invariant not in invariants and not (
+                    rule.invariant.startswith(ALERT_PREFIX)):  # an alert's own invariant
                 raise KeyedError(f"{where}.invariant", f"{rule.invariant!r} is not declared "
                                  f"(declared: {', '.join(invariants) or 'none'})")
             for metric in rule.when:
-                if metric not in declared:
+                if metric not in declared and not metric.startswith(ALERT_PREFIX):
                     raise KeyedError(f"{where}.when.{metric}", "not an observed metric")
             if not rule.actions and not rule.escalate:
                 raise KeyedError(where, "give actions, or escalate = true")
