@@ -203,10 +203,16 @@ log_line_prefix = '%m [%p] %u@%d '
         # SIGINT is the fast shutdown; SIGTERM ("smart") would wait for idle sessions forever.
         self._end("postgres", signal.SIGINT)
 
+    BROKEN_LINE = "this is not a setting\n"
+
     def break_config(self) -> None:
         """An unfixable fault: the next postgres start fails on this line."""
         with open(self.data_dir / "postgresql.conf", "a") as conf:
-            conf.write("this is not a setting\n")
+            conf.write(self.BROKEN_LINE)
+
+    def repair_config(self) -> None:
+        conf = self.data_dir / "postgresql.conf"
+        conf.write_text(conf.read_text().replace(self.BROKEN_LINE, ""))
 
     def psql_argv(self, sql: str, user: str = "postgres") -> list[str]:
         return [self.bins["psql"], "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
