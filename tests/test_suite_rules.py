@@ -17,7 +17,7 @@ from tests.conftest import E2E_FIXTURES
 from tests.harness import REPO
 
 TESTS = REPO / "tests"
-SUPPORT = {"harness", "conftest", "fake_anthropic", "fixture_actor"}  # not test modules
+SUPPORT = {"harness", "conftest", "fake_anthropic", "fixture_actor", "pgstack"}  # not test modules
 
 
 def test_test_modules_import_no_other_test_module() -> None:
