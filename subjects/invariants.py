@@ -231,6 +231,7 @@ def sample_of(spec: InvariantSpec, ts: float, up: bool, metrics: dict[str, float
 # metric `alert:<alertname>`: how many of its fingerprints fire (0 once all resolved).
 
 ALERT_PREFIX = "alert:"
+ALERT_NAME = r"[A-Za-z_:][A-Za-z0-9_:]{0,127}"  # Prometheus's alert names, bounded
 
 
 def alert_invariant(alertname: str) -> InvariantSpec:

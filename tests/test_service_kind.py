@@ -97,6 +97,9 @@ def test_the_example_postgres_config_checks_clean() -> None:
     ({"runbooks": [{"name": "r", "hypothesis": "h", "confidence": 0.5,
                     "actions": [{"action": "vacuum"}]}]},
      "options.runbooks[0].actions[0].action: 'vacuum' is not declared (declared: drain)"),
+    ({"invariants": [{"name": "q", "metric": "queue", "threshold": 1, "description": "d",
+                      "alerts": ["Queue Stuck"]}]},
+     "options.invariants[0].alerts[0]: 'Queue Stuck' is not an alert name"),
     ({"queries": {"lag": {"promql": "up"}}},
      "options.queries: set prometheus_url to run them against"),
     ({"metrics_url": "file:///etc/passwd"},
@@ -361,3 +364,24 @@ async def test_an_http_action_renders_its_templates_and_takes_its_secret_from_th
         assert len(calls) == 2
     finally:
         await client.close()
+
+
+@pytest.mark.e2e
+async def test_a_systemd_action_runs_systemctl_with_the_unit_after_a_double_dash(
+        tmp_path: Path) -> None:
+    record = tmp_path / "argv.json"
+    systemctl = tmp_path / "systemctl"
+    systemctl.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                         f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    systemctl.chmod(0o755)
+    client, _ = client_for({"restart": {
+        "description": "restart one app instance", "risk": "medium", "params": {
+            "n": {"type": "str", "pattern": "[a-z]{1,8}"}},
+        "systemd": {"unit": "app@{n}.service", "verb": "restart",
+                    "systemctl": str(systemctl)}}})
+    detail = await client.run("restart", {"n": "blue"}, 5)
+    assert detail.startswith(f"{systemctl} exited 0")
+    assert json.loads(record.read_text()) == ["--no-ask-password", "restart", "--",
+                                              "app@blue.service"]
+    with pytest.raises(ActionError):
+        await client.run("restart", {"n": "--all"}, 5)

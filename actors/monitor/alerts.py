@@ -34,12 +34,12 @@ from aiohttp import web
 
 from actors.runtime.config import AlertmanagerConfig
 from actors.runtime.logs import get_logger
-from subjects.invariants import ALERT_PREFIX
+from subjects.invariants import ALERT_NAME, ALERT_PREFIX
 
 log = get_logger("menders.monitor.alerts")
 
 SUBJECT_LABEL = "menders_subject"
-ALERTNAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]{0,127}")
+ALERTNAME = re.compile(ALERT_NAME)
 MAX_NOTE_CHARS = 500
 
 

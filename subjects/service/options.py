@@ -17,7 +17,7 @@ import msgspec
 from bus_schemas.errors import MendersError
 from bus_schemas.messages import RecommendedAction, Risk
 from subjects.base import InvariantSpec, RetryPolicy, RunbookRule
-from subjects.invariants import ALERT_PREFIX
+from subjects.invariants import ALERT_NAME, ALERT_PREFIX
 from subjects.rules import check_rules
 from subjects.service import templates
 from subjects.service.params import NAME, ParamDecl, params_struct
@@ -229,6 +229,10 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             if inv.metric not in declared:
                 raise KeyedError(f"invariants[{n}].metric", f"{inv.metric!r} is not "
                                  f"observed (declared: {', '.join(declared)})")
+            for k, alert in enumerate(inv.alerts):
+                if not re.fullmatch(ALERT_NAME, alert):
+                    raise KeyedError(f"invariants[{n}].alerts[{k}]", f"{alert!r} is not "
+                                     "an alert name (Prometheus: [A-Za-z_:][A-Za-z0-9_:]*)")
 
     def _check_runbooks(self, declared: list[str]) -> None:
         invariants = {inv.name for inv in self.invariants}
