@@ -221,7 +221,7 @@ def test_prune_forgets_what_no_longer_matters() -> None:
                  now=NOW + 100).outcome == "approve"
 
 
-def test_dag_problems_name_unknown_deps_cycles_and_duplicates_and_ready_follows_deps() -> None:
+def test_dag_problems_name_unknown_deps_cycles_and_duplicates() -> None:
     steps = [step(sid="a"), step(sid="b", depends_on=["a"]), step(sid="c", depends_on=["zz"]),
              step(sid="d", depends_on=["e"]), step(sid="e", depends_on=["d"]),
              step(sid="f", depends_on=["c"])]
@@ -230,15 +230,6 @@ def test_dag_problems_name_unknown_deps_cycles_and_duplicates_and_ready_follows_
     assert problems["d"] == problems["e"] == "dependency cycle"
     assert "a" not in problems and "b" not in problems
     assert policy.dag_problems([step(sid="x"), step(sid="x")]) == {"x": "duplicate step id 'x'"}
-    assert [s.step_id for s in policy.ready(steps[:2], set(), set())] == ["a"]
-    assert [s.step_id for s in policy.ready(steps[:2], {"a"}, {"a"})] == ["b"]
-
-
-def test_blocked_is_transitive_and_names_the_dependency() -> None:
-    steps = [step(sid="a"), step(sid="b", depends_on=["a"]), step(sid="c", depends_on=["b"])]
-    out = policy.blocked(steps, {"a": "failed"}, {"a"})
-    assert out == {"b": "dependency 'a' did not succeed (failed)",
-                   "c": "dependency 'b' did not succeed (vetoed)"}
 
 
 @pytest.mark.parametrize("risk,above,needs", [("medium", "medium", False),

@@ -15,10 +15,8 @@ from typing import Any
 import msgspec
 
 import subjects
-from actors.runtime.config import Config, SubjectConfig
+from actors.runtime.config import ALLOW_ALL, Config, SubjectConfig
 from subjects.rules import check_rules
-
-ALLOW_ALL = "*"
 
 
 def problems_of(path: str | Path) -> list[str]:

@@ -29,13 +29,12 @@ from typing import Literal
 
 import msgspec
 
-from actors.runtime.config import GovernorConfig
+from actors.runtime.config import ALLOW_ALL, GovernorConfig
 from bus_schemas.messages import Mode, PlanStep, Risk
 from subjects.base import ActionError, ActionSpec
 
 RISK_ORDER: dict[Risk, int] = {"low": 0, "medium": 1, "high": 2}
 RATE_WINDOW_S = 60.0
-ALLOW_ALL = "*"  # in an allow-list: every action registered for the subject's kind
 
 
 class Grant(msgspec.Struct, frozen=True, kw_only=True):
@@ -266,28 +265,3 @@ def dag_problems(steps: Sequence[PlanStep]) -> dict[str, str]:
         problems[sid] = "dependency cycle"
     return problems
 
-
-def ready(steps: Sequence[PlanStep], succeeded: set[str], decided: set[str]) -> list[PlanStep]:
-    """Undecided steps whose dependencies all succeeded, in plan order."""
-    return [s for s in steps
-            if s.step_id not in decided and all(d in succeeded for d in s.depends_on)]
-
-
-def blocked(steps: Sequence[PlanStep], ended: Mapping[str, str],
-            decided: set[str]) -> dict[str, str]:
-    """Undecided steps that can never run because a dependency (transitively) did not
-    succeed; `ended` maps each such dependency to how it ended (failed, vetoed, ...)."""
-    out: dict[str, str] = {}
-    dead = dict(ended)
-    changed = True
-    while changed:
-        changed = False
-        for s in steps:
-            if s.step_id in decided or s.step_id in out:
-                continue
-            bad = [d for d in s.depends_on if d in dead]
-            if bad:
-                out[s.step_id] = f"dependency {bad[0]!r} did not succeed ({dead[bad[0]]})"
-                dead[s.step_id] = "vetoed"
-                changed = True
-    return out

@@ -49,6 +49,9 @@ class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     stop_timeout_s: float = 10.0
 
 
+ALLOW_ALL = "*"  # in an allow-list: every action registered for the subject's kind
+
+
 class GovernorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The closed defaults (DESIGN.md, safety rule 2): a fresh install waits for a human.
     mode: Mode = "approve"  # the initial mode; `menders mode` changes it at run time
