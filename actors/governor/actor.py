@@ -286,9 +286,7 @@ class Governor(Actor):
         problems: dict[str, tuple[str, str]] = {}
         for sid, why in policy.dag_problems(plan.steps).items():
             problems[sid] = ("dag", why)
-        disruptive = {s.step_id: s.disruptive or (s.action in actions
-                                                  and actions[s.action].disruptive)
-                      for s in plan.steps}
+        disruptive = {s.step_id: policy.is_disruptive(s, actions) for s in plan.steps}
         for sid, found in waves.structure_problems(plan.steps, disruptive).items():
             problems.setdefault(sid, found)
         for step in plan.steps:
@@ -324,8 +322,7 @@ class Governor(Actor):
         own = [st for st in prog.steps.values() if st.status in IN_FLIGHT]
         if len(own) >= self._parallel(prog.plan):
             return True
-        spec = actions.get(step.action)
-        if not (step.disruptive or (spec is not None and spec.disruptive)):
+        if not policy.is_disruptive(step, actions):
             return False
         own_out = sum(1 for st in own if st.disruptive)
         return 0 < own_out and own_out >= self.cfg.max_disruptive_per_subject

@@ -117,6 +117,12 @@ class Judgement:
     rule: str = ""  # which rule decided (bus_schemas.messages.Rule)
 
 
+def is_disruptive(step: PlanStep, actions: Mapping[str, ActionSpec]) -> bool:
+    """The plan's word or the registry's: either one makes a step count for blast radius."""
+    spec = actions.get(step.action)
+    return step.disruptive or (spec is not None and spec.disruptive)
+
+
 def normalise(step: PlanStep, spec: ActionSpec) -> PlanStep:
     """The registry's word, or the plan's where it is stricter. The retry policy is the
     registry's alone, and only an idempotent step retries."""
@@ -125,7 +131,7 @@ def normalise(step: PlanStep, spec: ActionSpec) -> PlanStep:
     retry = spec.retry if idempotent else msgspec.structs.replace(spec.retry, attempts=1)
     return msgspec.structs.replace(
         step, risk=risk, idempotent=idempotent, timeout_s=spec.timeout_s,
-        disruptive=spec.disruptive or step.disruptive, attempts=retry.attempts,
+        disruptive=is_disruptive(step, {spec.name: spec}), attempts=retry.attempts,
         budget_s=retry.budget_s(spec.timeout_s))
 
 
