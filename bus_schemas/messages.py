@@ -161,6 +161,7 @@ class Diagnosis(Event, tag="diagnosis", frozen=True, kw_only=True):
     request_id: str = ""
     redactions: int = 0  # secret-like strings cut from what the model saw (never them)
     cost_usd: float = 0.0  # the model's estimated cost for this diagnosis
+    tokens: int = 0  # the model's tokens for it (input, output and cache together)
     symptoms: dict[str, float] = {}  # what the diagnosis was made on (fresh ones on a request)
 
 

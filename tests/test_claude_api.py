@@ -259,4 +259,4 @@ async def test_the_dollar_budget_per_incident_hands_over_to_the_runbooks() -> No
         spent.evidence[0]
     assert ran_out.source == "claude->runbook" and len(fake.requests) >= 1
     assert "budget for this incident ran out during the investigation" in ran_out.evidence[0]
-    assert fine.source == "claude" and 0 < fine.cost_usd < 1.0
+    assert fine.source == "claude" and 0 < fine.cost_usd < 1.0 and fine.tokens > 0

@@ -220,7 +220,7 @@ deadline_s = 20.0
 """ + "".join(subject_section(home, kind, port) for kind, port in ports.items())
 
 
-def _free_port_block(start: int, count: int) -> int:
+def free_port_block(start: int, count: int) -> int:
     """The first of `count` consecutive free ports at or after `start` (0 if none)."""
     import socket
 
@@ -240,7 +240,7 @@ def _free_port_block(start: int, count: int) -> int:
     return 0
 
 
-async def _chaos(session: aiohttp.ClientSession, base: str, method: str, fault: str,
+async def chaos_request(session: aiohttp.ClientSession, base: str, method: str, fault: str,
                  tries: int = 1) -> None:
     """Inject (POST) or clear (DELETE) a fault; a clear is the harness's repair and is
     tried again on a server error (its first try may meet a connection the fault broke)."""
@@ -315,7 +315,7 @@ async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSess
     where = "" if name == SUBJECT else f"{name}: "
     print(f"\n== fault: {where}{fault.name} ({fault.description})", flush=True)
     t0 = row.started_at = time.time()
-    await _chaos(session, chaos, "POST", fault.name)
+    await chaos_request(session, chaos, "POST", fault.name)
     deadline = time.monotonic() + subject.fault_deadline_s
     try:
         while time.monotonic() < deadline:
@@ -323,7 +323,7 @@ async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSess
             incidents = {e.incident_id for e in events if isinstance(e, m.IncidentOpened)}
             settled = incidents and not (incidents & tl.open_incidents(name))
             escalated = any(isinstance(e, m.IncidentEscalated) for e in events)
-            if (settled and not _verdicts_pending(events)) or (escalated and not fault.fixable):
+            if (settled and not verdicts_pending(events)) or (escalated and not fault.fixable):
                 break
             if approve is not None:
                 for ap in to_approve(fault, events):
@@ -334,14 +334,14 @@ async def _run_fault(fault: FaultSpec, tl: Timeline, session: aiohttp.ClientSess
         _summarize(row, tl.since(t0, name), t0)
         row.elapsed_s = time.time() - t0
         # Reset hidden state (a human fixes the upstream), then wait for health.
-        await _chaos(session, chaos, "DELETE", fault.name, tries=3)
+        await chaos_request(session, chaos, "DELETE", fault.name, tries=3)
     if not await _wait_baseline(tl, subject.settle_deadline_s, name):
         print(f"   (baseline not healthy again within {subject.settle_deadline_s:g}s)",
               flush=True)
     return row
 
 
-def _verdicts_pending(events: list[m.Event]) -> bool:
+def verdicts_pending(events: list[m.Event]) -> bool:
     """A plan that succeeded whose verdict has not arrived yet (it may trail the
     resolution)."""
     judged = {e.plan_id for e in events if isinstance(e, m.Verdict)}
@@ -356,12 +356,18 @@ def to_approve(fault: FaultSpec, events: list[m.Event]) -> list[m.HumanApproval]
     """The demo's on-call human: approve the steps of `fault.human_approves` actions the
     governor holds for a human, once each; the governor still judges them on release."""
     actions: tuple[str, ...] = getattr(fault, "human_approves", ())  # not every catalog has it
+    return approvals_for(actions, fault.name, events)
+
+
+def approvals_for(actions: tuple[str, ...], why: str,
+                  events: list[m.Event]) -> list[m.HumanApproval]:
+    """HumanApprovals for the held steps of `actions` not answered yet, once each."""
     asked = [e for e in events if isinstance(e, m.Decision)
              and e.outcome == "awaiting_approval" and e.step is not None
              and e.step.action in actions]
     answered = {e.execution_id for e in events if isinstance(e, m.HumanApproval)}
     return [m.HumanApproval(execution_id=d.execution_id, approved=True, by=ON_CALL,
-                            reason=f"demo: {fault.name} needs {d.step.action}",
+                            reason=f"demo: {why} needs {d.step.action}",
                             incident_id=d.incident_id, subject=d.subject)
             for d in asked if d.step is not None and d.execution_id not in answered]
 
@@ -416,11 +422,11 @@ def with_faults(picked: tuple[DemoSubject, ...],
     return tuple(kept)
 
 
-def _ports(picked: tuple[DemoSubject, ...]) -> dict[str, int]:
+def ports_for(picked: tuple[DemoSubject, ...]) -> dict[str, int]:
     ports = {}
     for d in picked:
         if d.kind == "kvcluster":
-            base = _free_port_block(free_port(), KV_PORTS) or _free_port_block(20000, KV_PORTS)
+            base = free_port_block(free_port(), KV_PORTS) or free_port_block(20000, KV_PORTS)
             if not base:
                 raise StackError(f"no {KV_PORTS} consecutive free ports for the etcd members")
             ports[d.kind] = base
@@ -441,9 +447,9 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
     use_llm = _llm_banner(config.llm, args.llm)
     home = Path(tempfile.mkdtemp(prefix="menders-demo-"))
     cfg_path = home / "menders.toml"
-    ports = None if [d.kind for d in picked] == [SUBJECT] else _ports(picked)
+    ports = None if [d.kind for d in picked] == [SUBJECT] else ports_for(picked)
     cfg_path.write_text(demo_config(home, free_port(), free_port(),
-                                    _free_port_block(9464, len(catalog.ACTORS)),
+                                    free_port_block(9464, len(catalog.ACTORS)),
                                     config.llm if use_llm else None, ports))
     from actors.runtime.config import load
 

@@ -113,7 +113,8 @@ class ClaudeDiagnoser:
         d = diagnosis_of(incident, hypothesis=f.hypothesis, evidence=evidence,
                          confidence=f.confidence, actions=f.actions,
                          escalate=f.escalate or not f.actions, source=SOURCE)
-        return msgspec.structs.replace(d, redactions=inv.redactions, cost_usd=t.cost_usd)
+        return msgspec.structs.replace(d, redactions=inv.redactions, cost_usd=t.cost_usd,
+                                       tokens=t.total)
 
     async def _fall_back(self, incident: IncidentOpened, definition: SubjectDefinition,
                          category: str, reason: str) -> Diagnosis:
