@@ -68,7 +68,7 @@ async def test_kill_mid_execution_cancels_it_and_nothing_runs_after(
         nc = await bus.connect(catalog.OPERATOR)
         await operator.engage_kill(nc, "tester", "stop everything")
         res = await result_of(col, approved.execution_id)
-        assert res.status == "cancelled"
+        assert res.status == "cancelled" and res.rule == "kill"
         assert "kill switch engaged by tester: stop everything" in res.detail
         await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "killed"
                            and e.execution_id == approved.execution_id)
@@ -104,6 +104,7 @@ async def test_queued_approval_is_skipped_after_a_kill(bus: Bus, actions: Record
         await start_crew(bus, "executor")  # the approval waited in the stream
         res = await result_of(col, approved.execution_id)
     assert res.status == "skipped" and "kill switch engaged by tester" in res.detail
+    assert res.rule == "kill"
     assert actions.count() == 0
 
 
@@ -118,6 +119,7 @@ async def test_expired_approval_is_refused(bus: Bus, actions: RecordingServer) -
         await start_crew(bus, "executor")
         res = await result_of(col, approved.execution_id)
     assert res.status == "skipped" and "approval expired" in res.detail
+    assert res.rule == "approval_expired"
     assert actions.count() == 0
 
 
@@ -138,6 +140,7 @@ async def test_revoking_one_running_execution_cancels_it_and_spares_the_other(
         rb = await result_of(col, b.execution_id)
         d = await col.wait_for(lambda e: isinstance(e, m.Decision) and e.outcome == "revoked")
     assert ra.status == "cancelled" and "revoked by tester: wrong fix" in ra.detail
+    assert ra.rule == "revoked" and rb.rule == ""
     assert rb.status == "succeeded"
     assert d[0].execution_id == a.execution_id and d[0].reason == "revoked by tester: wrong fix"
     assert actions.count() == 2
@@ -244,6 +247,7 @@ async def test_an_approval_issued_under_execute_does_not_run_after_mode_approve(
         await start_crew(bus, "executor")  # the approval waited in the stream
         res = await result_of(col, approved.execution_id)
     assert res.status == "skipped" and "the mode is now approve" in res.detail
+    assert res.rule == "mode"
     assert actions.count() == 0
 
 
@@ -268,6 +272,7 @@ async def test_every_approval_expires_within_the_bound(bus: Bus, actions: Record
         letter = await col.wait_for(lambda e: isinstance(e, m.DeadLetter)
                                     and e.consumer == "executor")
     assert res.status == "skipped" and "more than the 3600s any approval may be" in res.detail
+    assert res.rule == "approval_expired"
     assert "not_after" in letter[0].reason
     assert actions.count() == 0
 
@@ -290,6 +295,7 @@ async def test_a_step_for_an_incident_already_resolved_is_not_run(
         await start_crew(bus, "executor")
         res = await result_of(col, approved.execution_id)
     assert res.status == "skipped" and "was resolved by the detector" in res.detail
+    assert res.rule == "resolved"
     assert actions.count() == 0
 
 

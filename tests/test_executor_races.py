@@ -67,7 +67,7 @@ class RacingExecutor(Executor):
         if run is None:
             return  # before _execute registers it: the last look's `get`s must see it
         deadline = time.monotonic() + 10
-        while run.cancel_reason is None:  # the watch (or the poll) delivered it
+        while run.cancel is None:  # the watch (or the poll) delivered it
             assert time.monotonic() < deadline, f"the executor never saw the {self.race}"
             await asyncio.sleep(0.005)
 
@@ -130,6 +130,7 @@ async def test_a_kill_or_revocation_before_the_start_means_it_never_starts(
         res = await one_execution(bus, col)
     assert point in cls.reached, f"the executor never reached {point}: {cls.reached}"
     assert res.status == "skipped", (point, race, res)
+    assert res.rule == ("kill" if race == "kill" else "revoked"), res
     assert ("kill switch engaged by tester: race" if race == "kill"
             else "revoked by tester: race") in res.detail
     assert actions.count() == 0, f"the action ran although the {race} landed at {point}"

@@ -52,6 +52,10 @@ SLOT_GRACE_S = 30.0
 
 Mode = Literal["observe", "approve", "execute"]
 
+# Crew._truth_allows's first word -> the rule the executor's refusal must name.
+TRUTH_RULES = {"killed": "kill", "revoked": "revoked", "expired": "approval_expired",
+               "mode": "mode"}
+
 
 PlannerStep = attempts.Step
 
@@ -211,7 +215,7 @@ class Crew(RuleBasedStateMachine):
                                                self.w.now, slot)
             s.status, s.in_stream = "approved", True
 
-    def _result(self, s: Step, status: m.ExecutionStatus) -> None:
+    def _result(self, s: Step, status: m.ExecutionStatus, rule: str = "") -> None:
         """The executor records and reports; the governor frees the slot; the verifier (for
         a success) passes or fails it at once."""
         self.usage = policy.free_slot(self.usage, s.eid)
@@ -220,7 +224,7 @@ class Crew(RuleBasedStateMachine):
         s.status = "ended"
         res = m.ExecutionResult(incident_id=s.incident, subject=SUBJECT, execution_id=s.eid,
                                 plan_id=s.plan.plan_id, action=s.plan.steps[0].action,
-                                status=status)
+                                status=status, rule=rule)
         self._planner(res)
         if status == "succeeded":
             self._planner(m.Verdict(incident_id=s.incident, subject=SUBJECT,
@@ -347,8 +351,12 @@ class Crew(RuleBasedStateMachine):
                           revoked=self.w.revoked.get(s.eid), mode=self.w.mode, now=self.w.now)
             s.in_stream = False
             if why is not None:
+                truth = self._truth_allows(s.approval)
+                if why.rule != TRUTH_RULES.get(truth.split(" ")[0]):
+                    self.violations.append(f"{s.eid} refused by rule {why.rule!r} "
+                                           f"({why.reason}), but the truth is {truth!r}")
                 self.claims[s.eid] = Claim(s.approval.step.idempotent, self._rev(), done=True)
-                self._result(s, "skipped")
+                self._result(s, "skipped", why.rule)  # as the executor reports it
                 return
             self.claims[s.eid] = Claim(s.approval.step.idempotent, self._rev(), owner="running",
                                        renewed_at=self.w.now)

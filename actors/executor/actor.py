@@ -36,15 +36,16 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 import subjects
-from actors.executor.admission import kill_reason, refusal, revoke_reason, rule_of
+from actors.executor.admission import Refusal, kill_refusal, refusal, revoke_refusal
 from actors.executor.ledger import LeaseWatch, Ledger, LedgerConflict, LedgerEntry, Record
 from actors.runtime import Actor, Delivery, Reject, derive_id
+from actors.runtime.config import SubjectConfig
 from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, Records, Unreadable, watch_forever
 from actors.runtime.logs import get_logger
@@ -81,13 +82,15 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # hook (`Executor._reached`) is called at each, so a race can be made to land in it.
 PRESTART = ("claimed", "started_published", "looked")
 
+LOST_LEASE = Refusal("lost_lease", "lost the ledger lease: another executor settled it")
+
 
 @dataclass
 class Running:
     approved: ExecutionApproved
     record: Record
     task: asyncio.Task[str] | None = None
-    cancel_reason: str | None = None  # set once, by the first kill, revocation or lost lease
+    cancel: Refusal | None = None  # set once, by the first kill, revocation or lost lease
     done: asyncio.Event = field(default_factory=asyncio.Event)
     stop_renewing: asyncio.Event = field(default_factory=asyncio.Event)
     lost_lease: bool = False
@@ -155,10 +158,9 @@ class Executor(Actor):
                                 action=event.step.action, idempotent=event.step.idempotent,
                                 owner=self.owner, claimed_at=now, lease_s=self.lease_s,
                                 renewed_at=now)
-            refusal = await self._refusal(event)
-            if refusal is not None:
-                result = self._result(event, "skipped", refusal, now,
-                                      rule=rule_of(refusal))
+            why = await self._refusal(event)
+            if why is not None:
+                result = self._result(event, "skipped", why.reason, now, rule=why.rule)
                 entry = msgspec.structs.replace(entry, state="done", result=result)
                 if await self.ledger.claim(entry) is not None:
                     return [self._done(result)]
@@ -227,8 +229,8 @@ class Executor(Actor):
         """
         e = rec.entry
         if e.idempotent:
-            refusal = await self._refusal(event)
-            if refusal is None:
+            why = await self._refusal(event)
+            if why is None:
                 log.warning("re-running an idempotent step after its executor was lost",
                             extra={"execution_id": e.execution_id, "attempt": e.attempts + 1})
                 now = time.time()
@@ -236,7 +238,7 @@ class Executor(Actor):
                                                 claimed_at=now, lease_s=self.lease_s,
                                                 renewed_at=now)
                 return [await self._execute(event, await self.ledger.replace(rec, again))]
-            detail = f"executor lost mid-execution ({e.owner}); not re-run: {refusal}"
+            detail = f"executor lost mid-execution ({e.owner}); not re-run: {why.reason}"
         else:
             detail = (f"executor lost mid-execution ({e.owner}); not repeated (not "
                       "idempotent): its effect may or may not have happened")
@@ -262,13 +264,11 @@ class Executor(Actor):
             # The subject's own check on fresh state (etcd: every other member up), before
             # the last look, so that no await sits between the look and the start.
             blocked = await self._precondition(client, step) if step.disruptive else None
-            rule = "precondition" if blocked else ""
-            refusal = blocked or await self._refusal(event, last_look=True)
-            if refusal is None:
-                refusal = run.cancel_reason  # seen by a watch while we looked
-            if refusal is not None:
-                result = self._result(event, "skipped", refusal, started,
-                                      rule=rule or rule_of(refusal))
+            why = blocked or await self._refusal(event, last_look=True)
+            if why is None:
+                why = run.cancel  # seen by a watch while we looked
+            if why is not None:
+                result = self._result(event, "skipped", why.reason, started, rule=why.rule)
             else:
                 # No await since the look above: a kill from here on finds the task.
                 run.task = asyncio.create_task(self._tries(client, event, run))
@@ -316,20 +316,22 @@ class Executor(Actor):
                 run.record = await self.ledger.renew(run.record, time.time())
             except LedgerConflict:
                 run.lost_lease = True
-                self._cancel(run, "lost the ledger lease: another executor settled it")
+                self._cancel(run, LOST_LEASE)
                 return
             except Exception as exc:  # a NATS hiccup: try again next interval
                 log.warning("lease renewal failed",
                             extra={"execution_id": run.approved.execution_id, "err": repr(exc)})
 
-    async def _precondition(self, client: ActionClientProtocol, step: PlanStep) -> str | None:
+    async def _precondition(self, client: ActionClientProtocol,
+                            step: PlanStep) -> Refusal | None:
         """Why a disruptive step must not start now, per the subject; a check that
         cannot be made refuses (fail closed)."""
         try:
-            return await asyncio.wait_for(client.precondition(step.action, dict(step.params)),
-                                          step.timeout_s)
+            why = await asyncio.wait_for(client.precondition(step.action, dict(step.params)),
+                                         step.timeout_s)
         except Exception as exc:
-            return f"{step.action}: the precondition could not be checked: {exc!r}"
+            why = f"{step.action}: the precondition could not be checked: {exc!r}"
+        return Refusal("precondition", why) if why else None
 
     async def _tries(self, client: ActionClientProtocol, event: ExecutionApproved,
                      run: Running) -> str:
@@ -377,9 +379,10 @@ class Executor(Actor):
         if not done:
             return self._result(event, "timed_out", f"no answer within "
                                 f"{_budget(event.step):g}s{tries}{maybe}", started, run.tries)
-        if run.task.cancelled():
-            return self._result(event, "cancelled", f"{run.cancel_reason}{maybe}", started,
-                                run.tries, rule=rule_of(run.cancel_reason or ""))
+        if run.task.cancelled():  # only _cancel cancels it, after setting run.cancel
+            why = run.cancel or Refusal("", "None")
+            return self._result(event, "cancelled", f"{why.reason}{maybe}", started,
+                                run.tries, rule=why.rule)
         exc = run.task.exception()
         if isinstance(exc, TimeoutError):
             return self._result(event, "timed_out", f"no answer within "
@@ -391,7 +394,8 @@ class Executor(Actor):
                                 started, run.tries)
         return self._result(event, "succeeded", run.task.result(), started, run.tries)
 
-    async def _refusal(self, event: ExecutionApproved, last_look: bool = False) -> str | None:
+    async def _refusal(self, event: ExecutionApproved,
+                       last_look: bool = False) -> Refusal | None:
         """Why this approval must not be acted on now, or None (fresh `get`s, fail closed).
 
         The four reads go out at once: one round trip, and one await point.
@@ -402,24 +406,8 @@ class Executor(Actor):
         mode = parse_mode(mode_raw)
         if last_look:
             await self._reached("looked")
-        why = refusal(event, kill=kill, revoked=revoked, mode=mode, now=time.time(),
-                      resolved_at=resolved_at)
-        if why is not None:
-            return why
-        sc = self.config.subjects.get(event.subject)
-        if sc is None:
-            return f"subject {event.subject!r} is not configured here"
-        try:
-            spec = subjects.definition_of(sc).actions.get(event.step.action)
-        except Exception as exc:
-            return f"no action registry for kind {sc.kind!r}: {exc!r}"
-        if spec is None:  # the governor checked; we never act on an unregistered action
-            return f"action {event.step.action!r} is not registered for kind {sc.kind!r}"
-        try:
-            spec.validate(event.step.params)
-        except ActionError as exc:
-            return str(exc)
-        return None
+        return refusal(event, kill=kill, revoked=revoked, mode=mode, now=time.time(),
+                       resolved_at=resolved_at) or unrunnable(event, self.config.subjects)
 
     async def _resolved_at(self, incident_id: str) -> float | None:
         """When the detector resolved the incident, per the verifier's record; None if it
@@ -456,23 +444,23 @@ class Executor(Actor):
 
     # --- kill and revoke while running ---------------------------------------------------
 
-    def _cancel(self, run: Running, reason: str, kill_at: float = 0.0) -> None:
+    def _cancel(self, run: Running, why: Refusal, kill_at: float = 0.0) -> None:
         """The first reason wins. Before the task exists, the reason alone stops it
         from starting (_execute looks at it last); after, the task is cancelled."""
-        if run.cancel_reason is not None:
+        if run.cancel is not None:
             return
-        run.cancel_reason = reason
+        run.cancel = why
         if run.task is not None and not run.task.done():
             run.task.cancel()
             if kill_at:
                 self.m_kill.observe(max(0.0, time.time() - kill_at))
             log.warning("cancelled", extra={"execution_id": run.approved.execution_id,
-                                            "reason": reason})
+                                            "reason": why.reason, "rule": why.rule})
 
     def _on_kill(self, flag: KillFlag) -> None:
         if flag.engaged:
             for run in list(self.running.values()):
-                self._cancel(run, kill_reason(flag), flag.at)
+                self._cancel(run, kill_refusal(flag), flag.at)
 
     async def _watch_kill(self) -> None:
         async def on_value(_key: str, value: bytes | None) -> None:
@@ -487,7 +475,7 @@ class Executor(Actor):
         async def on_value(key: str, value: bytes | None) -> None:
             run = self.running.get(key[len(REVOKED_PREFIX):])
             if run is not None and value is not None:
-                self._cancel(run, revoke_reason(value))
+                self._cancel(run, revoke_refusal(value))
 
         await watch_forever(self.rt.nc, self.gkv, REVOKED_PREFIX + ">", on_value)
 
@@ -502,12 +490,33 @@ class Executor(Actor):
                 for eid, run in list(self.running.items()):
                     revoked = await self.gkv.get_bytes(revoked_key(eid))
                     if revoked is not None:
-                        self._cancel(run, revoke_reason(revoked))
+                        self._cancel(run, revoke_refusal(revoked))
             except Exception as exc:  # a NATS hiccup must not end the actor
                 log.warning("kill/revoke poll failed", extra={"err": repr(exc)})
 
 
 ACTOR = Executor
+
+
+def unrunnable(event: ExecutionApproved,
+               configured: Mapping[str, SubjectConfig]) -> Refusal | None:
+    """Why this executor cannot run the step at all, or None: the subject is not
+    configured here, its kind has no registry or not this action, or bad parameters."""
+    sc = configured.get(event.subject)
+    if sc is None:
+        return Refusal("not_configured", f"subject {event.subject!r} is not configured here")
+    try:
+        spec = subjects.definition_of(sc).actions.get(event.step.action)
+    except Exception as exc:
+        return Refusal("registry", f"no action registry for kind {sc.kind!r}: {exc!r}")
+    if spec is None:  # the governor checked; we never act on an unregistered action
+        return Refusal("registry",
+                       f"action {event.step.action!r} is not registered for kind {sc.kind!r}")
+    try:
+        spec.validate(event.step.params)
+    except ActionError as exc:
+        return Refusal("params", str(exc))
+    return None
 
 
 def _budget(step: PlanStep) -> float:
