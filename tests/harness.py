@@ -664,3 +664,67 @@ def _value(t: mi.Type, name: str) -> Any:
             assert isinstance(info, mi.StructType)
             return cls(**{f.name: _value(f.type, f.name) for f in info.fields if f.required})
     raise NotImplementedError(t)
+
+
+# --- A managed subject as its own process, as `menders up` runs it (oracles, eval) ------
+
+def free_port_run(count: int) -> int:
+    """A base port with itself and the `count - 1` ports after it free (a kvcluster's
+    members' client and peer ports and its load metrics need 7 in a row)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + count > 65536:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+@contextlib.contextmanager
+def served_subject(kind: str, data: Path, port: int, chaos_port: int,
+                   options: dict[str, Any] | None = None,
+                   ready_within: float = 40.0) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m subjects.<kind> serve` as its own process, until its chaos port accepts
+    connections (the last thing each launcher opens); SIGTERM, then SIGKILL, afterwards."""
+    import socket
+
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", f"subjects.{kind}", "serve", "--port", str(port),
+            "--chaos-port", str(chaos_port), "--data-dir", str(data)]
+    if options is not None:
+        argv += ["--options", json.dumps(options)]
+    with (data / "serve.log").open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", chaos_port), timeout=0.2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{kind} did not start:\n"
+                                       + (data / "serve.log").read_text()[-3000:]) from None
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)

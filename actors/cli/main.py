@@ -377,6 +377,12 @@ async def cmd_subjects(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_eval(args: argparse.Namespace) -> int:
+    from actors.cli.eval.command import cmd_eval as run_eval
+
+    return await run_eval(_load(args), args)
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from actors.cli.demo import run_demo
 
@@ -455,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     from actors.cli.demo import add_arguments as demo_arguments
 
     demo_arguments(demo)  # one list of demo flags, shared with `python -m actors.cli.demo`
+    ev = add("eval", cmd_eval, "measure the crew: campaigns of scenarios, scored by "
+             "oracles, with a report")
+    from actors.cli.eval.command import add_arguments as eval_arguments
+
+    eval_arguments(ev)
     return p
 
 

@@ -4,8 +4,9 @@
 serve`): member k on base+2k (client) and base+2k+1 (peer), the load
 generator's /metrics on base+6, cluster.json, data dirs, pid files and member
 logs under --data-dir. The chaos port (loopback only, never in the config)
-takes `POST /faults/<name>` and `DELETE /faults/<name>` like the webshop's.
-On SIGTERM it stops the members it started.
+takes `POST /faults/<name>` and `DELETE /faults/<name>` like the webshop's, and
+`GET /oracle` (subjects/kvcluster/oracle.py). On SIGTERM it stops the members it
+started.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry, start_http_server
 
+from subjects.chaoshttp import add_oracle
 from subjects.kvcluster import chaos
 from subjects.kvcluster.layout import LOADGEN_PORT_OFFSET, from_base_port
 from subjects.kvcluster.loadgen import LoadMetrics, run_load
 from subjects.kvcluster.options import KvClusterOptions
+from subjects.kvcluster.oracle import KvClusterOracle, OwnedProcessManager
 from subjects.kvcluster.procman import LocalProcessManager
 
 REAP_EVERY_S = 1.0
@@ -30,8 +33,12 @@ REAP_EVERY_S = 1.0
 Faults = web.AppKey("faults", dict)
 
 
-def make_chaos_app(faults: dict[str, chaos.Fault]) -> web.Application:
+def make_chaos_app(faults: dict[str, chaos.Fault],
+                   oracle: KvClusterOracle | None = None) -> web.Application:
+    """The chaos port; with `oracle`, also `GET /oracle` (subjects/chaoshttp.py)."""
     app = web.Application()
+    if oracle is not None:
+        add_oracle(app, oracle.checks, oracle.effects)
     app[Faults] = {"faults": faults, "injected": {}}
 
     def fault_of(request: web.Request) -> chaos.Fault:
@@ -82,13 +89,17 @@ async def serve(host: str, port: int, chaos_port: int, data_dir: Path,
         loop.add_signal_handler(sig, stop.set)
     layout = from_base_port(data_dir, port, host)
     layout.save()
-    procman = LocalProcessManager(layout)
+    procman = OwnedProcessManager(layout)
+    # Its effect tracker runs from before the first member starts: the crew's action
+    # client reaches the members directly, as soon as they answer.
+    oracle = KvClusterOracle(layout, procman)
+    oracle.start()
     await chaos.start_cluster(layout, procman, timeout_s=30.0)
     registry = CollectorRegistry()
     metrics = LoadMetrics(registry)
     start_http_server(port + LOADGEN_PORT_OFFSET, addr=host, registry=registry)
     faults = {name: cls(layout, procman) for name, cls in chaos.FAULTS.items()}
-    runner = web.AppRunner(make_chaos_app(faults))
+    runner = web.AppRunner(make_chaos_app(faults, oracle))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", chaos_port).start()
     tasks = [loop.create_task(_reap(procman))]
@@ -103,4 +114,5 @@ async def serve(host: str, port: int, chaos_port: int, data_dir: Path,
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await runner.cleanup()
+        await oracle.close()
         await asyncio.to_thread(procman.stop_all)

@@ -22,9 +22,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from subjects.chaoshttp import chaos_app
+from subjects.chaoshttp import add_oracle, chaos_app
 from subjects.ratelimiter import keys
 from subjects.ratelimiter.cluster import Cluster, NodeHandle
+from subjects.ratelimiter.oracle import RatelimiterOracle
 from subjects.ratelimiter.procs import free_port
 
 SLEEP_BURST_S = 0.25
@@ -248,5 +249,15 @@ class Chaos:
 
 def make_chaos_app(chaos: Chaos) -> web.Application:
     """The chaos port (subjects/chaoshttp.py) with `POST /reset` (every fault cleared, the
-    cluster healed); inject and clear answer without the active faults."""
-    return chaos_app(chaos, reset=chaos.clear_all, active_in_replies=False)
+    cluster healed); inject and clear answer without the active faults. `GET /oracle`
+    judges the cluster from its processes and Redis (subjects/ratelimiter/oracle.py);
+    build it before the service serves, so its action tally misses none."""
+    app = chaos_app(chaos, reset=chaos.clear_all, active_in_replies=False)
+    oracle = RatelimiterOracle(chaos.cluster)
+    add_oracle(app, oracle.checks, oracle.effects, oracle.degraded)
+
+    async def close(_: web.Application) -> None:
+        await oracle.close()
+
+    app.on_cleanup.append(close)
+    return app

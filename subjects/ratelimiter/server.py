@@ -36,8 +36,9 @@ async def serve(host: str, port: int, chaos_port: int, data_dir: Path,
     try:
         await cluster.start()
         tasks.append(loop.create_task(cluster.reap_forever()))
+        chaos_app = make_chaos_app(Chaos(cluster))  # first: its oracle counts every action
         runners = [await _site(make_app(cluster), host, port),
-                   await _site(make_chaos_app(Chaos(cluster)), "127.0.0.1", chaos_port)]
+                   await _site(chaos_app, "127.0.0.1", chaos_port)]
         if options.load:
             tasks.append(loop.create_task(run_load(
                 options.clients, lambda: [n.url for n in cluster.nodes])))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from subjects.chaoshttp import chaos_app
+from subjects.chaoshttp import add_oracle, chaos_app
 from subjects.webshop.db import PooledConnection
+from subjects.webshop.oracle import ShopOracle
 from subjects.webshop.payments import PaymentsService
 from subjects.webshop.shop import Shop
 
@@ -216,6 +217,8 @@ class Chaos:
                                UpstreamDown(shop, payments)]
         self.faults = {f.name: f for f in faults}
         self.injected: dict[str, float] = {}
+        # Built here, before the service serves anything, so its action tally misses none.
+        self.oracle = ShopOracle(shop, payments)
 
     async def inject(self, name: str) -> None:
         await self.faults[name].inject()
@@ -237,5 +240,18 @@ class Chaos:
 
 
 def make_chaos_app(chaos: Chaos) -> web.Application:
-    """The chaos port (subjects/chaoshttp.py): inject and clear answer with the active faults."""
-    return chaos_app(chaos)
+    """The chaos port (subjects/chaoshttp.py): inject and clear answer with the active faults;
+    `GET /oracle` judges the shop from its own objects (subjects/webshop/oracle.py)."""
+    app = chaos_app(chaos)
+    oracle = chaos.oracle
+    add_oracle(app, oracle.checks, oracle.effects)
+
+    async def watch(_: web.Application) -> None:
+        oracle.pool_watch.start()
+
+    async def unwatch(_: web.Application) -> None:
+        await oracle.pool_watch.stop()
+
+    app.on_startup.append(watch)
+    app.on_cleanup.append(unwatch)
+    return app

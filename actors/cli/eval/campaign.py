@@ -1,0 +1,330 @@
+"""Running a campaign: one stack per (subject, variant), every trial on it in turn.
+
+A stack is `menders up`'s (bundled nats-server, the embedded subject, every actor as
+its own process), or, for the baseline, the subject alone. Before each trial the harness
+waits until the oracle has said healthy for `HEALTHY_FOR_S` (and, with a crew, no
+incident of the subject is open); it runs the scenario's chaos steps on time, reads the
+oracle every `ORACLE_EVERY_S`, collects the subject's lifecycle events from the bus,
+and ends the trial when its answer is in (or at the limit). Then it resets: every fault
+still injected is cleared, the kill switch released. Each trial is appended to
+`trials.jsonl` as it ends, so a crash loses nothing already measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+import msgspec
+
+from actors.cli import demo
+from actors.cli.eval import scoring
+from actors.cli.eval.records import Mark, Trial, encode
+from actors.cli.eval.scenarios import Campaign, Scenario, Variant
+from actors.runtime.config import Config, load
+from actors.stack.natsserver import free_port
+from actors.stack.up import Stack, StackError
+from bus_schemas import catalog
+from bus_schemas import messages as m
+
+ORACLE_EVERY_S = 0.5
+ORACLE_TIMEOUT_S = 2.0
+HEALTHY_FOR_S = 3.0
+NOTHING_GRACE_S = 2.0  # a scenario that wants nothing: watched this long after its steps
+BASELINE_ESCALATE_WATCH_S = 10.0  # no crew cannot escalate: a short look, for its oracle
+
+
+@dataclass
+class Oracle:
+    url: str
+    session: aiohttp.ClientSession
+
+    async def read(self) -> tuple[bool, str, dict[str, int]]:
+        """(healthy, why not, effects so far); a subject that does not answer is broken."""
+        try:
+            async with self.session.get(f"{self.url}/oracle", timeout=aiohttp.ClientTimeout(
+                    total=ORACLE_TIMEOUT_S)) as resp:
+                body: Any = await resp.json(content_type=None)
+            healthy = bool(body["healthy"])
+            failing = [str(f) for f in body.get("failing", [])]
+            effects = {str(k): int(v) for k, v in dict(body.get("effects", {})).items()}
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            return False, f"oracle unreadable: {type(exc).__name__}: {exc}"[:200], {}
+        return healthy, "; ".join(failing), effects
+
+
+@dataclass
+class Env:
+    """One running stack for one (subject, variant)."""
+
+    kind: str
+    variant: Variant
+    stack: Stack
+    tl: demo.Timeline
+    nc: Any  # the operator's NATS connection
+    oracle: Oracle
+    session: aiohttp.ClientSession
+    injected: set[str] = field(default_factory=set)
+    killed: bool = False
+
+    @property
+    def chaos(self) -> str:
+        return self.stack.chaos[self.kind]
+
+    async def wait_healthy(self, timeout: float) -> tuple[bool, str]:
+        deadline = time.monotonic() + timeout
+        since: float | None = None
+        why = ""
+        while time.monotonic() < deadline:
+            ok, why, _ = await self.oracle.read()
+            if ok and (not self.variant.crew or not self.tl.open_incidents(self.kind)):
+                since = since or time.monotonic()
+                if time.monotonic() - since >= HEALTHY_FOR_S:
+                    return True, ""
+            else:
+                since = None
+                why = why or "incidents still open"
+            await asyncio.sleep(ORACLE_EVERY_S)
+        return False, why
+
+    async def step(self, mark: Mark) -> None:
+        from actors.cli import operator
+
+        if mark.kind == "inject":
+            await demo.chaos_request(self.session, self.chaos, "POST", mark.label)
+            self.injected.add(mark.label)
+        elif mark.kind == "clear":
+            await demo.chaos_request(self.session, self.chaos, "DELETE", mark.label, tries=3)
+            self.injected.discard(mark.label)
+        elif mark.kind == "kill" and self.variant.crew:
+            await operator.engage_kill(self.nc, "menders-eval", "scenario step")
+            self.killed = True
+        elif mark.kind == "resume" and self.variant.crew:
+            await self.resume()
+
+    async def resume(self) -> None:
+        from actors.cli import operator
+
+        await operator.publish(self.nc, m.ControlCommand(command="resume", by="menders-eval",
+                                                         reason="scenario step"))
+        self.killed = False
+
+    async def reset(self) -> None:
+        for fault in sorted(self.injected):
+            await demo.chaos_request(self.session, self.chaos, "DELETE", fault, tries=3)
+        self.injected.clear()
+        if self.killed:
+            await self.resume()
+
+
+def _config(home: Path, kind: str, variant: Variant, llm: Any) -> str:
+    ports = demo.ports_for((demo.SUBJECTS[kind],))
+    body = demo.subjects_body(home, ports, free_port(),
+                              demo.free_port_block(9464, len(catalog.ACTORS)))
+    if variant.governor:  # a TOML key is set once: the variant's replace the eval's own
+        head, _, rest = body.partition("[governor]\n")
+        section, sep, after = rest.partition("\n[")
+        extra = "".join(f"{k} = {msgspec.json.encode(v).decode()}\n"
+                        for k, v in variant.governor.items())
+        body = head + "[governor]\n" + extra + _drop_keys(section, variant.governor) + sep + after
+    if variant.diagnoser == "claude":
+        body += "\n" + demo.llm_section(llm)
+    return body
+
+
+def _drop_keys(section: str, keys: dict[str, object]) -> str:
+    """The section without its lines for `keys`."""
+    return "".join(line for line in section.splitlines(keepends=True)
+                   if line.split("=", 1)[0].strip() not in keys)
+
+
+@contextlib.contextmanager
+def _diagnoser_env(variant: Variant) -> Iterator[None]:
+    """The runbook variant's crew never sees a key (it would diagnose with Claude)."""
+    key = os.environ.pop("ANTHROPIC_API_KEY", None) if variant.diagnoser == "runbook" else None
+    try:
+        yield
+    finally:
+        if key is not None:
+            os.environ["ANTHROPIC_API_KEY"] = key
+
+
+@contextlib.asynccontextmanager
+async def environment(kind: str, variant: Variant, base: Config) -> AsyncIterator[Env]:
+    import nats
+
+    from bus_schemas.natsconf import inbox_prefix
+
+    home = Path(tempfile.mkdtemp(prefix=f"menders-eval-{kind}-"))
+    path = home / "menders.toml"
+    path.write_text(_config(home, kind, variant, base.llm))
+    cfg = load(path)
+    stack = Stack(cfg, str(path), actors=catalog.ACTORS if variant.crew else (),
+                  child_logs=True)
+    tl = demo.Timeline(quiet=True)
+    with _diagnoser_env(variant):
+        await stack.start()  # children take their environment now, restarts included
+    try:
+        if variant.crew:
+            await stack.wait_ready(60)
+        nc = await nats.connect(stack.url, user=catalog.OPERATOR,
+                                password=stack.passwords[catalog.OPERATOR],
+                                inbox_prefix=inbox_prefix(catalog.OPERATOR))
+        await nc.subscribe(catalog.EVERYTHING, cb=tl.on_msg)
+        async with aiohttp.ClientSession() as session:
+            env = Env(kind, variant, stack, tl, nc, Oracle(stack.chaos[kind], session),
+                      session)
+            try:
+                yield env
+            finally:
+                with contextlib.suppress(Exception):
+                    await env.reset()
+                await nc.close()
+    finally:
+        await stack.stop()
+
+
+async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
+    """One trial on a healthy subject; the harness's own failures land in Trial.error."""
+    subject = demo.SUBJECTS[env.kind]
+    ok, why = await env.wait_healthy(subject.settle_deadline_s + subject.baseline_s)
+    if not ok:
+        trial.error = f"the subject was not healthy before the trial: {why}"[:300]
+        return trial
+    _, _, effects0 = await env.oracle.read()
+    t0 = time.time()
+    trial.started_at = t0
+    steps = [Mark(s.at, "inject" if s.inject else "clear" if s.clear else
+                  "kill" if s.kill else "resume", s.inject or s.clear)
+             for s in scenario.timed_steps()]
+    done: list[Mark] = []
+    readings: list[tuple[float, bool, str]] = []
+    killed: list[tuple[float, float]] = []
+    wants = scenario.right_answer
+    last_step = max((s.t for s in steps), default=0.0)
+    limit = trial.limit_s
+    if wants == "nothing":
+        limit = max(last_step, 0.0) + scenario.duration_s
+    elif not env.variant.crew and wants == "escalate":
+        limit = min(limit, BASELINE_ESCALATE_WATCH_S)
+    try:
+        while True:
+            now = time.time() - t0
+            while steps and steps[0].t <= now:
+                mark = steps.pop(0)
+                await env.step(mark)
+                done.append(Mark(round(time.time() - t0, 3), mark.kind, mark.label))
+                if mark.kind == "kill":
+                    killed.append((done[-1].t, float("inf")))
+                elif mark.kind == "resume" and killed:
+                    killed[-1] = (killed[-1][0], done[-1].t)
+            healthy, why, _ = await env.oracle.read()
+            readings.append((round(time.time() - t0, 3), healthy, why))
+            if env.variant.crew:
+                for ap in demo.approvals_for(tuple(scenario.human_approves), scenario.name,
+                                             env.tl.since(t0, env.kind)):
+                    from actors.cli import operator
+
+                    await operator.publish(env.nc, ap)
+            if now >= limit or (not steps and _answered(env, scenario, trial, readings, t0)):
+                break
+            await asyncio.sleep(ORACLE_EVERY_S)
+    finally:
+        ended = time.time() - t0
+        with contextlib.suppress(StackError, aiohttp.ClientError, TimeoutError):
+            await env.reset()
+    _, _, effects1 = await env.oracle.read()
+    delta = {a: n - effects0.get(a, 0) for a, n in effects1.items() if n > effects0.get(a, 0)}
+    seen = scoring.Observed(events=env.tl.since(t0, env.kind), t0=t0, readings=readings,
+                            effects=delta, steps=done, ended_at=ended, killed=killed)
+    return scoring.score(trial, scenario, seen)
+
+
+def _answered(env: Env, scenario: Scenario, trial: Trial,
+              readings: list[tuple[float, bool, str]], t0: float) -> bool:
+    """Whether the trial's answer is in, so it can end before its limit."""
+    wants = scenario.right_answer
+    if wants == "nothing":
+        return False  # watched for its whole duration
+    events = env.tl.since(t0, env.kind)
+    if wants == "escalate":
+        return any(isinstance(e, m.IncidentEscalated) for e in events)
+    healthy = scoring.healthy_from(readings, 0.0, trial.settle_s, float("inf"))
+    if healthy is None:
+        return False
+    # With a crew, also wait for its own story to end (no incident open, no verdict due),
+    # so its counts are complete.
+    return not env.variant.crew or (not env.tl.open_incidents(env.kind)
+                                    and not demo.verdicts_pending(events))
+
+
+class Progress:
+    """A progress line with an ETA on stderr (one line per trial when not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def tick(self, trial: Trial) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        width = 24
+        bar = "#" * round(width * self.done / self.total)
+        what = (f"{trial.subject}/{trial.scenario} {trial.variant} #{trial.repeat}: "
+                f"{'won' if trial.won else 'lost'}{' (harness error)' if trial.error else ''}")
+        line = (f"[{bar:<{width}}] {self.done}/{self.total} trials, {_dur(elapsed)} elapsed, "
+                f"ETA {_dur(eta)}  {what}")
+        print(("\r" + line[:160].ljust(160)) if self.tty else line, end="" if self.tty
+              else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _dur(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+async def run(campaign: Campaign, scenarios: list[Scenario], sink: BinaryIO,
+              base: Config) -> list[Trial]:
+    """Every trial of the campaign, each appended to `sink` (trials.jsonl) as it ends."""
+    variants = campaign.variants_by_name()
+    plan = [(kind, name, variant, s, r) for kind in campaign.subjects
+            for name, variant in variants.items()
+            for s in scenarios if s.subject == kind
+            for r in range(1, campaign.repeats + 1)]
+    progress = Progress(len(plan))
+    trials: list[Trial] = []
+    for kind in campaign.subjects:
+        for name, variant in variants.items():
+            mine = [p for p in plan if p[0] == kind and p[1] == name]
+            if not mine:
+                continue
+            async with environment(kind, variant, base) as env:
+                for _, _, _, scenario, repeat in mine:
+                    trial = Trial(
+                        campaign=campaign.name, subject=kind, scenario=scenario.name,
+                        scenario_kind=scenario.kind, variant=name, repeat=repeat,
+                        expected=scenario.right_answer, cause=scenario.cause,
+                        limit_s=(scenario.limit_s or campaign.limit_s
+                                 or demo.SUBJECTS[kind].fault_deadline_s),
+                        settle_s=campaign.settle_s)
+                    trial = await run_trial(env, scenario, trial)
+                    sink.write(encode(trial) + b"\n")
+                    sink.flush()
+                    trials.append(trial)
+                    progress.tick(trial)
+    progress.close()
+    return trials
