@@ -235,7 +235,9 @@ async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
                     from actors.cli import operator
 
                     await operator.publish(env.nc, ap)
-            if now >= limit or (not steps and _answered(env, scenario, trial, readings, t0)):
+            last_inject = max((mk.t for mk in done if mk.kind == "inject"), default=0.0)
+            if now >= limit or (not steps and _answered(env, scenario, trial, readings, t0,
+                                                        last_inject)):
                 break
             await asyncio.sleep(ORACLE_EVERY_S)
     finally:
@@ -250,7 +252,7 @@ async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
 
 
 def _answered(env: Env, scenario: Scenario, trial: Trial,
-              readings: list[tuple[float, bool, str]], t0: float) -> bool:
+              readings: list[tuple[float, bool, str]], t0: float, after: float) -> bool:
     """Whether the trial's answer is in, so it can end before its limit."""
     wants = scenario.right_answer
     if wants == "nothing":
@@ -258,7 +260,7 @@ def _answered(env: Env, scenario: Scenario, trial: Trial,
     events = env.tl.since(t0, env.kind)
     if wants == "escalate":
         return any(isinstance(e, m.IncidentEscalated) for e in events)
-    healthy = scoring.healthy_from(readings, 0.0, trial.settle_s, float("inf"))
+    healthy = scoring.healthy_from(readings, after, trial.settle_s, float("inf"))
     if healthy is None:
         return False
     # With a crew, also wait for its own story to end (no incident open, no verdict due),

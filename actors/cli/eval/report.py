@@ -427,12 +427,13 @@ def _times(trials: list[Trial], colours: dict[str, str]) -> Figure:
 
 
 def _spans(t: Trial, end: float) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(healthy, broken) spans as (start, width): each oracle mark lasts until the next."""
+    """(healthy, broken) spans as (start, width): each oracle mark lasts until the next
+    (a timeline is in time order, scoring sorts it)."""
     healthy: list[tuple[float, float]] = []
     broken: list[tuple[float, float]] = []
     marks = [m for m in t.timeline if m.kind in ("oracle_healthy", "oracle_broken")]
-    for m, nxt in zip(marks, [*marks[1:], None], strict=True):
-        stop = nxt.t if nxt else end
+    for i, m in enumerate(marks):
+        stop = marks[i + 1].t if i + 1 < len(marks) else end
         (healthy if m.kind == "oracle_healthy" else broken).append((m.t, max(stop - m.t, 0)))
     return healthy, broken
 

@@ -35,8 +35,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    # Clamped: at k == 0 or k == n the bound is 0 or 1 exactly, not a rounding error off.
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At k == 0 (k == n) the lower (upper) bound is 0 (1) exactly; computed, it can land a
+    # rounding error beyond, and a plot's error bar would then be negative.
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def quantile(values: Iterable[float | None], q: float) -> float | None:
