@@ -231,10 +231,16 @@ async def test_upstream_down_is_cured_by_no_action(shop: Shop) -> None:
                 await act(shop, name, params)
             await asyncio.sleep(SCRAPE_EVERY_S)
             await watch.scrape()
+            seen = []
             for _ in range(2):
                 await asyncio.sleep(SCRAPE_EVERY_S)
                 metrics = await watch.scrape()
-                assert metrics["upstream_error_rate"] == 1.0 and broken(spec, metrics), metrics
+                # The cause stands on every scrape: every upstream call still fails.
+                assert metrics["upstream_error_rate"] == 1.0, metrics
+                seen.append(metrics)
+            # The symptom hovers near its threshold (a few checkouts per second hit the
+            # upstream): one 1 s interval may read 4.9 %, so it must show in one of two.
+            assert any(broken(spec, m) for m in seen), seen
             assert any("UpstreamError" in ln and '"status":502' in ln for ln in watch.logs)
         finally:
             await chaos(shop, "DELETE", "upstream_down")
