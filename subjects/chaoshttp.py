@@ -124,6 +124,30 @@ class ActionTally:
         return dict(self.counts)
 
 
+class Periodic:
+    """Calls `tick` every `every_s` in a task of its own, from start() until stop(): an
+    oracle's sampler that must see the subject between two readings."""
+
+    def __init__(self, tick: Callable[[], None], every_s: float) -> None:
+        self.tick, self.every_s = tick, every_s
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.tick()
+            await asyncio.sleep(self.every_s)
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+
 async def run_checks(checks: Mapping[str, Check], budget_s: float = ORACLE_BUDGET_S,
                      ) -> list[str]:
     """Every check at once, each cut off at `budget_s`: a check that times out or raises

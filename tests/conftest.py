@@ -56,6 +56,13 @@ async def actions() -> AsyncIterator[RecordingServer]:
         yield server
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # matplotlib builds its font cache on first use by running fc-list: do
+    # that once here, before the guard below, so the report's unit tests do
+    # not fail on a machine that has never drawn a plot (a fresh CI runner).
+    import matplotlib.font_manager  # noqa: F401
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

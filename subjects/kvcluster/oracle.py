@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from subjects.chaoshttp import Check
+from subjects.chaoshttp import Check, Periodic
 from subjects.kvcluster.actions import ACTIONS
 from subjects.kvcluster.gateway import EtcdError, Gateway, as_int
 from subjects.kvcluster.layout import Layout
@@ -109,7 +109,7 @@ class EffectTracker:
         self.pids = {n: self._pid(n) for n in layout.names}
         self.removed: set[str] = set()  # members etcd removed since their last start
         self.by_peer = {m.peer_url: m.name for m in layout.members}
-        self.task: asyncio.Task[None] | None = None
+        self.ticker = Periodic(self.poll, TRACK_EVERY_S)
 
     def _pid(self, name: str) -> int | None:
         try:
@@ -166,20 +166,11 @@ class EffectTracker:
             counts[action] = max(log.applied[action] for log in self.logs.values())
         return counts
 
-    async def run(self) -> None:
-        while True:
-            self.poll()
-            await asyncio.sleep(TRACK_EVERY_S)
-
     def start(self) -> None:
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self.run())
+        self.ticker.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-            self.task = None
+        await self.ticker.stop()
 
 
 class KvClusterOracle:

@@ -1,6 +1,10 @@
-"""The key schema in Redis, shared by the nodes, the manager and the observer."""
+"""The key schema in Redis, shared by the nodes, the manager, the observer and the oracle."""
 
 from __future__ import annotations
+
+from redis.asyncio import Redis
+
+MAX_SCAN_KEYS = 1000  # window keys read per look: a bound on a flood of clients
 
 PREFIX = "rl:"
 WINDOW_PREFIX = "rl:w:"  # one sorted set per client: the sliding window log (score = ms)
@@ -27,3 +31,21 @@ def connection_name(node_id: str) -> str:
 def text(raw: bytes | str) -> str:
     """redis-py answers bytes unless decode_responses: one spelling for both."""
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+async def window_counters(r: Redis, limit: int = MAX_SCAN_KEYS) -> dict[str, tuple[int, int]]:
+    """Every window key (at most `limit`) -> (PTTL in ms, -1 without one; entries), in one
+    SCAN and one pipelined round trip."""
+    names: list[str] = []
+    async for raw in r.scan_iter(match=f"{WINDOW_PREFIX}*", count=500):
+        names.append(text(raw))
+        if len(names) >= limit:
+            break
+    if not names:
+        return {}
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.pttl(name)
+        pipe.zcard(name)
+    replies = await pipe.execute()
+    return {n: (int(replies[2 * i]), int(replies[2 * i + 1])) for i, n in enumerate(names)}

@@ -33,7 +33,6 @@ from subjects.ratelimiter import keys
 SCRAPE_TIMEOUT_S = 0.8
 HISTORY_S = 3.0  # ghost_ratio and counter_drift are judged over about this long
 DRIFT_FLOOR = 20.0  # allowed requests: below this much traffic, a difference is noise
-MAX_SCAN_KEYS = 1000
 MAX_BODY = 1024 * 1024
 MIB = 1024 * 1024
 T = TypeVar("T")
@@ -110,18 +109,8 @@ class RatelimiterObserver:
         clients = await r.client_list()
         limits = {keys.text(k): float(v) for k, v in (await r.hgetall(keys.LIMITS)).items()}
         tally = {keys.text(k): float(v) for k, v in (await r.hgetall(keys.TALLY)).items()}
-        names: list[str] = []
-        async for raw in r.scan_iter(match=f"{keys.WINDOW_PREFIX}*", count=500):
-            names.append(keys.text(raw))
-            if len(names) >= MAX_SCAN_KEYS:
-                break
-        pipe = r.pipeline(transaction=False)
-        for name in names:
-            pipe.pttl(name)
-            pipe.zcard(name)
-        replies = await pipe.execute() if names else []
-        counters = {n: (float(replies[2 * i]), float(replies[2 * i + 1]))
-                    for i, n in enumerate(names)}
+        counters = {n: (float(pttl), float(count))
+                    for n, (pttl, count) in (await keys.window_counters(r)).items()}
         return {"ping_ms": ping_ms, "info": info, "clients": clients, "limits": limits,
                 "tally": tally, "counters": counters}
 

@@ -34,7 +34,6 @@ PING_SLOW_MS = 120.0  # loopback PING takes well under 5 ms
 # Three pings 100 ms apart: one lands in the first 100 ms of any stall that repeats every
 # <= 300 ms and lasts >= 250 ms (redis_slow's DEBUG SLEEP), and so waits >= 150 ms.
 PING_SPACING_S = 0.1
-MAX_KEYS = 1000
 ORACLE_CLIENT = "rl-oracle"
 # No action restarts a redis-server: after failover_redis cures primary_killed the old
 # primary stays down. Its absence is lost redundancy ("degraded"), not a failure, or
@@ -203,23 +202,13 @@ class RatelimiterOracle:
         r = self._r(primary)
         try:
             limits = {keys.text(k): int(v) for k, v in (await r.hgetall(keys.LIMITS)).items()}
-            names: list[str] = []
-            async for raw in r.scan_iter(match=f"{keys.WINDOW_PREFIX}*", count=500):
-                names.append(keys.text(raw))
-                if len(names) >= MAX_KEYS:
-                    break
-            pipe = r.pipeline(transaction=False)
-            for name in names:
-                pipe.pttl(name)
-                pipe.zcard(name)
-            replies = await pipe.execute() if names else []
+            counters = await keys.window_counters(r)
         except (RedisError, OSError) as exc:
             return [f"windows: primary {primary} does not answer: {type(exc).__name__}"]
         if not limits:
             return [f"windows: primary {primary} holds no limits ({keys.LIMITS} missing)"]
         failing = []
-        for i, name in enumerate(names):
-            pttl, count = int(replies[2 * i]), int(replies[2 * i + 1])
+        for name, (pttl, count) in counters.items():
             limit = limits.get(keys.client_of(name), 0)
             if pttl == -1:
                 failing.append(f"{name}: no TTL ({count} entries, limit {limit})")

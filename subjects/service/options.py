@@ -39,6 +39,11 @@ class KeyedError(MendersError, ValueError):
         return KeyedError(f"{parent}.{self.key}" if self.key else parent, self.what)
 
 
+def _check_name(key: str, name: str, what: str) -> None:
+    if not re.fullmatch(NAME, name):
+        raise KeyedError(key, f"bad {what} name (want {NAME})")
+
+
 def plain(exc: msgspec.ValidationError, key: str) -> KeyedError:
     """msgspec's "Expected ... - at `$.x`" as a KeyedError at `key.x`."""
     what, _, where = str(exc).rpartition(" - at `$")
@@ -115,8 +120,7 @@ class ActionDecl(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             raise KeyedError("", "declare exactly one of http, command, systemd "
                              f"(got {', '.join(ways) or 'none'})")
         for name, param in self.params.items():
-            if not re.fullmatch(NAME, name):
-                raise KeyedError(f"params.{name}", f"bad parameter name (want {NAME})")
+            _check_name(f"params.{name}", name, "parameter")
             try:
                 param.check()
             except ValueError as exc:
@@ -199,16 +203,14 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         declared = self.metric_names()
         for table, names in (("queries", self.queries), ("metrics", self.metrics)):
             for name in names:
-                if not re.fullmatch(NAME, name):
-                    raise KeyedError(f"{table}.{name}", f"bad metric name (want {NAME})")
+                _check_name(f"{table}.{name}", name, "metric")
                 if name in HEALTH_METRICS:
                     raise KeyedError(f"{table}.{name}", "a health URL's metric: name yours "
                                      "otherwise")
         if dupes := sorted(set(self.queries) & set(self.metrics)):
             raise KeyedError(f"metrics.{dupes[0]}", "declared in queries too")
         for name, decl in self.actions.items():
-            if not re.fullmatch(NAME, name):
-                raise KeyedError(f"actions.{name}", f"bad action name (want {NAME})")
+            _check_name(f"actions.{name}", name, "action")
             try:
                 decl.check()
             except KeyedError as exc:

@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Mapping
 
-from subjects.chaoshttp import ActionTally, Check
+from subjects.chaoshttp import ActionTally, Check, Periodic
 from subjects.webshop.actions import ACTIONS
 from subjects.webshop.db import PooledConnection, PoolTimeout
 from subjects.webshop.payments import PaymentsService
@@ -38,7 +38,7 @@ class PoolWatch:
     def __init__(self, shop: Shop) -> None:
         self.shop = shop
         self.since: dict[int, tuple[PooledConnection, float]] = {}
-        self.task: asyncio.Task[None] | None = None
+        self.ticker = Periodic(self.sample, SAMPLE_EVERY_S)
 
     def sample(self) -> None:
         # The pool keeps no checkout times: `_in_use` is the only record of who holds what.
@@ -54,20 +54,11 @@ class PoolWatch:
         cutoff = time.monotonic() - LEAK_AGE_S
         return sum(1 for _, first in self.since.values() if first <= cutoff)
 
-    async def run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(SAMPLE_EVERY_S)
-
     def start(self) -> None:
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self.run())
+        self.ticker.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-            self.task = None
+        await self.ticker.stop()
 
 
 class ShopOracle:
