@@ -41,4 +41,8 @@ def decode(payload: bytes, schemas: tuple[type[Event], ...] = ALL_MESSAGES) -> E
         raise DecodeError(f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        # msgspec recurses per nesting level, even into a field it skips: a payload of
+        # a few thousand brackets would otherwise crash the consumer on every delivery
+        raise DecodeError("malformed JSON: nested too deeply") from None
     return event

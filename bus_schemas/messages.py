@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -19,6 +19,15 @@ SCHEMA_VERSION = 1
 # A managed subject's name is one bus-subject token: it must never contain
 # '.', '*', '>' or whitespace, or wildcards would select the wrong events.
 SUBJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+# Ids and action names end up in KV keys (`incident.<id>`, `revoked.<execution_id>`,
+# cooldowns by action): each must be one token of safe characters. A payload with any
+# other fails to decode, and is dead-lettered by the runtime with the field named,
+# instead of failing in a handler on every delivery (found by bench/fuzz_bus.py).
+Id = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+OptionalId = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9_-]*$")]
+Name = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+OptionalName = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")]
 
 Mode = Literal["observe", "approve", "execute"]
 Risk = Literal["low", "medium", "high"]
@@ -31,9 +40,9 @@ def new_id() -> str:
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     """The envelope every message carries."""
 
-    id: str = msgspec.field(default_factory=new_id)
-    incident_id: str = ""  # correlation id: every event of one incident shares it
-    causation_id: str = ""  # the id of the message that caused this one
+    id: Id = msgspec.field(default_factory=new_id)
+    incident_id: OptionalId = ""  # correlation id: every event of one incident shares it
+    causation_id: OptionalId = ""  # the id of the message that caused this one
     producer: str = ""
     ts: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
@@ -90,7 +99,7 @@ class IncidentParked(Event, tag="incident.parked", frozen=True, kw_only=True):
     obstacle: ObstacleKind
     reason: str
     attempt: int = 0  # the attempt that will be retried
-    action: str = ""
+    action: OptionalName = ""
     retry_at: float = 0.0  # the planner's next try at the latest (epoch seconds)
 
 
@@ -130,10 +139,10 @@ StepMode = Literal["sync", "async", "fire_and_forget"]
 class RecommendedStep(msgspec.Struct, frozen=True, kw_only=True):
     """One step of a multi-step remedy; `id` is local to the remedy."""
 
-    id: str
-    action: str
+    id: Id
+    action: Name
     params: dict[str, Any] = {}
-    depends_on: list[str] = []
+    depends_on: list[Id] = []
     mode: StepMode = "sync"
 
 
@@ -141,7 +150,7 @@ class RecommendedAction(msgspec.Struct, frozen=True, kw_only=True):
     """One remedy: a single action, or (with `steps`) a plan of several whose name is
     `action` (e.g. "nospace_repair"); either way, one alternative tried as one attempt."""
 
-    action: str
+    action: Name
     params: dict[str, Any] = {}
     rationale: str = ""
     steps: list[RecommendedStep] = []
@@ -158,7 +167,7 @@ class Diagnosis(Event, tag="diagnosis", frozen=True, kw_only=True):
     escalate: bool = False  # the diagnoser judges this beyond the crew's actions
     # The DiagnosisRequested this answers ("" for the first diagnosis of an opened
     # incident): the planner ignores an answer to a request it no longer waits for.
-    request_id: str = ""
+    request_id: OptionalId = ""
     redactions: int = 0  # secret-like strings cut from what the model saw (never them)
     cost_usd: float = 0.0  # the model's estimated cost for this diagnosis
     tokens: int = 0  # the model's tokens for it (input, output and cache together)
@@ -169,7 +178,7 @@ class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One attempt that ran on an incident: what was done, how it ended, what it changed."""
 
     attempt: int
-    action: str
+    action: Name
     params: dict[str, Any] = {}
     outcome: str  # verdict_failed | failed | timed_out | unknown | verified_elsewhere ...
     reason: str = ""  # the verdict's or the result's words
@@ -198,10 +207,10 @@ class PlanStep(msgspec.Struct, frozen=True, kw_only=True):
     `timeout_s`, `disruptive` and `attempts` are the registry's word once the
     governor approved the step (it takes the stricter of claim and registry)."""
 
-    step_id: str
-    action: str
+    step_id: Id
+    action: Name
     params: dict[str, Any] = {}
-    depends_on: list[str] = []
+    depends_on: list[Id] = []
     risk: Risk = "low"
     idempotent: bool = True
     timeout_s: float = 10.0  # per try
@@ -212,7 +221,7 @@ class PlanStep(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Plan(Event, tag="plan", frozen=True, kw_only=True):
-    plan_id: str
+    plan_id: Id
     invariant: str
     attempt: int  # 1 for the first plan of an incident
     steps: list[PlanStep]
@@ -230,8 +239,8 @@ MAX_APPROVAL_TTL_S = 3600.0  # the longest an approval may stay actionable
 
 
 class ExecutionApproved(Event, tag="exec.approved", frozen=True, kw_only=True):
-    execution_id: str
-    plan_id: str
+    execution_id: Id
+    plan_id: Id
     step: PlanStep
     approved_by: str = "policy"  # policy | the human who approved
     # Required and bounded (MAX_APPROVAL_TTL_S after `ts`): every approval expires, and
@@ -256,8 +265,8 @@ class Decision(Event, tag="decision", frozen=True, kw_only=True):
 
     outcome: DecisionOutcome
     reason: str
-    plan_id: str = ""
-    execution_id: str = ""
+    plan_id: OptionalId = ""
+    execution_id: OptionalId = ""
     step: PlanStep | None = None
     # True when this Decision is the step's end: it was never released, so no
     # ExecutionResult will follow (vetoed, denied, revoked or expired before release).
@@ -268,18 +277,18 @@ class Decision(Event, tag="decision", frozen=True, kw_only=True):
 
 
 class ExecutionStarted(Event, tag="exec.started", frozen=True, kw_only=True):
-    execution_id: str
-    plan_id: str
-    action: str
+    execution_id: Id
+    plan_id: Id
+    action: Name
 
 
 ExecutionStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "unknown", "skipped"]
 
 
 class ExecutionResult(Event, tag="exec.result", frozen=True, kw_only=True):
-    execution_id: str
-    plan_id: str
-    action: str
+    execution_id: Id
+    plan_id: Id
+    action: Name
     status: ExecutionStatus
     detail: str = ""
     started_at: float = 0.0
@@ -294,7 +303,7 @@ WaveState = Literal["started", "finished"]
 class PlanProgressed(Event, tag="plan.progress", frozen=True, kw_only=True):
     """A wave of a plan started or finished (the governor's view, for people)."""
 
-    plan_id: str
+    plan_id: Id
     wave: int  # 1-based
     waves: int
     state: WaveState
@@ -306,8 +315,8 @@ PlanOutcome = Literal["succeeded", "failed", "blocked"]
 
 
 class StepEnding(msgspec.Struct, frozen=True, kw_only=True):
-    step_id: str
-    action: str
+    step_id: Id
+    action: Name
     params: dict[str, Any] = {}
     mode: StepMode = "sync"
     ended: str  # succeeded, or a Decision outcome, or an ExecutionStatus
@@ -322,7 +331,7 @@ class PlanEnded(Event, tag="plan.ended", frozen=True, kw_only=True):
     step was never released (vetoed, denied, revoked, expired). `deciding` is the first
     step that did not succeed, which says why."""
 
-    plan_id: str
+    plan_id: Id
     outcome: PlanOutcome
     steps: list[StepEnding]
     deciding: StepEnding | None = None
@@ -334,7 +343,7 @@ Recovery = Literal["after", "before", ""]
 
 
 class Verdict(Event, tag="verdict", frozen=True, kw_only=True):
-    plan_id: str
+    plan_id: Id
     invariant: str
     passed: bool  # the invariant holds again (whoever made it hold)
     reason: str
@@ -351,7 +360,7 @@ class Verdict(Event, tag="verdict", frozen=True, kw_only=True):
 
 
 class HumanApproval(Event, tag="approval", frozen=True, kw_only=True):
-    execution_id: str
+    execution_id: Id
     approved: bool
     by: str = "operator"
     reason: str = ""
@@ -360,8 +369,8 @@ class HumanApproval(Event, tag="approval", frozen=True, kw_only=True):
 class ControlCommand(Event, tag="control", frozen=True, kw_only=True):
     command: Literal["mode", "kill", "resume", "revoke"]
     mode: Mode | None = None
-    execution_id: str = ""
-    plan_id: str = ""  # revoke a whole plan: its running steps cancelled, no new wave
+    execution_id: OptionalId = ""
+    plan_id: OptionalId = ""  # revoke a whole plan: its running steps cancelled, no new wave
     by: str = "operator"
     reason: str = ""
 
@@ -446,3 +455,11 @@ def kind_of(event: Event | type[Event]) -> str:
     tag = cls.__struct_config__.tag
     assert isinstance(tag, str)
     return tag
+
+# The kinds that belong to one incident: each carries its incident_id, which keys the
+# actors' state (a payload without one is dead-lettered at admission, never handled).
+INCIDENT_SCOPED: frozenset[type[Event]] = frozenset({
+    IncidentOpened, IncidentUpdated, IncidentResolved, IncidentEscalated, IncidentParked,
+    IncidentRecurring, RetryRequested, IncidentSummary, Diagnosis, DiagnosisRequested, Plan,
+    PlanProgressed, PlanEnded, ExecutionApproved, ExecutionStarted, ExecutionResult, Verdict,
+})

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import msgspec.inspect as mi
 import nats
 import nats.errors
 from aiohttp import web
@@ -38,6 +37,7 @@ from actors.stack.natsserver import EmbeddedNats, NatsServerError, find_binary
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix, password_env
+from bus_schemas.samples import sample  # noqa: F401  (re-exported for the tests)
 from subjects.base import InvariantSpec, SubjectDefinition
 
 REPO = Path(__file__).resolve().parent.parent
@@ -627,43 +627,6 @@ def lifecycle(incident_id: str, symptoms: dict[str, float], fix: str,
                   recovered="after" if passed else ""),
         m.IncidentResolved(**env, invariant=invariant, reason="holds again"),
     ]
-
-
-# --- One valid instance of every message (bus contract, runtime delivery) ---------------
-
-def sample(cls: type[m.Event]) -> m.Event:
-    """One deterministic, valid instance of each message: required fields filled in."""
-    info = mi.type_info(cls)
-    assert isinstance(info, mi.StructType)
-    values: dict[str, Any] = {"subject": "webshop"}
-    for f in info.fields:
-        if not f.required:
-            continue
-        values[f.name] = _value(f.type, f.name)
-    if "actor" in {f.name for f in info.fields}:
-        values["actor"] = "diagnoser"
-    return cls(**values)
-
-
-def _value(t: mi.Type, name: str) -> Any:
-    match t:
-        case mi.StrType():
-            return f"{name}-1"
-        case mi.IntType():
-            return 7
-        case mi.FloatType():
-            return 1.5
-        case mi.BoolType():
-            return True
-        case mi.LiteralType(values=values):
-            return values[0]
-        case mi.ListType(item_type=item):
-            return [_value(item, name)]
-        case mi.StructType(cls=cls):
-            info = mi.type_info(cls)
-            assert isinstance(info, mi.StructType)
-            return cls(**{f.name: _value(f.type, f.name) for f in info.fields if f.required})
-    raise NotImplementedError(t)
 
 
 # --- A managed subject as its own process, as `menders up` runs it (oracles, eval) ------

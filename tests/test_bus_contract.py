@@ -25,6 +25,9 @@ FLOAT = st.floats(allow_nan=False, allow_infinity=False, width=64)
 def strategy_for(t: mi.Type) -> st.SearchStrategy[Any]:
     """A hypothesis strategy for a msgspec type, derived from msgspec's own inspection."""
     match t:
+        case mi.StrType(pattern=str() as pattern, max_length=longest):
+            drawn = st.from_regex(pattern, fullmatch=True)
+            return drawn if longest is None else drawn.filter(lambda x: len(x) <= longest)
         case mi.StrType():
             return TEXT
         case mi.IntType():
@@ -124,6 +127,16 @@ def test_a_nested_wrong_type_names_the_path() -> None:
 def test_malformed_json_is_a_decode_error() -> None:
     with pytest.raises(codec.DecodeError, match="malformed JSON"):
         codec.decode(b'{"kind": "heartbeat", ')
+
+
+@pytest.mark.parametrize("cls", [m.Observation, m.ExecutionApproved])
+def test_a_deeply_nested_payload_is_a_decode_error_not_a_crash(cls: type[m.Event]) -> None:
+    # Found by the bus fuzzer: msgspec recurses into a field it skips, and a few thousand
+    # brackets raised RecursionError, which no consumer expects (a poison message).
+    doc = codec.encode(sample(cls))
+    deep = doc[:-1] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(codec.DecodeError, match="nested too deeply"):
+        codec.decode(deep, (cls,))
 
 
 def test_a_message_of_another_kind_is_rejected_by_a_narrow_decoder() -> None:

@@ -3,6 +3,7 @@ scoring of a trial against its oracle (never the verifier's word)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import msgspec
@@ -127,6 +128,18 @@ def test_a_fix_wins_when_the_oracle_is_healthy_and_stays_so() -> None:
     assert (t.wrong_actions, t.duplicates, t.false_fixed, t.destructive) == (0, 0, 0, 0)
     kinds = [mk.kind for mk in t.timeline]
     assert kinds[:2] == ["inject", "oracle_broken"] and "oracle_healthy" in kinds
+
+
+def test_the_reading_that_ends_a_trial_counts_toward_its_settle_window() -> None:
+    # The harness stops on the reading that completes the settle window, and that reading
+    # is the trial's end: scored, it must count (a trial ending 4.3 + 5.0 s in is won).
+    story = [(0.2, False, "leaked"), (4.3, True, ""), (6.8, True, ""), (9.3, True, "")]
+    seen = Observed(events=fixed_story(), t0=T0, readings=story, effects={"recycle_pool": 1},
+                    steps=[Mark(0, "inject", "pool_exhaustion")], ended_at=9.3)
+    t = score(trial(scenario("pool_exhaustion")), scenario("pool_exhaustion"), seen)
+    assert t.won and t.ttm_s == 4.3, t.why
+    early = dataclasses.replace(seen, ended_at=9.299)  # the end before its last reading
+    assert not score(trial(scenario("pool_exhaustion")), scenario("pool_exhaustion"), early).won
 
 
 def test_the_verifiers_pass_is_false_when_the_oracle_says_broken_and_it_does_not_win() -> None:

@@ -41,3 +41,24 @@ def test_the_smoke_campaign_runs_scores_and_reports(tmp_path: Path) -> None:
     assert "pool_exhaustion" in md and "quiet" in md
     assert html.count("data:image/png;base64,") >= 3
     assert "ETA" in done.stderr  # the progress line
+
+
+def test_the_scripted_variant_diagnoses_through_the_claude_path(tmp_path: Path) -> None:
+    """The `scripted` variant: the crew's Claude diagnoser (the real `anthropic` client)
+    against the harness's local Messages API, which answers with the runbook's rules. The
+    diagnosis comes from Claude's path, and its tokens and dollars are counted."""
+    require_nats_server()
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "actors", "eval", "--subject", "webshop",
+                           "--scenario", "pool_exhaustion", "--variant", "scripted",
+                           "--repeats", "1", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=280,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                               "MENDERS_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (t,) = decode_lines((out / "trials.jsonl").read_bytes())
+    assert t.variant == "scripted" and not t.error
+    assert t.diagnosis_source == "claude", t.diagnosis
+    assert t.won and t.diagnosis_right, t.why
+    assert t.tokens > 0 and t.usd > 0
+    assert "recycle_pool:succeeded" in t.actions

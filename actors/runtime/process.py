@@ -46,7 +46,7 @@ from actors.runtime.outage import Outage, is_outage
 from actors.runtime.publish import publish_event, stamped
 from bus_schemas import catalog, codec
 from bus_schemas.errors import MendersError
-from bus_schemas.messages import DeadLetter, Event, Heartbeat, kind_of
+from bus_schemas.messages import INCIDENT_SCOPED, DeadLetter, Event, Heartbeat, kind_of
 from bus_schemas.natsconf import inbox_prefix
 
 log = get_logger("menders.runtime")
@@ -216,20 +216,10 @@ class Runtime:
         delivery = Delivery(msg, consumer)
         if delivery.redelivered:
             self.metrics.redeliveries.labels(consumer=consumer.durable).inc()
-        limit = self.config.runtime.max_message_bytes
-        if len(msg.data) > limit:
-            await self._dead_letter(msg, delivery, f"oversized: {len(msg.data)} bytes > {limit}")
-            return
-        try:
-            event = codec.decode(msg.data, consumer.schemas)
-            expected = _expected_subject(event)
-        except (codec.DecodeError, ValueError) as exc:
-            await self._dead_letter(msg, delivery, str(exc))
-            return
-        if expected != msg.subject:
-            await self._dead_letter(
-                msg, delivery, f"a {kind_of(event)} does not belong on {msg.subject}"
-            )
+        event = admit(msg.data, msg.subject, consumer.schemas,
+                      self.config.runtime.max_message_bytes)
+        if isinstance(event, str):
+            await self._dead_letter(msg, delivery, event)
             return
         kind = kind_of(event)
         keepalive = _KeepAlive(msg, consumer.ack_wait_s)
@@ -413,6 +403,25 @@ async def _hand_back(msgs: Sequence[Msg]) -> None:
     for msg in msgs:
         with contextlib.suppress(Exception):
             await msg.nak()
+
+
+def admit(data: bytes, subject: str, schemas: tuple[type[Event], ...],
+          limit: int) -> Event | str:
+    """The event a consumer of `schemas` takes from `data` on `subject`, or why it is
+    dead-lettered instead: oversized, undecodable (the field at fault named), or a kind
+    that does not belong on that subject."""
+    if len(data) > limit:
+        return f"oversized: {len(data)} bytes > {limit}"
+    try:
+        event = codec.decode(data, schemas)
+        expected = _expected_subject(event)
+    except (codec.DecodeError, ValueError) as exc:
+        return str(exc)
+    if expected != subject:
+        return f"a {kind_of(event)} does not belong on {subject}"
+    if not event.incident_id and type(event) in INCIDENT_SCOPED:
+        return f"a {kind_of(event)} without an incident_id"
+    return event
 
 
 def _first_error(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from actors.cli import demo
 from actors.cli.eval import scoring
 from actors.cli.eval.records import Mark, Trial, encode
 from actors.cli.eval.scenarios import Campaign, Scenario, Variant
-from actors.runtime.config import Config, load
+from actors.runtime.config import Config, LlmConfig, load
 from actors.stack.natsserver import free_port
 from actors.stack.up import Stack, StackError
 from bus_schemas import catalog
@@ -126,7 +126,7 @@ class Env:
             await self.resume()
 
 
-def _config(home: Path, kind: str, variant: Variant, llm: Any) -> str:
+def _config(home: Path, kind: str, variant: Variant, llm: LlmConfig) -> str:
     ports = demo.ports_for((demo.SUBJECTS[kind],))
     body = demo.subjects_body(home, ports, free_port(),
                               demo.free_port_block(9464, len(catalog.ACTORS)))
@@ -136,7 +136,7 @@ def _config(home: Path, kind: str, variant: Variant, llm: Any) -> str:
         extra = "".join(f"{k} = {msgspec.json.encode(v).decode()}\n"
                         for k, v in variant.governor.items())
         body = head + "[governor]\n" + extra + _drop_keys(section, variant.governor) + sep + after
-    if variant.diagnoser == "claude":
+    if variant.diagnoser != "runbook":
         body += "\n" + demo.llm_section(llm)
     return body
 
@@ -148,37 +148,69 @@ def _drop_keys(section: str, keys: dict[str, object]) -> str:
 
 
 @contextlib.contextmanager
-def _diagnoser_env(variant: Variant) -> Iterator[None]:
-    """The runbook variant's crew never sees a key (it would diagnose with Claude)."""
-    key = os.environ.pop("ANTHROPIC_API_KEY", None) if variant.diagnoser == "runbook" else None
+def _diagnoser_env(variant: Variant, scripted_key: str) -> Iterator[None]:
+    """The key the crew's processes inherit: none for the runbook variant (it would
+    diagnose with Claude), the local stand-in's own for the scripted one."""
+    saved = os.environ.get("ANTHROPIC_API_KEY")
+    if variant.diagnoser == "runbook":
+        os.environ.pop("ANTHROPIC_API_KEY", None)
+    elif variant.diagnoser == "scripted":
+        os.environ["ANTHROPIC_API_KEY"] = scripted_key
     try:
         yield
     finally:
-        if key is not None:
-            os.environ["ANTHROPIC_API_KEY"] = key
+        if saved is None:
+            os.environ.pop("ANTHROPIC_API_KEY", None)
+        else:
+            os.environ["ANTHROPIC_API_KEY"] = saved
+
+
+@contextlib.asynccontextmanager
+async def _scripted_api(kind: str, variant: Variant, llm: LlmConfig
+                        ) -> AsyncIterator[tuple[LlmConfig, str]]:
+    """For the scripted variant, a local Messages API the crew's Claude diagnoser calls;
+    else nothing. Yields the [llm] settings and the key to give the crew."""
+    if variant.diagnoser != "scripted":
+        yield llm, ""
+        return
+    import subjects
+    from actors.cli.eval.messages_api import RunbookModel, messages_api
+
+    async with messages_api(RunbookModel(subjects.load(kind))) as api:
+        yield msgspec.structs.replace(llm, base_url=api.url), api.key
 
 
 @contextlib.asynccontextmanager
 async def environment(kind: str, variant: Variant, base: Config) -> AsyncIterator[Env]:
+    async with _scripted_api(kind, variant, base.llm) as (llm, key):
+        home = Path(tempfile.mkdtemp(prefix=f"menders-eval-{kind}-"))
+        path = home / "menders.toml"
+        path.write_text(_config(home, kind, variant, llm))
+        stack = Stack(load(path), str(path), actors=catalog.ACTORS if variant.crew else (),
+                      child_logs=True)
+        with _diagnoser_env(variant, key):
+            await stack.start()  # children take their environment now, restarts included
+        try:
+            if variant.crew:
+                await stack.wait_ready(60)
+            async with _connected(kind, variant, stack) as env:
+                yield env
+        finally:
+            await stack.stop()
+
+
+@contextlib.asynccontextmanager
+async def _connected(kind: str, variant: Variant, stack: Stack) -> AsyncIterator[Env]:
+    """The operator's connection, watching everything, and the oracle's HTTP session."""
     import nats
 
     from bus_schemas.natsconf import inbox_prefix
 
-    home = Path(tempfile.mkdtemp(prefix=f"menders-eval-{kind}-"))
-    path = home / "menders.toml"
-    path.write_text(_config(home, kind, variant, base.llm))
-    cfg = load(path)
-    stack = Stack(cfg, str(path), actors=catalog.ACTORS if variant.crew else (),
-                  child_logs=True)
     tl = demo.Timeline(quiet=True)
-    with _diagnoser_env(variant):
-        await stack.start()  # children take their environment now, restarts included
+    nc = await nats.connect(stack.url, user=catalog.OPERATOR,
+                            password=stack.passwords[catalog.OPERATOR],
+                            inbox_prefix=inbox_prefix(catalog.OPERATOR))
     try:
-        if variant.crew:
-            await stack.wait_ready(60)
-        nc = await nats.connect(stack.url, user=catalog.OPERATOR,
-                                password=stack.passwords[catalog.OPERATOR],
-                                inbox_prefix=inbox_prefix(catalog.OPERATOR))
         await nc.subscribe(catalog.EVERYTHING, cb=tl.on_msg)
         async with aiohttp.ClientSession() as session:
             env = Env(kind, variant, stack, tl, nc, Oracle(stack.chaos[kind], session),
@@ -188,9 +220,8 @@ async def environment(kind: str, variant: Variant, base: Config) -> AsyncIterato
             finally:
                 with contextlib.suppress(Exception):
                     await env.reset()
-                await nc.close()
     finally:
-        await stack.stop()
+        await nc.close()
 
 
 async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
@@ -222,13 +253,13 @@ async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
             while steps and steps[0].t <= now:
                 mark = steps.pop(0)
                 await env.step(mark)
-                done.append(Mark(round(time.time() - t0, 3), mark.kind, mark.label))
+                done.append(Mark(_since(t0), mark.kind, mark.label))
                 if mark.kind == "kill":
                     killed.append((done[-1].t, float("inf")))
                 elif mark.kind == "resume" and killed:
                     killed[-1] = (killed[-1][0], done[-1].t)
             healthy, why, _ = await env.oracle.read()
-            readings.append((round(time.time() - t0, 3), healthy, why))
+            readings.append((_since(t0), healthy, why))
             if env.variant.crew:
                 for ap in demo.approvals_for(tuple(scenario.human_approves), scenario.name,
                                              env.tl.since(t0, env.kind)):
@@ -241,7 +272,7 @@ async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
                 break
             await asyncio.sleep(ORACLE_EVERY_S)
     finally:
-        ended = time.time() - t0
+        ended = _since(t0)
         with contextlib.suppress(StackError, aiohttp.ClientError, TimeoutError):
             await env.reset()
     _, _, effects1 = await env.oracle.read()
@@ -249,6 +280,13 @@ async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
     seen = scoring.Observed(events=env.tl.since(t0, env.kind), t0=t0, readings=readings,
                             effects=delta, steps=done, ended_at=ended, killed=killed)
     return scoring.score(trial, scenario, seen)
+
+
+def _since(t0: float) -> float:
+    """Seconds into the trial, as every mark, reading and its end record them. One rounding
+    for all: the reading that ended a trial is never later than its end (with the end
+    unrounded, half the trials ending on their deciding reading dropped it and lost)."""
+    return round(time.time() - t0, 3)
 
 
 def _answered(env: Env, scenario: Scenario, trial: Trial,

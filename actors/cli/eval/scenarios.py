@@ -114,12 +114,14 @@ class Variant(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     """A crew under test, or none: `crew = false` is the baseline (does it heal alone?)."""
 
     crew: bool = True
-    diagnoser: Literal["runbook", "claude"] = "runbook"
+    # claude: the real API (a key, and [llm]); scripted: a local stand-in of the Messages
+    # API answering with the subject's runbook rules, for the Claude path's plumbing
+    diagnoser: Literal["runbook", "claude", "scripted"] = "runbook"
     governor: dict[str, object] = {}  # [governor] keys over the eval's own (a policy)
 
 
 BUILTIN_VARIANTS = {"runbook": Variant(), "claude": Variant(diagnoser="claude"),
-                    "baseline": Variant(crew=False)}
+                    "scripted": Variant(diagnoser="scripted"), "baseline": Variant(crew=False)}
 
 
 class Campaign(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
