@@ -130,6 +130,21 @@ def test_a_fix_wins_when_the_oracle_is_healthy_and_stays_so() -> None:
     assert kinds[:2] == ["inject", "oracle_broken"] and "oracle_healthy" in kinds
 
 
+def test_a_pass_on_one_of_two_faults_while_the_other_is_open_is_not_a_false_fix() -> None:
+    other = at(2, m.IncidentOpened(incident_id="i2", invariant="memory", summary="s",
+                                   value=1, threshold=0.9))
+    broken = readings((0, 12, False))
+    steps = [Mark(0, "inject", "pool_exhaustion")]
+    still_open = Observed(events=[other, *fixed_story()], t0=T0, readings=broken,
+                          effects={}, steps=steps, ended_at=12)
+    t = score(trial(scenario("pool_exhaustion")), scenario("pool_exhaustion"), still_open)
+    assert t.false_fixed == 0  # the crew still works the other incident: no claim yet
+    closed = at(7, m.IncidentResolved(incident_id="i2", invariant="memory", reason="ok"))
+    claimed = dataclasses.replace(still_open, events=[other, closed, *fixed_story()])
+    t = score(trial(scenario("pool_exhaustion")), scenario("pool_exhaustion"), claimed)
+    assert t.false_fixed == 1  # nothing left open: the pass claims the subject fixed
+
+
 def test_the_reading_that_ends_a_trial_counts_toward_its_settle_window() -> None:
     # The harness stops on the reading that completes the settle window, and that reading
     # is the trial's end: scored, it must count (a trial ending 4.3 + 5.0 s in is won).

@@ -34,6 +34,7 @@ class Trial(msgspec.Struct, kw_only=True):
     started_at: float = 0.0  # wall clock of t=0 (the first chaos step)
     limit_s: float = 0.0  # the time limit: the oracle must be healthy and settled by then
     settle_s: float = 0.0  # and stay healthy this long
+    ended_s: float = 0.0  # when the trial ended, from t=0 (0: not recorded)
     # Outcome.
     won: bool = False
     why: str = ""  # one line: why it won or lost

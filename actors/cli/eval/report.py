@@ -444,12 +444,14 @@ def _timelines(trials: list[Trial]) -> Figure:
     fig, ax = plt.subplots(figsize=(12.0, 1.2 + 0.22 * max(len(trials), 1)))
     points: dict[str, tuple[list[float], list[int]]] = {k: ([], []) for k in MARKS}
     for y, t in enumerate(trials):
-        end = max([t.limit_s, *(m.t for m in t.timeline)])
+        # A bar lasts as long as the trial did (to its limit when its end is unknown), so
+        # the strip's scale is the trials' own, not that of a limit most never reach.
+        end = max([t.ended_s or t.limit_s, *(m.t for m in t.timeline)])
         ax.plot([0, end], [y, y], color="#ddd", linewidth=0.8, zorder=1)
         healthy, broken = _spans(t, end)
         ax.broken_barh(healthy, (y - 0.3, 0.6), facecolors="#2ca02c", alpha=0.18, zorder=0)
         ax.broken_barh(broken, (y - 0.3, 0.6), facecolors="#d62728", alpha=0.25, zorder=0)
-        if t.limit_s:
+        if t.limit_s and end >= t.limit_s:  # it ran to its limit
             ax.plot([t.limit_s], [y], marker="|", color="#888", markersize=9)
         for m in t.timeline:
             if m.kind in points:

@@ -116,9 +116,14 @@ def score(trial: Trial, scenario: Scenario, seen: Observed) -> Trial:
         approved[s.execution_id].step.disruptive or approved[s.execution_id].step.risk == "high"))
     approvals_per_action = Counter(a.step.action for a in approved.values())
     trial.duplicates = sum(max(0, n - approvals_per_action[a]) for a, n in seen.effects.items())
+    # A false fix: the crew said fixed (a verdict passed, and no other incident of the
+    # subject still open, so it claims the whole subject) while the oracle said broken.
+    # A pass on one of two faults while the other's incident is open claims nothing false.
     trial.false_fixed = sum(1 for v in verdicts if v.passed
-                            and oracle_at(seen.readings, rel(v)) is False)
+                            and oracle_at(seen.readings, rel(v)) is False
+                            and not _unresolved_at(ev, rel(v), rel) - {v.incident_id})
 
+    trial.ended_s = seen.ended_at
     last_inject = max((mk.t for mk in seen.steps if mk.kind == "inject"), default=0.0)
     until = min(seen.ended_at, trial.limit_s) if trial.limit_s else seen.ended_at
     healthy_at = healthy_from(seen.readings, last_inject, trial.settle_s, until)
@@ -146,6 +151,15 @@ def score(trial: Trial, scenario: Scenario, seen: Observed) -> Trial:
     trial.timeline = sorted([*seen.steps, *_marks(ev, rel), *_oracle_marks(seen.readings)],
                             key=lambda mk: mk.t)
     return trial
+
+
+def _unresolved_at(events: list[m.Event], t: float,
+                   rel: Callable[[m.Event], float]) -> set[str]:
+    """The incidents opened by t and not resolved by t (an escalated one stays: the crew
+    handed it to a human, it never said fixed)."""
+    opened = {e.incident_id for e in events if isinstance(e, m.IncidentOpened) and rel(e) <= t}
+    return opened - {e.incident_id for e in events
+                     if isinstance(e, m.IncidentResolved) and rel(e) <= t}
 
 
 def _last_reason(readings: Sequence[tuple[float, bool, str]]) -> str:
