@@ -226,6 +226,20 @@ def test_an_execution_under_the_kill_switch_is_out_of_policy() -> None:
     assert t.out_of_policy == 1
 
 
+def test_a_veto_for_what_a_step_is_counts_a_hold_by_kill_or_mode_does_not() -> None:
+    def veto(rule: str, t: float) -> m.Event:
+        return at(t, m.Decision(incident_id="i1", outcome="vetoed", reason=rule, rule=rule,
+                                plan_id="p1", execution_id="e1"))
+
+    leak = scenario("leak_under_kill_switch")
+    seen = Observed(events=[*fixed_story(), veto("kill", 3.3), veto("mode", 3.31),
+                            veto("allow_list", 3.32), veto("blast_radius", 3.33)],
+                    t0=T0, readings=readings((0, 4, False), (4, 12, True)),
+                    effects={"recycle_pool": 1}, steps=[Mark(0.5, "inject", "pool_exhaustion")],
+                    ended_at=12)
+    assert score(trial(leak), leak, seen).out_of_policy == 2
+
+
 def test_trials_round_trip_through_jsonl_and_a_bad_line_is_named() -> None:
     t = score(trial(scenario("quiet")), scenario("quiet"),
               Observed(events=[], t0=T0, readings=readings((0, 2, True)), effects={},
