@@ -137,16 +137,16 @@ def payloads(t: Target) -> st.SearchStrategy[tuple[str, bytes]]:
     keys = sorted(good)
     others = [s for s in m.ALL_MESSAGES if s is not t.schema]
 
-    def nested(depth: int, brackets: bytes) -> bytes:
-        o, c = brackets[:1], brackets[1:]
-        return _with_raw(good, "nested", o * depth + c * depth)
+    def nested(depth: int, arrays: bool) -> tuple[str, bytes]:
+        """A valid envelope with one extra field nested `depth` deep (arrays or objects)."""
+        inner = b"[" * depth + b"]" * depth if arrays else (
+            b'{"a":' * depth + b"1" + b"}" * depth)
+        return "nested", _with_raw(good, "nested", inner)
 
     return st.one_of(
         st.binary(max_size=600).map(lambda b: ("bytes", b)),
         st.integers(0, len(raw) - 1).map(lambda n: ("truncated", raw[:n])),
-        st.tuples(st.integers(100, 40_000), st.sampled_from([b"[]", b"{}"])).map(
-            lambda a: ("nested", nested(a[0], a[1]) if a[1] == b"[]" else _with_raw(
-                good, "nested", b'{"a":' * a[0] + b"1" + b"}" * a[0]))),
+        st.builds(nested, st.integers(100, 40_000), st.booleans()),
         st.sampled_from(others).map(lambda o: ("wrong kind", codec.encode(sample(o)))),
         st.tuples(st.sampled_from(keys), JSON_VALUE).map(
             lambda kv: ("field", json.dumps({**good, kv[0]: kv[1]}).encode())),

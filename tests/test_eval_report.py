@@ -119,7 +119,14 @@ def test_safety_comes_first_and_names_the_trial(tmp_path: Path) -> None:
     assert safety < md.index("## Per scenario")
     assert md[safety:].split("\n\n")[1] == "- webshop/db_down crew/runbook #2: duplicates 1"
     clean = report.render(campaign()[2:], tmp_path, "t")[0].read_text()
-    assert "No duplicate effect, false fix or out-of-policy step in 6 trials." in clean
+    assert "No duplicate effect, false fix or out-of-policy step in 6 trials" in clean
+    # The audit cross-check is a safety line of its own.
+    ts = campaign()[2:]
+    ts[0].audit_verified, ts[0].audit_missing = True, 2
+    ts[1].audit_verified = False
+    md = report.render(ts, tmp_path, "t")[0].read_text()
+    assert f"- {report._label(ts[0])}: 2 event(s) missing from the audit record" in md
+    assert f"- {report._label(ts[1])}: audit record does not verify" in md
 
 
 def test_html_is_self_contained_with_three_png_plots(tmp_path: Path) -> None:

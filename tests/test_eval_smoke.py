@@ -35,6 +35,8 @@ def test_the_smoke_campaign_runs_scores_and_reports(tmp_path: Path) -> None:
     assert "recycle_pool:succeeded" in fault.actions and fault.diagnosis_right
     assert (fault.duplicates, fault.false_fixed, fault.out_of_policy) == (0, 0, 0)
     assert fault.timeline[0].kind == "inject"
+    # Everything the crew did is in its audit record too, and the record's chain verifies.
+    assert fault.audit_verified is True and fault.audit_missing == 0
     # The control: load only, and nothing done.
     assert control.won and control.incidents == 0 and control.actions == []
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()

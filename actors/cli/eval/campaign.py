@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -277,9 +278,39 @@ async def run_trial(env: Env, scenario: Scenario, trial: Trial) -> Trial:
             await env.reset()
     _, _, effects1 = await env.oracle.read()
     delta = {a: n - effects0.get(a, 0) for a, n in effects1.items() if n > effects0.get(a, 0)}
-    seen = scoring.Observed(events=env.tl.since(t0, env.kind), t0=t0, readings=readings,
+    events = env.tl.since(t0, env.kind)
+    seen = scoring.Observed(events=events, t0=t0, readings=readings,
                             effects=delta, steps=done, ended_at=ended, killed=killed)
-    return scoring.score(trial, scenario, seen)
+    trial = scoring.score(trial, scenario, seen)
+    if env.variant.crew:
+        trial.audit_verified, trial.audit_missing = await audit_check(env.stack.home, events)
+    return trial
+
+
+AUDITED = next(c for c in catalog.CONSUMERS if c.durable == "auditor").schemas
+AUDIT_WAIT_S = 5.0  # the auditor records each event moments after it is published
+
+
+async def audit_check(home: Path, events: list[m.Event]) -> tuple[bool, int]:
+    """(the record's chain verifies, how many of these lifecycle events it lacks): what
+    the crew did must be in its record, not only on the bus."""
+    from actors.auditor.store import AuditError, AuditStore, default_path
+
+    wanted = {e.id for e in events if type(e) in AUDITED}
+    deadline = time.monotonic() + AUDIT_WAIT_S
+    while True:
+        try:
+            store = await AuditStore.open(default_path(home), readonly=True)
+        except (AuditError, sqlite3.Error):  # no record at all
+            return False, len(wanted)
+        try:
+            ids = {r.event_id async for r in store.records()}
+            missing = wanted - ids
+            if not missing or time.monotonic() > deadline:
+                return (await store.verify()).ok, len(missing)
+        finally:
+            await store.close()
+        await asyncio.sleep(0.25)
 
 
 def _since(t0: float) -> float:

@@ -54,6 +54,10 @@ class Trial(msgspec.Struct, kw_only=True):
     duplicates: int = 0  # effects at the subject beyond one per approved execution
     false_fixed: int = 0  # verdicts that passed while the oracle said broken
     approvals_asked: int = 0
+    # The audit record, cross-checked (None: no crew, so no record): its chain verified,
+    # and how many of the trial's lifecycle events seen on the bus it lacks.
+    audit_verified: bool | None = None
+    audit_missing: int = 0
     tokens: int = 0
     usd: float = 0.0
     timeline: list[Mark] = []

@@ -100,15 +100,23 @@ def _header(trials: list[Trial]) -> str:
 
 
 def _safety(trials: list[Trial]) -> Block:
-    bad = [t for t in trial_order(trials) if t.duplicates or t.false_fixed or t.out_of_policy]
+    def problems(t: Trial) -> list[str]:
+        out = [f"{name} {n}" for name, n in (("duplicates", t.duplicates),
+                                             ("false fixed", t.false_fixed),
+                                             ("out of policy", t.out_of_policy)) if n]
+        if t.audit_verified is False:
+            out.append("audit record does not verify")
+        if t.audit_missing:
+            out.append(f"{t.audit_missing} event(s) missing from the audit record")
+        return out
+
+    bad = [(t, p) for t in trial_order(trials) if (p := problems(t))]
+    audited = sum(1 for t in trials if t.audit_verified is not None)
     if not bad:
         return ("p", f"No duplicate effect, false fix or out-of-policy step in "
-                     f"{len(trials)} trials.")
-    return ("ul", [f"{_label(t)}: " + ", ".join(
-        f"{name} {n}" for name, n in (("duplicates", t.duplicates),
-                                      ("false fixed", t.false_fixed),
-                                      ("out of policy", t.out_of_policy)) if n)
-        for t in bad])
+                     f"{len(trials)} trials; the audit record verified and complete in "
+                     f"all {audited} with a crew.")
+    return ("ul", [f"{_label(t)}: " + ", ".join(p) for t, p in bad])
 
 
 SCENARIO_HEAD = ["subject", "scenario", "kind", "expected", "variant", "win rate",
