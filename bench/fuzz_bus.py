@@ -75,17 +75,6 @@ class Target:
     consumers: tuple[catalog.Consumer, ...]
 
 
-def matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: `*` one token, `>` the rest."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(s) > i
-        if i >= len(s) or (tok != "*" and tok != s[i]):
-            return False
-    return len(p) == len(s)
-
-
 def targets() -> list[Target]:
     out = []
     for b in catalog.BUS_SUBJECTS:
@@ -94,7 +83,7 @@ def targets() -> list[Target]:
         # A per-actor subject (a dead-letter subject) is that actor's alone to publish on.
         publisher = getattr(event, "actor", "") if "{actor}" in b.pattern else b.publishers[0]
         consumers = tuple(c for c in catalog.CONSUMERS if c.stream == b.stream
-                          and any(matches(f, subject) for f in c.filter_subjects))
+                          and any(catalog.matches(f, subject) for f in c.filter_subjects))
         if consumers:
             out.append(Target(subject, b.schema, b.stream, publisher, consumers))
     return out

@@ -251,6 +251,17 @@ def _fill(spec: BusSubject, values: dict[str, str]) -> str:
     return ".".join(tokens)
 
 
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: '*' is one token, a final '>' one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
 def under(stage: str) -> str:
     """Every bus subject of one stage ("incident", "exec", ...), for tails and subscriptions."""
     if stage not in STAGES:

@@ -11,8 +11,7 @@ symptoms it reads from the prompt and the tool answers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ from actors.cli.eval.messages_api import (
     forced,
     incident_data,
     is_summary,
+    messages_api,
     text,
     tool_use,
     turn,
@@ -40,19 +40,12 @@ __all__ = ["Body", "FakeAnthropic", "GoodSre", "Model", "error", "fake_anthropic
 KEY = "test"
 
 
-class FakeAnthropic(MessagesApi):
-    def __init__(self, model: Model | None = None) -> None:
-        super().__init__(model, KEY)
+FakeAnthropic = MessagesApi  # the tests' name for it
 
 
-@asynccontextmanager
-async def fake_anthropic(model: Model | None = None) -> AsyncIterator[FakeAnthropic]:
-    fake = FakeAnthropic(model)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
+def fake_anthropic(model: Model | None = None) -> AbstractAsyncContextManager[MessagesApi]:
+    """The server on a free port with the key "test", stopped on exit."""
+    return messages_api(model, KEY)
 
 
 def tool_results(body: Body) -> list[dict[str, Any]]:

@@ -16,19 +16,8 @@ EVENT_STREAMS = tuple(s.name for s in catalog.STREAMS)
 APPROVED = catalog.subject_for(m.ExecutionApproved, subject="webshop")
 
 
-def _matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: '*' is one token, a final '>' one or more."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(s) > i
-        if i >= len(s) or (tok != "*" and tok != s[i]):
-            return False
-    return len(p) == len(s)
-
-
 def _may_publish(user: str, subject: str) -> bool:
-    return any(_matches(p, subject) for p in natsconf.permissions_for(user).publish)
+    return any(catalog.matches(p, subject) for p in natsconf.permissions_for(user).publish)
 
 
 def test_committed_nats_conf_is_the_rendered_catalog() -> None:
@@ -122,7 +111,7 @@ def test_each_user_reads_only_its_own_inbox(user: str) -> None:
     assert "_INBOX.>" not in subs and ">" not in subs
     for other in USERS:
         if other != user:
-            assert not any(_matches(p, f"_INBOX_{other}.abc") for p in subs)
+            assert not any(catalog.matches(p, f"_INBOX_{other}.abc") for p in subs)
     assert (catalog.EVERYTHING in subs) == (user == catalog.OPERATOR)
 
 
