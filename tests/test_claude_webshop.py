@@ -50,12 +50,16 @@ async def run_demo(tmp: Path, base_url: str, *args: str, key: str = "test",
 
 
 @pytest.mark.timeout(300)
-async def test_every_webshop_fault_is_handled_with_the_claude_diagnoser(tmp_path: Path) -> None:
-    """All seven faults, one demo run: the fixable ones remediated, upstream_down escalated."""
+async def test_webshop_faults_are_handled_with_the_claude_diagnoser(tmp_path: Path) -> None:
+    """Three faults, one demo run: a leak and a bad config (read from the logs the model
+    asked for) remediated, upstream_down escalated. Every fault with the runbooks is
+    test_e2e_loop's; the eval's scripted variant runs Claude's path over any scenario."""
     require_nats_server()
     sre = GoodSre()
+    faults = [a for f in (*FIXABLE, "upstream_down") for a in ("--fault", f)]
     async with fake_anthropic(sre) as fake:
-        code, out = await run_demo(tmp_path, fake.url, "--llm", "--quiet", timeout=280)
+        code, out = await run_demo(tmp_path, fake.url, "--llm", "--quiet", *faults,
+                                   timeout=280)
     assert code == 0, out[-4000:]  # the demo's own verdict: every fault as expected
     assert "--llm: diagnosing with Claude (claude-sonnet-4-6 at http://127.0.0.1:" in out
     rows = {line.split()[0]: line for line in out.splitlines()
@@ -71,8 +75,7 @@ async def test_every_webshop_fault_is_handled_with_the_claude_diagnoser(tmp_path
     assert any('"points":[' in str(b["messages"]) for b in investigations)
 
 
-FIXABLE = ("pool_exhaustion", "slow_dependency", "bad_config", "memory_leak", "cache_off",
-           "log_flood")
+FIXABLE = ("pool_exhaustion", "bad_config")
 
 
 async def test_demo_llm_says_clearly_when_it_cannot_use_claude(tmp_path: Path) -> None:

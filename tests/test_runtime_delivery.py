@@ -1,14 +1,15 @@
 """The runtime's delivery discipline, observed on a real bus with real processes.
 
-Most tests run tests/fixture_actor.py: the real Runtime under the diagnoser's
-name and credentials, with a handler whose behaviour the test picks. The
-bad-payload test runs every real consuming actor (`menders run <actor>`).
+The tests run tests/fixture_actor.py: the real Runtime under the diagnoser's
+name and credentials, with a handler whose behaviour the test picks. Bad
+payloads on every consumed subject, to every real consuming actor, are the bus
+fuzzer's (bench/fuzz_bus.py, tests/test_fuzz_bus.py); what admission says of
+each kind of bad payload is tests/test_admission.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
 import pytest
 from nats.js import api
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,7 +28,6 @@ from actors.stack.provision import consumer_config
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from tests.harness import REPO, ActorProc, Bus
-from tests.harness import sample as sample_message
 
 ACTOR = "diagnoser"
 CONSUMER = catalog.consumers_of(ACTOR)[0]
@@ -245,86 +244,3 @@ async def test_sigterm_finishes_the_message_in_hand_then_exits_0(
     assert info.ack_floor is not None and info.ack_floor.stream_seq == seq
     assert not info.num_ack_pending
     assert info.num_redelivered == 0
-
-
-# --- bad payloads, on every consumed subject, to every real consuming actor -----------
-
-
-def concrete(wildcard: str) -> str:
-    tokens = wildcard.split(".")
-    values = iter(["webshop", "vetoed"])
-    return ".".join(next(values) if t == "*" else t for t in tokens)
-
-
-def schema_of(subject: str) -> type[m.Event]:
-    return next(b.schema for b in catalog.BUS_SUBJECTS if concrete(b.wildcard) == subject)
-
-
-def schema_stream(subject: str) -> str:
-    return next(b.stream for b in catalog.BUS_SUBJECTS if concrete(b.wildcard) == subject)
-
-
-def valid_for(schema: type[m.Event]) -> m.Event:
-    return sample_message(schema)
-
-
-def bad_payloads(c: catalog.Consumer, subject: str) -> dict[str, bytes]:
-    """The four ways a payload can be wrong, each with the words its reason must name."""
-    schema = schema_of(subject)
-    good = json.loads(codec.encode(valid_for(schema)))
-    wrong_types = {**good, "ts": "yesterday"}
-    # Another kind: one this consumer reads elsewhere if it has one (so only the subject
-    # check can catch it), otherwise one it never reads.
-    others = [s for s in c.schemas if s is not schema] or [
-        s for s in m.ALL_MESSAGES if s not in c.schemas]
-    wrong_kind = codec.encode(msgspec.structs.replace(valid_for(others[0]), subject="webshop"))
-    oversized = {**good, "pad": "x" * (MAX_BYTES + 1024)}
-    return {
-        "malformed JSON": b'{"kind": "' + m.kind_of(schema).encode() + b'", "id": ',
-        "$.ts": json.dumps(wrong_types).encode(),
-        "kind|does not belong": wrong_kind,
-        "oversized": json.dumps(oversized).encode(),
-    }
-
-
-def _consumes(c: catalog.Consumer, subject: str) -> bool:
-    return any(concrete(f) == subject for f in c.filter_subjects)
-
-
-async def test_bad_payloads_on_every_consumed_subject_are_dead_lettered(bus: Bus) -> None:
-    actors = sorted({c.actor for c in catalog.CONSUMERS})
-    procs = {a: bus.spawn(a) for a in actors}
-    for a in actors:
-        await bus.wait_heartbeat(a, timeout=30)
-    subjects = sorted({concrete(f) for c in catalog.CONSUMERS for f in c.filter_subjects})
-    # (stream, seq) -> (bus subject, what the dead letter's reason must name)
-    sent: dict[tuple[str, int], tuple[str, str]] = {}
-    async with bus.collect(catalog.under("dlq")) as dlq:
-        for subject in subjects:
-            owner = next(c for c in catalog.CONSUMERS if _consumes(c, subject))
-            for needle, payload in bad_payloads(owner, subject).items():
-                assert needle != "oversized" or len(payload) > MAX_BYTES
-                seq = await bus.publish_raw(subject, payload)
-                sent[(schema_stream(subject), seq)] = (subject, needle)
-        # Every consumer of each subject dead-letters each bad payload once.
-        expected = {(c.durable, seq) for c in catalog.CONSUMERS
-                    for (stream, seq), (subject, _) in sent.items()
-                    if stream == c.stream and _consumes(c, subject)}
-        # Our own bad payloads on a dlq subject are collected too: keep the actors' letters.
-        letters = await dlq.wait_for(
-            lambda e: isinstance(e, m.DeadLetter) and e.producer in catalog.ACTORS,
-            count=len(expected), timeout=45)
-    got = {(d.consumer, d.stream_seq) for d in letters}
-    assert got == expected
-    for d in letters:
-        stream = next(c.stream for c in catalog.CONSUMERS if c.durable == d.consumer)
-        _, needle = sent[(stream, d.stream_seq)]
-        assert any(n in d.reason for n in needle.split("|")), (d.consumer, needle, d.reason)
-        assert d.actor == next(c.actor for c in catalog.CONSUMERS if c.durable == d.consumer)
-    after = time.time()
-    for a, proc in procs.items():
-        assert proc.alive(), f"{a} died:\n{proc.log()[-3000:]}"
-        await bus.wait_heartbeat(a, after=after)
-    for c in catalog.CONSUMERS:
-        info = await consumer_info(bus, c)
-        assert not info.num_ack_pending and not info.num_pending, c.durable
