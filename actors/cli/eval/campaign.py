@@ -87,7 +87,9 @@ class Env:
         why = ""
         while time.monotonic() < deadline:
             ok, why, _ = await self.oracle.read()
-            if ok and (not self.variant.crew or not self.tl.open_incidents(self.kind)):
+            # Every incident resolved, escalated ones too: one still open at the detector
+            # would swallow the next trial's fault (updated, never opened again).
+            if ok and (not self.variant.crew or not self.tl.unresolved(self.kind)):
                 since = since or time.monotonic()
                 if time.monotonic() - since >= HEALTHY_FOR_S:
                     return True, ""
