@@ -226,6 +226,17 @@ def test_an_execution_under_the_kill_switch_is_out_of_policy() -> None:
     assert t.out_of_policy == 1
 
 
+def test_the_timeline_marks_each_new_reason_the_oracle_gives_not_each_new_number() -> None:
+    story = [(0.2, False, "primary a: PING took 153 ms"),
+             (0.7, False, "primary a: PING took 160 ms"),
+             (3.1, False, "replica a: link to b is down"), (5.0, True, ""), (5.5, True, "")]
+    seen = Observed(events=[], t0=T0, readings=story, effects={}, ended_at=5.5,
+                    steps=[Mark(0, "inject", "redis_slow")])
+    t = score(trial(scenario("pool_exhaustion")), scenario("pool_exhaustion"), seen)
+    marks = [(mk.t, mk.kind) for mk in t.timeline if mk.kind.startswith("oracle")]
+    assert marks == [(0.2, "oracle_broken"), (3.1, "oracle_broken"), (5.0, "oracle_healthy")]
+
+
 def test_a_veto_for_what_a_step_is_counts_a_hold_by_kill_or_mode_does_not() -> None:
     def veto(rule: str, t: float) -> m.Event:
         return at(t, m.Decision(incident_id="i1", outcome="vetoed", reason=rule, rule=rule,

@@ -18,6 +18,7 @@ right when its hypothesis names the cause (`cause_words`).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -194,11 +195,17 @@ def _marks(events: list[m.Event], rel: Callable[[m.Event], float]) -> list[Mark]
 
 
 def _oracle_marks(readings: Sequence[tuple[float, bool, str]]) -> list[Mark]:
+    """A mark where the oracle's word changes: healthy or broken, or broken for another
+    reason (its numbers aside), so a reader sees what it waited on after the fix."""
     out: list[Mark] = []
-    last: bool | None = None
+    last: tuple[bool, str] | None = None
     for t, ok, why in readings:
-        if ok != last:
+        word = (ok, "" if ok else _DIGITS.sub("#", why))
+        if word != last:
             out.append(Mark(t, "oracle_healthy" if ok else "oracle_broken",
                             "" if ok else why[:120]))
-            last = ok
+            last = word
     return out
+
+
+_DIGITS = re.compile(r"\d+(\.\d+)?")
