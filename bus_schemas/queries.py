@@ -90,6 +90,9 @@ class PastIncident(msgspec.Struct, frozen=True, kw_only=True):
     tried: list[str] = []  # "action:status", in order
     verified_action: str = ""  # the action whose plan passed its verdict
     verified_params: dict[str, Any] = {}
+    # For a plan of several steps, their actions in order (verified_action is then its
+    # first step's): the fix was the whole remedy, never its first step alone.
+    verified_steps: list[str] = []
     escalation: str = ""
     summary: str = ""
     score: float = 0.0  # in query answers: bm25, lower is more similar

@@ -108,6 +108,37 @@ def test_runbook_ranks_first_the_action_that_verified_for_similar_symptoms() -> 
     assert any("memory: incident past0001" in e for e in ranked.evidence)
 
 
+NOSPACE = {"nospace_alarm": 1.0, "db_size_ratio": 1.02, "quorum_members": 3.0}
+
+
+def test_a_verified_remedy_of_several_steps_is_remembered_and_ranked_whole() -> None:
+    # Found by the full eval campaign: a second NOSPACE on the same cluster was "fixed" by
+    # compact alone, three times, because memory kept only the verified plan's first step.
+    d = load("kvcluster")
+    inc = _incident(NOSPACE, invariant="low_disk_space")
+    plain = runbook.diagnose(inc, d)
+    remedy = plain.actions[0]
+    assert remedy.action == "nospace_repair" and len(remedy.steps) == 5
+    env = {"incident_id": "past0002", "subject": "kv"}
+    steps = [m.PlanStep(step_id=s.id, action=s.action, params=s.params) for s in remedy.steps]
+    events = [
+        m.IncidentOpened(**env, invariant="low_disk_space", summary="full", value=1.02,
+                         threshold=0.95, symptoms=NOSPACE),
+        m.Diagnosis(**env, invariant="low_disk_space", hypothesis=plain.hypothesis),
+        m.Plan(**env, plan_id="p2", invariant="low_disk_space", attempt=1, steps=steps),
+        m.Verdict(**env, plan_id="p2", invariant="low_disk_space", passed=True,
+                  reason="held", recovered="after"),
+        m.IncidentResolved(**env, invariant="low_disk_space", reason="holds again"),
+    ]
+    past = fold(events)
+    assert past is not None
+    assert past.verified_steps == ["compact", "defragment", "defragment", "defragment",
+                                   "disarm_alarm"]
+    ranked = runbook.apply_memory(plain, inc, [past], d.actions)
+    assert [a.action for a in ranked.actions] == ["nospace_repair"]  # never compact alone
+    assert ranked.actions[0].steps == remedy.steps
+
+
 def test_memory_is_ignored_for_other_symptoms_invariants_or_escalating_rules() -> None:
     d = load("webshop")
     inc = _incident(LEAK)

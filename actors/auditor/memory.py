@@ -75,9 +75,9 @@ def fold(events: Iterable[m.Event], redactor: Redactor | None = None) -> PastInc
     summary, escalation reason: they quote the subject's logs); None while open."""
     opened: m.IncidentOpened | None = None
     diagnosis: m.Diagnosis | None = None
-    plans: dict[str, m.PlanStep] = {}
+    plans: dict[str, list[m.PlanStep]] = {}
     tried: list[str] = []
-    verified: m.PlanStep | None = None
+    verified: list[m.PlanStep] = []
     outcome, escalation, summary, closed_at = "", "", "", 0.0
     for e in events:
         match e:
@@ -85,8 +85,8 @@ def fold(events: Iterable[m.Event], redactor: Redactor | None = None) -> PastInc
                 opened = e
             case m.Diagnosis() if diagnosis is None:
                 diagnosis = e
-            case m.Plan(steps=[first, *_]):
-                plans[e.plan_id] = first
+            case m.Plan(steps=[_, *_]):
+                plans[e.plan_id] = e.steps
             case m.ExecutionResult():
                 tried.append(f"{e.action}:{e.status}")
             # Only a fix that cured a broken invariant teaches anything: a pass whose
@@ -109,8 +109,9 @@ def fold(events: Iterable[m.Event], redactor: Redactor | None = None) -> PastInc
         opened_at=opened.ts, closed_at=closed_at, outcome=outcome, symptoms=opened.symptoms,
         hypothesis=hypothesis,
         source=diagnosis.source if diagnosis else "", tried=tried,
-        verified_action=verified.action if verified else "",
-        verified_params=dict(verified.params) if verified else {},
+        verified_action=verified[0].action if verified else "",
+        verified_params=dict(verified[0].params) if verified else {},
+        verified_steps=[st.action for st in verified] if len(verified) > 1 else [],
         escalation=escalation, summary=summary)
 
 

@@ -225,14 +225,22 @@ def apply_memory(d: Diagnosis, incident: IncidentOpened, past: Sequence[PastInci
             # latency): experience reorders the fixes of the same cause, never overrides
             # the evidence that names a different one.
             continue
-        kept, _ = vet_actions([RecommendedAction(
-            action=p.verified_action, params=p.verified_params,
-            rationale=f"verified fix of similar incident {p.incident_id[:8]}")], actions)
-        if not kept:
-            continue  # the registry changed since: not usable any more
-        first = kept[0]
-        key = (first.action, _canonical(first.params))
-        rest = [a for a in d.actions if (a.action, _canonical(a.params)) != key]
+        if p.verified_steps:
+            # A remedy of several steps verified: rank that remedy first where this
+            # diagnosis proposes it; its first step alone never fixed anything.
+            same = [a for a in d.actions if [s.action for s in a.steps] == p.verified_steps]
+            if not same:
+                continue
+            first, rest = same[0], [a for a in d.actions if a is not same[0]]
+        else:
+            kept, _ = vet_actions([RecommendedAction(
+                action=p.verified_action, params=p.verified_params,
+                rationale=f"verified fix of similar incident {p.incident_id[:8]}")], actions)
+            if not kept:
+                continue  # the registry changed since: not usable any more
+            first = kept[0]
+            key = (first.action, _canonical(first.params))
+            rest = [a for a in d.actions if (a.action, _canonical(a.params)) != key]
         note = (f"memory: incident {p.incident_id[:8]} of {p.invariant} with similar symptoms "
                 f"was fixed by {first.action} (verified); ranked first")
         fields: dict[str, Any] = {"actions": [first, *rest], "evidence": [*d.evidence, note]}

@@ -82,6 +82,12 @@ class SpaceFilled(Fault):
         finally:
             await gw.close()
 
+    async def clear(self) -> None:
+        # A full backend stays full once the writes stop, and a cluster that answers is
+        # not rebuilt by the default clear: a remedy that did not free the space would
+        # leave every later trial on a cluster in NOSPACE. Start from a fresh one.
+        await rebuild(self.layout, self.procman)
+
     def effective(self) -> bool:
         return True  # only the observer can tell (the alarm, the backend size)
 
