@@ -100,6 +100,11 @@ class DataDirRemoved(Fault):
     async def inject(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self.layout.data_dir(self.target))
 
+    async def clear(self) -> None:
+        # A member without its data cannot rejoin by a restart (the baseline leaves it
+        # so): start from a fresh cluster, as the nospace clear does.
+        await rebuild(self.layout, self.procman)
+
     def effective(self) -> bool:
         return not (self.layout.data_dir(self.target) / "member" / "wal").exists()
 

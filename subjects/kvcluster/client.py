@@ -207,16 +207,36 @@ class KvClusterActionClient:
         url = await self._healthy_url(exclude=name)
         peer = self.layout.member(name).peer_url
         await asyncio.to_thread(self.procman.stop, name)
-        for m in await self.gw.members(url):
-            if peer in (m.get("peerURLs") or []):
-                await self.gw.member_remove(url, str(m["ID"]))
+        await self._membership(url, peer, present=False)
         await asyncio.to_thread(shutil.rmtree, self.layout.data_dir(name), True)
-        await self.gw.member_add(url, peer)
+        await self._membership(url, peer, present=True)
         initial = ",".join(f"{m.get('name') or name}={m['peerURLs'][0]}"
                            for m in await self.gw.members(url))
         pid = self.procman.start(name, "existing", initial)
         await self._wait_healthy(name, time.monotonic() + 20.0)
         return f"{name} removed, re-added as a new member and started (pid {pid}); healthy"
+
+    async def _membership(self, url: str, peer: str, *, present: bool,
+                          budget_s: float = 15.0) -> None:
+        """Make the member with this peer URL present (added) or absent (removed), from a
+        fresh member list each try, so a change that landed unanswered is not made twice.
+        etcd refuses a change until every member has been connected for 5 s ("unhealthy
+        cluster", right after a restart) and may leave one proposed during an election
+        unanswered: both pass, so try again within the action's own timeout."""
+        deadline = time.monotonic() + budget_s
+        while True:
+            try:
+                listed = [m for m in await self.gw.members(url)
+                          if peer in (m.get("peerURLs") or [])]
+                if present and not listed:
+                    await self.gw.member_add(url, peer)
+                for m in listed if not present else []:
+                    await self.gw.member_remove(url, str(m["ID"]))
+                return
+            except EtcdError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
 
     async def close(self) -> None:
         await self.gw.close()
