@@ -159,17 +159,6 @@ class Timeline:
                 opened.discard(e.incident_id)
         return opened
 
-    def unresolved(self, subject: str) -> set[str]:
-        """Incidents of the subject the detector has not resolved: an escalated one stays
-        open at the detector until its invariant holds again."""
-        opened: set[str] = set()
-        for e in self.events:
-            if e.subject == subject and isinstance(e, m.IncidentOpened):
-                opened.add(e.incident_id)
-            elif e.subject == subject and isinstance(e, m.IncidentResolved):
-                opened.discard(e.incident_id)
-        return opened
-
 
 def llm_section(llm: LlmConfig) -> str:
     """The user's [llm] settings, as TOML for the demo's own config."""

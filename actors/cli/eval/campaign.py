@@ -89,7 +89,8 @@ class Env:
             ok, why, _ = await self.oracle.read()
             # Every incident resolved, escalated ones too: one still open at the detector
             # would swallow the next trial's fault (updated, never opened again).
-            if ok and (not self.variant.crew or not self.tl.unresolved(self.kind)):
+            if ok and (not self.variant.crew
+                       or not scoring.unresolved(self.tl.since(0.0, self.kind))):
                 since = since or time.monotonic()
                 if time.monotonic() - since >= HEALTHY_FOR_S:
                     return True, ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from actors.cli.eval.records import Mark, Trial
@@ -127,7 +127,7 @@ def score(trial: Trial, scenario: Scenario, seen: Observed) -> Trial:
     # A pass on one of two faults while the other's incident is open claims nothing false.
     trial.false_fixed = sum(1 for v in verdicts if v.passed
                             and oracle_at(seen.readings, rel(v)) is False
-                            and not _unresolved_at(ev, rel(v), rel) - {v.incident_id})
+                            and not unresolved(e for e in ev if rel(e) <= rel(v)) - {v.incident_id})
 
     trial.ended_s = seen.ended_at
     last_inject = max((mk.t for mk in seen.steps if mk.kind == "inject"), default=0.0)
@@ -159,13 +159,17 @@ def score(trial: Trial, scenario: Scenario, seen: Observed) -> Trial:
     return trial
 
 
-def _unresolved_at(events: list[m.Event], t: float,
-                   rel: Callable[[m.Event], float]) -> set[str]:
-    """The incidents opened by t and not resolved by t (an escalated one stays: the crew
-    handed it to a human, it never said fixed)."""
-    opened = {e.incident_id for e in events if isinstance(e, m.IncidentOpened) and rel(e) <= t}
-    return opened - {e.incident_id for e in events
-                     if isinstance(e, m.IncidentResolved) and rel(e) <= t}
+def unresolved(events: Iterable[m.Event]) -> set[str]:
+    """The incidents these events open and do not resolve. An escalated one stays: the
+    crew handed it to a human and never said fixed, and the detector keeps it open until
+    its invariant holds again."""
+    opened: set[str] = set()
+    for e in events:
+        if isinstance(e, m.IncidentOpened):
+            opened.add(e.incident_id)
+        elif isinstance(e, m.IncidentResolved):
+            opened.discard(e.incident_id)
+    return opened
 
 
 def _last_reason(readings: Sequence[tuple[float, bool, str]]) -> str:
