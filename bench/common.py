@@ -137,9 +137,15 @@ class BenchBus:
 
         sub = await nc.subscribe(catalog.under("heartbeat"), cb=on_beat)
         try:
-            await asyncio.wait_for(done.wait(), timeout)
-        except TimeoutError:
-            raise RuntimeError(f"actors not ready: {seen}; logs in {self.home}") from None
+            deadline = time.monotonic() + timeout
+            while not done.is_set():
+                dead = [p.args for p in self.procs if p.poll() is not None]
+                if dead:  # a config error ends an actor at once: say so, do not wait it out
+                    raise RuntimeError(f"actor exited: {dead}; logs in {self.home}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"actors not ready: {seen}; logs in {self.home}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 0.5)
         finally:
             await sub.unsubscribe()
 

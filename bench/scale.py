@@ -78,7 +78,7 @@ def fleet_config(port: int, subjects: int) -> str:
             f'[subjects.s{i}.options]\nmetrics_url = "http://127.0.0.1:{port}/s/{i}/metrics"\n'
             f'metrics = {{ depth = {{ name = "queue_depth" }} }}\n'
             f'invariants = [{{ name = "depth", metric = "depth", op = "<", threshold = 100, '
-            f'for_s = 3.0 }}]\n')
+            f'for_s = 3.0, description = "queue depth under 100" }}]\n')
     return head + "\n".join(body)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from actors.monitor.actor import Target, sanitize
+from actors.monitor.actor import Target, phase, sanitize
 from bus_schemas import catalog
 from bus_schemas import messages as m
 from tests.harness import REPO, Bus, webshop
@@ -132,6 +132,16 @@ embedded = false
     gaps = [b.ts - a.ts for a, b in itertools.pairwise(shop)]
     assert gaps and max(gaps) < 2.5, gaps
     assert down.error and down.metrics == {}
+
+
+def test_subjects_scrape_at_phases_spread_over_the_interval() -> None:
+    # The same name keeps its phase in every process (a restarted monitor, a partition's
+    # successor); a fleet started together does not scrape in one burst.
+    phases = [phase(f"s{i}") for i in range(1000)]
+    assert phases[:3] == [phase("s0"), phase("s1"), phase("s2")]
+    assert all(0.0 <= p < 1.0 for p in phases)
+    tenths = [sum(1 for p in phases if k / 10 <= p < (k + 1) / 10) for k in range(10)]
+    assert min(tenths) > 60, tenths  # about 100 in each tenth of the interval
 
 
 def test_sanitize_keeps_only_finite_metrics_and_caps_logs() -> None:

@@ -27,6 +27,7 @@ import asyncio
 import functools
 import math
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,11 @@ def sanitize(subject: str, ts: float, fields: dict[str, Any], scrape_ms: float) 
     return Observation(subject=subject, ts=ts, up=bool(fields.get("up")), metrics=metrics,
                        log_lines=lines, error=str(fields.get("error") or "")[:2000],
                        scrape_ms=scrape_ms)
+
+
+def phase(name: str) -> float:
+    """A subject's fixed offset in [0, 1) of its interval, the same in every process."""
+    return zlib.crc32(name.encode()) / 2**32
 
 
 class Monitor(Actor):
@@ -194,7 +200,10 @@ class Monitor(Actor):
         target = self.targets[name]
         interval = target.scrape_interval_s
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        # Each subject's ticks keep a phase of their own, as Prometheus spreads its
+        # scrapes: a thousand subjects started in one instant would scrape and publish
+        # in one burst every interval (bench/scale.py: lag p50 0.44 s at 1,500 subjects).
+        start = loop.time() + phase(name) * interval
         running: set[asyncio.Task[None]] = set()
         tick = 0
         try:
