@@ -130,10 +130,13 @@ class Env:
             await self.resume()
 
 
-def _config(home: Path, kind: str, variant: Variant, llm: LlmConfig) -> str:
+def _config(home: Path, kind: str, variant: Variant, llm: LlmConfig,
+            sync_always: bool = False) -> str:
     ports = demo.ports_for((demo.SUBJECTS[kind],))
     body = demo.subjects_body(home, ports, free_port(),
                               demo.free_port_block(9464, len(catalog.ACTORS)))
+    if sync_always:  # bench/soak.py's durability run
+        body = body.replace("[nats]\n", "[nats]\nsync_always = true\n", 1)
     if variant.governor:  # a TOML key is set once: the variant's replace the eval's own
         head, _, rest = body.partition("[governor]\n")
         section, sep, after = rest.partition("\n[")
@@ -185,11 +188,12 @@ async def _scripted_api(kind: str, variant: Variant, llm: LlmConfig
 
 
 @contextlib.asynccontextmanager
-async def environment(kind: str, variant: Variant, base: Config) -> AsyncIterator[Env]:
+async def environment(kind: str, variant: Variant, base: Config,
+                      sync_always: bool = False) -> AsyncIterator[Env]:
     async with _scripted_api(kind, variant, base.llm) as (llm, key):
         home = Path(tempfile.mkdtemp(prefix=f"menders-eval-{kind}-"))
         path = home / "menders.toml"
-        path.write_text(_config(home, kind, variant, llm))
+        path.write_text(_config(home, kind, variant, llm, sync_always))
         stack = Stack(load(path), str(path), actors=catalog.ACTORS if variant.crew else (),
                       child_logs=True)
         with _diagnoser_env(variant, key):
