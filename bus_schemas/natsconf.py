@@ -25,6 +25,13 @@ def password_env(user: str) -> str:
     return f"MENDERS_NATS_PASSWORD_{user.upper()}"
 
 
+def servers(url: str) -> list[str]:
+    """A NATS URL as the nats CLI takes it: one, or several comma-separated (a cluster's
+    nodes; the client fails over between them). nats-py wants them as a list."""
+    found = [u.strip() for u in url.split(",") if u.strip()]
+    return found or [url]
+
+
 def inbox_prefix(user: str) -> str:
     """Each user's own reply inbox, so nobody else can read its replies."""
     return f"_INBOX_{user}"

@@ -144,3 +144,10 @@ def test_the_readmes_nats_cli_examples_use_the_operators_inbox_prefix() -> None:
     assert calls, "the README's nats CLI alias is gone"
     assert all(f"--inbox-prefix {natsconf.inbox_prefix(catalog.OPERATOR)}" in c
                and f"--user {catalog.OPERATOR}" in c for c in calls)
+
+
+def test_a_nats_url_may_list_a_clusters_nodes_comma_separated() -> None:
+    servers = natsconf.servers
+    assert servers("nats://127.0.0.1:4222") == ["nats://127.0.0.1:4222"]
+    assert servers("nats://a:4222, nats://b:4222,nats://c:4222,") == [
+        "nats://a:4222", "nats://b:4222", "nats://c:4222"]

@@ -535,10 +535,10 @@ async def _drive(stack: Stack, picked: tuple[DemoSubject, ...], quiet: bool,
     import nats
 
     from actors.cli import operator
-    from bus_schemas.natsconf import inbox_prefix
+    from bus_schemas.natsconf import inbox_prefix, servers
 
     tl = Timeline(quiet)
-    nc = await nats.connect(stack.url, user=catalog.OPERATOR,
+    nc = await nats.connect(servers(stack.url), user=catalog.OPERATOR,
                             password=stack.passwords[catalog.OPERATOR],
                             inbox_prefix=inbox_prefix(catalog.OPERATOR))
     try:

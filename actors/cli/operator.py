@@ -38,7 +38,7 @@ from bus_schemas.governor import (
     encode_kill,
     parse_mode,
 )
-from bus_schemas.natsconf import inbox_prefix
+from bus_schemas.natsconf import inbox_prefix, servers
 
 
 class OperatorError(MendersError, RuntimeError):
@@ -56,7 +56,7 @@ async def connect(config: Config, user: str = catalog.OPERATOR) -> AsyncIterator
 
     try:
         nc = await nats.connect(
-            url, user=user, password=password, connect_timeout=2, allow_reconnect=False,
+            servers(url), user=user, password=password, connect_timeout=2, allow_reconnect=False,
             # nats-py retries the first connect max_reconnect_attempts times (default 60,
             # 2 s apart): a CLI with no server must fail in about a second, not two minutes.
             max_reconnect_attempts=1, reconnect_time_wait=1,

@@ -47,7 +47,7 @@ from actors.runtime.publish import publish_event, stamped
 from bus_schemas import catalog, codec
 from bus_schemas.errors import MendersError
 from bus_schemas.messages import INCIDENT_SCOPED, DeadLetter, Event, Heartbeat, kind_of
-from bus_schemas.natsconf import inbox_prefix
+from bus_schemas.natsconf import inbox_prefix, servers
 
 log = get_logger("menders.runtime")
 
@@ -103,7 +103,7 @@ class Runtime:
         for attempt in range(1, attempts + 1):
             try:
                 await self.nc.connect(
-                    servers=[self.url],
+                    servers=servers(self.url),
                     user=self.name,
                     password=password,
                     name=f"menders-{self.name}",

@@ -55,17 +55,22 @@ def consumer_config(c: catalog.Consumer) -> api.ConsumerConfig:
     )
 
 
-async def provision(js: JetStreamContext, replicas: int = 1) -> ProvisionReport:
+async def provision(js: JetStreamContext, replicas: int | None = None) -> ProvisionReport:
+    """Create or update every stream, consumer and bucket. `replicas` None keeps an
+    existing stream's own count (and creates at 1): `menders up --nats-url` against a
+    cluster that `menders provision --replicas 3` set up must not scale it down to R1."""
     report = ProvisionReport([], [])
     for s in catalog.STREAMS:
         cfg = stream_config(s)
-        cfg.num_replicas = replicas
+        cfg.num_replicas = replicas or 1
         try:
-            await js.stream_info(s.name)
+            info = await js.stream_info(s.name)
         except NotFoundError:
             await js.add_stream(cfg)
             report.created.append(f"stream {s.name}")
         else:
+            if replicas is None:
+                cfg.num_replicas = info.config.num_replicas or 1
             await js.update_stream(cfg)
             report.updated.append(f"stream {s.name}")
     for c in catalog.CONSUMERS:
@@ -81,7 +86,7 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> ProvisionReport:
             await js.key_value(b.name)
             report.updated.append(f"kv {b.name} (kept)")
         except BucketNotFoundError:
-            await js.create_key_value(kv_config(b, replicas))
+            await js.create_key_value(kv_config(b, replicas or 1))
             report.created.append(f"kv {b.name}")
     if await killswitch.initial_release(Bucket(await js.key_value(catalog.GOVERNOR_BUCKET))):
         report.created.append("kill switch (released)")

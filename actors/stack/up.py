@@ -30,7 +30,7 @@ from actors.stack.supervisor import ChildSpec, Supervisor, child_env, python_arg
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.errors import MendersError
-from bus_schemas.natsconf import inbox_prefix, password_env
+from bus_schemas.natsconf import inbox_prefix, password_env, servers
 
 log = get_logger("menders.stack")
 
@@ -82,7 +82,7 @@ class Stack:
         await self.supervisor.start()
 
     async def _provision(self) -> None:
-        nc = await nats.connect(self.url, user=catalog.ADMIN,
+        nc = await nats.connect(servers(self.url), user=catalog.ADMIN,
                                 password=self.passwords[catalog.ADMIN], connect_timeout=3)
         try:
             await provision.provision(nc.jetstream(timeout=10))
@@ -137,7 +137,7 @@ class Stack:
     async def wait_ready(self, timeout: float = 30.0) -> float:
         """Seconds until every actor has sent a heartbeat."""
         started = time.monotonic()
-        nc = await nats.connect(self.url, user=catalog.OPERATOR,
+        nc = await nats.connect(servers(self.url), user=catalog.OPERATOR,
                                 password=self.passwords[catalog.OPERATOR],
                                 inbox_prefix=inbox_prefix(catalog.OPERATOR))
         seen: set[str] = set()
@@ -172,7 +172,7 @@ class Stack:
         if "monitor" not in self.actors:
             raise StackError("no monitor among the actors: nothing observes the subjects")
         started = time.monotonic()
-        nc = await nats.connect(self.url, user=catalog.OPERATOR,
+        nc = await nats.connect(servers(self.url), user=catalog.OPERATOR,
                                 password=self.passwords[catalog.OPERATOR],
                                 inbox_prefix=inbox_prefix(catalog.OPERATOR))
         seen: dict[str, float] = {}

@@ -212,10 +212,10 @@ async def _connected(kind: str, variant: Variant, stack: Stack) -> AsyncIterator
     """The operator's connection, watching everything, and the oracle's HTTP session."""
     import nats
 
-    from bus_schemas.natsconf import inbox_prefix
+    from bus_schemas.natsconf import inbox_prefix, servers
 
     tl = demo.Timeline(quiet=True)
-    nc = await nats.connect(stack.url, user=catalog.OPERATOR,
+    nc = await nats.connect(servers(stack.url), user=catalog.OPERATOR,
                             password=stack.passwords[catalog.OPERATOR],
                             inbox_prefix=inbox_prefix(catalog.OPERATOR))
     try:
