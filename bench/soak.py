@@ -222,6 +222,8 @@ async def soak_kind(kind: str, seconds: float, args: argparse.Namespace,
                               repeat=k, expected=scenario.right_answer, cause=scenario.cause,
                               limit_s=scenario.limit_s or 60.0, settle_s=3.0)
                 try:
+                    if did.broker_kills:  # the live timeline missed what the outage hid
+                        env.tl.events = (await stream_events(env))[0]
                     trial = await campaign.run_trial(env, scenario, trial)
                 except Exception as exc:  # the broker was down under the harness too
                     trial.error = f"harness: {type(exc).__name__}: {exc}"[:300]
