@@ -21,8 +21,9 @@ which misses what was published while the broker was down) and checks:
 
 - `lost`: incidents opened and neither resolved nor escalated;
 - `doubled`: actions the subject carried out (counted in its own action log, the
-  oracle's `effects`) beyond the governor's approvals of that action, plus execution ids
-  that succeeded twice on the bus;
+  oracle's `effects`) beyond the governor's approvals of that action and the designed
+  re-runs (`idempotent_reruns`: an idempotent step whose executor died mid-step runs
+  again, a non-idempotent one never does), plus execution ids that succeeded twice;
 - the audit record's hash chain verifies and holds every lifecycle event;
 - every durable consumer drained (nothing pending, nothing unacked);
 - every dead letter carries a reason;
@@ -180,6 +181,22 @@ def unended(events: list[m.Event]) -> set[str]:
     return opened - ended
 
 
+def idempotent_reruns(events: list[m.Event]) -> collections.Counter[str]:
+    """Per action: the designed second runs. An executor that finds an idempotent step's
+    owner lost mid-step runs it again (its effect may or may not have happened, and a
+    repeat is harmless by definition); a non-idempotent one is reported `unknown`, never
+    repeated. Each re-run is a second exec.started of one execution id."""
+    step_of = {e.execution_id: e.step for e in events if isinstance(e, m.ExecutionApproved)}
+    starts = collections.Counter(e.execution_id for e in events
+                                 if isinstance(e, m.ExecutionStarted))
+    out: collections.Counter[str] = collections.Counter()
+    for execution_id, n in starts.items():
+        step = step_of.get(execution_id)
+        if step is not None and step.idempotent and n > 1:
+            out[step.action] += n - 1
+    return out
+
+
 def opened_to_started_ms(events: list[m.Event]) -> list[float]:
     """Per incident: its opening to the first execution of a plan for it."""
     opened = {e.incident_id: e.ts for e in events if isinstance(e, m.IncidentOpened)}
@@ -257,7 +274,9 @@ async def soak_kind(kind: str, seconds: float, args: argparse.Namespace,
                if n > effects0.get(a, 0)}
     approved = collections.Counter(e.step.action for e in events
                                    if isinstance(e, m.ExecutionApproved))
-    over = {a: n - approved.get(a, 0) for a, n in effects.items() if n > approved.get(a, 0)}
+    reruns = idempotent_reruns(events)
+    allowed = approved + reruns
+    over = {a: n - allowed.get(a, 0) for a, n in effects.items() if n > allowed.get(a, 0)}
     succeeded = collections.Counter(e.execution_id for e in events
                                     if isinstance(e, m.ExecutionResult)
                                     and e.status == "succeeded")
@@ -278,6 +297,7 @@ async def soak_kind(kind: str, seconds: float, args: argparse.Namespace,
         "approvals": dict(approved),
         "doubled": sum(over.values()) + len(twice),
         "doubled_actions": over,
+        "idempotent_reruns": dict(reruns),
         "executions_succeeded_twice": twice,
         "audit_verified": verified,
         "audit_missing": missing,
