@@ -281,6 +281,20 @@ class Collector:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
 
 
+async def until(what: str, check: Callable[[], Any], within: float,
+                explain: Callable[[], str] = lambda: "", every: float = 0.05) -> Any:
+    """Poll `check` until it returns something truthy, and return that; AssertionError
+    naming `what` (and `explain()`) after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within:g}s. {explain()}")
+        await asyncio.sleep(every)
+
+
 async def start_bus(tmp: Path) -> Bus:
     require_nats_server()
     home = tmp / "home"

@@ -24,7 +24,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import nats
 import nats.errors
@@ -44,7 +43,7 @@ from actors.stack.up import Stack
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix, password_env
-from tests.harness import REPO, require_nats_server
+from tests.harness import REPO, require_nats_server, until
 
 CLUSTER_DIR = REPO / "deploy" / "nats-cluster"
 HOST = "127.0.0.1"
@@ -373,17 +372,6 @@ async def stored_events(c: Cluster, node_url: str) -> list[m.Event]:
         return events
     finally:
         await nc.close()
-
-
-async def until(what: str, check: Any, within: float) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within:g}s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.e2e

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from actors.stack.natsserver import free_port
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.natsconf import inbox_prefix
-from tests.harness import REPO, require_nats_server
+from tests.harness import REPO, require_nats_server, until
 
 pytestmark = pytest.mark.e2e
 
@@ -122,18 +122,6 @@ def _pids_with_home(home: Path) -> set[int]:
 def _alive(pid: int) -> bool:
     st = _stat(pid)
     return st is not None and st[0] != "Z"
-
-
-async def _until(what: str, check: Callable[[], object], within: float,
-                 explain: Callable[[], str] = lambda: "") -> object:
-    deadline = time.monotonic() + within
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within:g}s. {explain()}")
-        await asyncio.sleep(0.1)
 
 
 @dataclass
@@ -323,9 +311,9 @@ async def test_a_killed_nats_server_is_restarted_and_no_actor_crashes(up: Up) ->
 
     os.kill(old, signal.SIGKILL)
     # Reaped at once (no zombie left), and a new server on the same port, same store.
-    await _until("the dead nats-server reaped", lambda: _stat(old) is None, 10,
+    await until("the dead nats-server reaped", lambda: _stat(old) is None, 10,
                  lambda: f"still {_stat(old)}\n{up.log[-3000:]}")
-    new = await _until("a new nats-server",
+    new = await until("a new nats-server",
                        lambda: (p := _nats_pid(up)) and p != old and _nats_port(p) and p,
                        30, lambda: up.log[-3000:])
     assert isinstance(new, int)
@@ -347,7 +335,7 @@ async def test_a_killed_nats_server_is_restarted_and_no_actor_crashes(up: Up) ->
                     f"{up.chaos_url()}/faults/bad_config",
                     timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 assert resp.status == 200, await resp.text()
-            await _until(
+            await until(
                 "an ExecutionStarted on the webshop after the broker restart",
                 lambda: [e for e in seen if isinstance(e, m.ExecutionStarted)
                          and e.subject == SHOP and e.ts >= t0], 90,
@@ -371,17 +359,17 @@ async def test_a_crash_looping_subject_is_an_incident_not_a_reason_to_stop_the_c
     try:
         async with collecting(nc, catalog.EVERYTHING) as seen:
             for _ in range(kills):
-                victim = await _until("the webshop running", lambda: _shop_pid(up), 30,
+                victim = await until("the webshop running", lambda: _shop_pid(up), 30,
                                       lambda: up.log[-3000:])
                 assert isinstance(victim, int)
                 os.kill(victim, signal.SIGKILL)
-                await _until("the dead webshop reaped", lambda v=victim: _stat(v) is None, 10)
+                await until("the dead webshop reaped", lambda v=victim: _stat(v) is None, 10)
                 assert up.proc.poll() is None, up.log[-3000:]
             # Still restarted after more deaths than the crew's give-up rule allows.
-            await _until("the webshop restarted again", lambda: _shop_pid(up), 30,
+            await until("the webshop restarted again", lambda: _shop_pid(up), 30,
                          lambda: up.log[-3000:])
             # Down long enough (the backoff grew): the crew sees an incident on it.
-            await _until(
+            await until(
                 "an incident opened on the webshop",
                 lambda: [e for e in seen if isinstance(e, m.IncidentOpened)
                          and e.subject == SHOP], 60,
