@@ -73,6 +73,7 @@ class Target:
     stream: str
     publisher: str
     consumers: tuple[catalog.Consumer, ...]
+    stored: str  # what consumers see: a partitioned stream appends the partition
 
 
 def targets() -> list[Target]:
@@ -82,10 +83,13 @@ def targets() -> list[Target]:
         subject = catalog.bus_subject_of(event)
         # A per-actor subject (a dead-letter subject) is that actor's alone to publish on.
         publisher = getattr(event, "actor", "") if "{actor}" in b.pattern else b.publishers[0]
+        stored = catalog.stored_subject_of(event)
         consumers = tuple(c for c in catalog.CONSUMERS if c.stream == b.stream
-                          and any(catalog.matches(f, subject) for f in c.filter_subjects))
+                          and any(catalog.matches(f, stored) for f in c.filter_subjects))
+        # A subject some durable reads must be fuzzed, never dropped by a filter mismatch.
+        assert consumers or not any(b.schema in c.schemas for c in catalog.CONSUMERS), b
         if consumers:
-            out.append(Target(subject, b.schema, b.stream, publisher, consumers))
+            out.append(Target(subject, b.schema, b.stream, publisher, consumers, stored))
     return out
 
 
@@ -208,7 +212,7 @@ async def run(per_subject: int, at_seed: int, good_every: int) -> dict[str, Any]
                 ack = await js_of[t.publisher].publish(t.subject, payload)
                 s = Sent(t, ack.seq, what)
                 for c in t.consumers:
-                    verdict = admit(payload, t.subject, c.schemas, LIMIT)
+                    verdict = admit(payload, t.stored, c.schemas, LIMIT)
                     if isinstance(verdict, str):
                         s.refused_by[c.durable] = verdict
                 sent.append(s)

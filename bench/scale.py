@@ -172,14 +172,20 @@ async def measure(n: int, seconds: float) -> dict[str, Any]:
 
 
 async def _detector_behind(jsm: Any) -> float:
-    """Seconds since the oldest observation the detector has not acknowledged was stored."""
-    consumer = next(c for c in catalog.CONSUMERS if c.actor == "detector")
+    """Seconds since the oldest observation the detector has not acknowledged was
+    stored, over every partition's consumer."""
+    lags = [await _behind(jsm, c) for c in catalog.consumers_of("detector")]
+    return max(lags, default=0.0)
+
+
+async def _behind(jsm: Any, consumer: catalog.Consumer) -> float:
     info = await jsm.consumer_info(consumer.stream, consumer.durable)
     if not info.num_pending and not info.num_ack_pending:
         return 0.0
     floor = info.ack_floor.stream_seq if info.ack_floor else 0
     try:
-        oldest = await jsm.get_msg(consumer.stream, floor + 1, next=True)
+        oldest = await jsm.get_msg(consumer.stream, floor + 1, next=True,
+                                   subject=consumer.filter_subjects[0])
     except Exception:  # aged out or just acked: caught up as far as can be seen
         return 0.0
     stored = oldest.time.timestamp() if oldest.time else time.time()

@@ -36,6 +36,18 @@ EXEC_LEDGER_BUCKET = "menders_exec_ledger"  # the executor's at-most-once claims
 PLANNER_BUCKET = "menders_planner"  # plan attempts per incident, survives a planner restart
 DETECTOR_BUCKET = "menders_detector"  # open incidents and invariant timers, per subject
 VERIFIER_BUCKET = "menders_verifier"  # incident -> subject + invariant, for checks
+PARTITION_BUCKET = "menders_partitions"  # which process owns which partition (leases)
+
+# Observations are stored partitioned by subject name: the most detector processes
+# that can share the work. A fixed count (as Kafka's partitions), so any number of
+# detectors from 1 to this many share it with no configuration; changing it is a
+# re-provision (the stream's subject transform and the consumers follow).
+OBS_PARTITIONS = 8
+# A partition's owner renews its lease every PARTITION_RENEW_S; a process that stops
+# renewing (SIGKILLed, partitioned away) loses its leases after PARTITION_LEASE_S,
+# the bucket's TTL, enforced by the server's clock alone.
+PARTITION_LEASE_S = 5.0
+PARTITION_RENEW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,20 @@ class Stream:
     description: str
     max_msgs_per_subject: int = -1
     duplicate_window_s: float = 120.0
+    # > 0: a message published on `partition_source` (one '*', the subject name) is
+    # stored as "<that subject>.<partition>", the partition chosen by the server's own
+    # deterministic mapping partition(n, 1) (see partition_of).
+    partitions: int = 0
+    partition_source: str = ""
+
+    @property
+    def partition_transform(self) -> tuple[str, str] | None:
+        """(src, dest) of the stream's subject transform, if partitioned."""
+        if not self.partitions:
+            return None
+        assert self.partition_source.count("*") == 1, self.partition_source
+        dest = self.partition_source.replace("*", "{{wildcard(1)}}")
+        return self.partition_source, f"{dest}.{{{{partition({self.partitions},1)}}}}"
 
 
 @dataclass(frozen=True)
@@ -85,6 +111,9 @@ class Consumer:
     max_ack_pending: int = 1000
     concurrency: int = 1  # messages handled at once; 1 keeps per-consumer order
     description: str = ""
+    # One partition of a partitioned stream: consumed only by the process that holds
+    # its lease (actors.runtime.partitions), so N processes share the stream.
+    partition: int | None = None
     schemas: tuple[type[m.Event], ...] = field(default=(), compare=False)
 
 
@@ -96,6 +125,8 @@ STREAMS: tuple[Stream, ...] = (
         max_bytes=512 * 1024 * 1024,
         description="Observations: many, short-lived, replaced by fresher ones.",
         duplicate_window_s=30.0,
+        partitions=OBS_PARTITIONS,
+        partition_source="menders.obs.*",
     ),
     Stream(
         EVENTS_STREAM,
@@ -133,6 +164,13 @@ STREAMS: tuple[Stream, ...] = (
     ),
 )
 
+_STREAMS = {s.name: s for s in STREAMS}
+
+
+def stream_named(name: str) -> Stream:
+    return _STREAMS[name]
+
+
 KV_BUCKETS: tuple[KvBucket, ...] = (
     KvBucket(GOVERNOR_BUCKET, 10, "Governor state: mode, kill switch, revocations"),
     KvBucket(EXEC_LEDGER_BUCKET, 5, "Executor claims: each execution's effect at most once",
@@ -142,6 +180,8 @@ KV_BUCKETS: tuple[KvBucket, ...] = (
     KvBucket(DETECTOR_BUCKET, 5, "Detector state: open incidents, invariant timers"),
     KvBucket(VERIFIER_BUCKET, 1, "Verifier: each incident's subject and invariant",
              ttl_s=7 * 24 * 3600),
+    KvBucket(PARTITION_BUCKET, 1, "Partition leases: which process owns which partition",
+             ttl_s=PARTITION_LEASE_S),
 )
 
 BUS_SUBJECTS: tuple[BusSubject, ...] = (
@@ -274,17 +314,46 @@ def spec_of(schema: type[m.Event]) -> BusSubject:
     return _SUBJECT_OF[schema]
 
 
+def partition_of(name: str, partitions: int = OBS_PARTITIONS) -> int:
+    """The partition nats-server stores `name`'s messages in: its partition(n, ...)
+    mapping is FNV-1a (32 bit) of the token, modulo n (tests/test_partitions.py checks
+    this against a real server)."""
+    h = 0x811C9DC5
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
+
+
+def stored_subject_of(event: m.Event) -> str:
+    """The subject `event` is stored under in its stream (what a consumer sees)."""
+    subject = bus_subject_of(event)
+    stream = stream_named(_SUBJECT_OF[type(event)].stream)
+    if stream.partitions and matches(stream.partition_source, subject):
+        return f"{subject}.{partition_of(event.subject, stream.partitions)}"
+    return subject
+
+
+def _stored_filter(spec: BusSubject, partition: int | None) -> str:
+    stream = stream_named(spec.stream)
+    if not stream.partitions:
+        return spec.wildcard
+    return f"{spec.wildcard}.{'*' if partition is None else partition}"
+
+
 def _consumer(actor: str, durable: str, stream: str, schemas: tuple[type[m.Event], ...],
-              **kw: object) -> Consumer:
-    filters = tuple(_SUBJECT_OF[s].wildcard for s in schemas)
+              partition: int | None = None, **kw: object) -> Consumer:
+    filters = tuple(_stored_filter(_SUBJECT_OF[s], partition) for s in schemas)
     for s in schemas:
         assert actor in _SUBJECT_OF[s].consumers, (actor, s)
-    return Consumer(actor, durable, stream, filters, schemas=schemas, **kw)  # type: ignore[arg-type]
+    return Consumer(actor, durable, stream, filters, schemas=schemas,
+                    partition=partition, **kw)  # type: ignore[arg-type]
 
 
 CONSUMERS: tuple[Consumer, ...] = (
-    _consumer("detector", "detector", OBS_STREAM, (m.Observation,), max_deliver=3,
-              ack_wait_s=10, description="Checks invariants on every observation."),
+    *(_consumer("detector", f"detector_p{p}", OBS_STREAM, (m.Observation,), partition=p,
+                max_deliver=3, ack_wait_s=10,
+                description=f"Checks invariants on every observation of partition {p}.")
+      for p in range(OBS_PARTITIONS)),
     _consumer("verifier", "verifier_obs", OBS_STREAM, (m.Observation,), max_deliver=3,
               ack_wait_s=10, description="Fresh observations for checks in flight."),
     _consumer("verifier", "verifier", EVENTS_STREAM,
@@ -318,12 +387,15 @@ CONSUMERS: tuple[Consumer, ...] = (
 )
 
 
+# Durables an earlier layout had, deleted by provisioning: (stream, durable).
+RETIRED_CONSUMERS: tuple[tuple[str, str], ...] = ((OBS_STREAM, "detector"),)
+
+
 def consumers_of(actor: str) -> tuple[Consumer, ...]:
     return tuple(c for c in CONSUMERS if c.actor == actor)
 
 
-def stream_named(name: str) -> Stream:
-    return next(s for s in STREAMS if s.name == name)
+
 
 
 # Actors that read or write the governor's KV bucket, and how.
@@ -333,6 +405,7 @@ KV_WRITERS: dict[str, tuple[str, ...]] = {
     DETECTOR_BUCKET: ("detector",),
     VERIFIER_BUCKET: ("verifier",),
     PLANNER_BUCKET: ("planner",),
+    PARTITION_BUCKET: ("detector",),
 }
 KV_READERS: dict[str, tuple[str, ...]] = {
     GOVERNOR_BUCKET: ("governor", "executor", OPERATOR),
@@ -341,12 +414,15 @@ KV_READERS: dict[str, tuple[str, ...]] = {
     # The executor: was the incident resolved before a step starts? (bus_schemas.verifier)
     VERIFIER_BUCKET: ("verifier", "executor", OPERATOR),
     PLANNER_BUCKET: ("planner", OPERATOR),
+    PARTITION_BUCKET: ("detector", OPERATOR),
 }
 # Single keys a user may write in a bucket it otherwise only reads: the operator
 # engages the kill switch directly, so a kill never waits for the governor.
 KV_KEY_WRITERS: dict[tuple[str, str], tuple[str, ...]] = {(GOVERNOR_BUCKET, "kill"): (OPERATOR,)}
 # Actors that watch a bucket (ordered push consumers on the KV stream).
-KV_WATCHERS: dict[str, tuple[str, ...]] = {GOVERNOR_BUCKET: ("executor", "governor")}
+KV_WATCHERS: dict[str, tuple[str, ...]] = {GOVERNOR_BUCKET: ("executor", "governor"),
+                                           # listing the live members of a partition group
+                                           PARTITION_BUCKET: ("detector", OPERATOR)}
 
 # Read-only request/reply services (the Claude diagnoser's investigation tools):
 # pattern -> (the one responder, the users that may ask).

@@ -407,6 +407,8 @@ class Heartbeat(Event, tag="heartbeat", frozen=True, kw_only=True):
     # Age of the oldest message a handler holds: what a stuck consumer shows while
     # the process itself still beats.
     oldest_in_flight_s: float = 0.0
+    # The partitions of a partitioned stream this process consumes (the detector).
+    partitions: tuple[int, ...] = ()
 
 
 class DeadLetter(Event, tag="dead_letter", frozen=True, kw_only=True):

@@ -71,5 +71,19 @@ def test_a_kind_the_consumer_never_reads_is_refused_by_its_decoder() -> None:
 def test_events_outside_an_incident_need_no_incident_id() -> None:
     obs = sample(m.Observation)
     assert obs.incident_id == ""
-    detector = next(c for c in catalog.CONSUMERS if c.durable == "detector")
+    detector = next(c for c in catalog.CONSUMERS if c.durable == "detector_p0")
     assert admit(codec.encode(obs), subject_of(obs), detector.schemas, LIMIT) == obs
+
+
+def test_an_observation_is_admitted_under_its_own_partition_only() -> None:
+    # MENDERS_OBS stores "menders.obs.<subject>.<partition>": that subject is where a
+    # consumer reads it; another partition's is not, nor an extra token.
+    obs = sample(m.Observation)
+    p = catalog.partition_of(obs.subject)
+    stored = f"{subject_of(obs)}.{p}"
+    assert catalog.stored_subject_of(obs) == stored
+    schemas = (m.Observation,)
+    assert admit(codec.encode(obs), stored, schemas, LIMIT) == obs
+    wrong = f"{subject_of(obs)}.{(p + 1) % catalog.OBS_PARTITIONS}"
+    assert admit(codec.encode(obs), wrong, schemas, LIMIT) == (
+        f"an observation does not belong on {wrong}")

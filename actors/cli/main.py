@@ -200,6 +200,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print(f"undecodable incident events: {len(st.bad_events)} (skipped), e.g.")
         for line in st.bad_events[-3:]:
             print(f"  {line}")
+    for actor, part in st.partitions.items():
+        free = [p for p, who in part["owners"].items() if who is None]
+        print(f"{actor} partitions: {len(part['members'])} member(s)"
+              + (f", {len(free)} unowned ({', '.join(map(str, free))})" if free else ""))
+        for member in part["members"]:
+            mine = [p for p, who in part["owners"].items() if who == member]
+            print(f"  {member:<24} {', '.join(map(str, mine)) or '-'}")
     print("consumer lag (pending / awaiting ack):")
     for name, c in st.consumers.items():
         print(f"  {name:<14} {c['pending']:>6} / {c['ack_pending']}")

@@ -120,6 +120,8 @@ class Status:
     bad_events: list[str] = field(default_factory=list)  # undecodable incident events
     pending_approvals: list[dict[str, Any]] = field(default_factory=list)
     consumers: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Partitioned consumers: actor -> {"members": [instances], "owners": {p: instance}}.
+    partitions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def all_alive(self) -> bool:
@@ -179,9 +181,27 @@ async def status(nc: Client, heartbeat_s: float, stuck_after: float | None = Non
         out.consumers[c.durable] = {"pending": info.num_pending or 0,
                                     "ack_pending": info.num_ack_pending or 0,
                                     "redelivered": info.num_redelivered or 0}
+    out.partitions = await partition_owners(js)
     out.open_incidents, out.bad_events = await open_incidents(js)
     await with_planner_view(js, out.open_incidents)
     out.pending_approvals = await pending_approvals(gkv)
+    return out
+
+
+async def partition_owners(js: JetStreamContext) -> dict[str, dict[str, Any]]:
+    """Who consumes which partition, per partitioned actor (actors.runtime.partitions):
+    the live members and each partition's owner (None: free, a lease about to be taken)."""
+    bucket = Bucket(await js.key_value(catalog.PARTITION_BUCKET))
+    out: dict[str, dict[str, Any]] = {}
+    for actor in sorted({c.actor for c in catalog.CONSUMERS if c.partition is not None}):
+        prefix = f"{actor}.member."
+        members = sorted(k.removeprefix(prefix) for k in await bucket.keys(prefix))
+        owners: dict[int, str | None] = {}
+        for c in catalog.consumers_of(actor):
+            if c.partition is not None:
+                raw = await bucket.get_bytes(f"{actor}.owner.{c.partition}")
+                owners[c.partition] = raw.decode(errors="replace") if raw else None
+        out[actor] = {"members": members, "owners": owners}
     return out
 
 

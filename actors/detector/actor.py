@@ -3,6 +3,12 @@
 Evaluation is pure (subjects.invariants); this module adds the bus and the
 durability around it.
 
+Partitions. Observations are stored in catalog.OBS_PARTITIONS partitions by
+subject name, one durable consumer each; the runtime consumes the ones this
+process holds a lease on (actors.runtime.partitions), so N detector processes
+share the subjects, and a dead one's partitions pass to the survivors. On
+taking a partition the detector reads its subjects' state afresh from KV.
+
 State and restarts. Which incidents are open, the for-duration and
 hysteresis timers and the learned baselines live in the KV bucket
 `menders_detector`, one key per managed subject (`subject.<name>`), so a
@@ -106,9 +112,22 @@ class Detector(Actor):
     async def setup(self) -> None:
         assert self.rt.js is not None
         self.kv = Records(await self.rt.js.key_value(catalog.DETECTOR_BUCKET), SubjectState)
-        # Flush any outbox a crashed predecessor left behind, before new input.
-        for name in self.config.subjects:
+
+    # --- partitions ---------------------------------------------------------------
+
+    def _subjects_in(self, partition: int) -> list[str]:
+        return [n for n in self.config.subjects if catalog.partition_of(n) == partition]
+
+    async def partition_acquired(self, partition: int) -> None:
+        # Read afresh what the previous owner left (its cached copy here is stale), and
+        # publish any outbox it crashed with, before the partition's first message.
+        for name in self._subjects_in(partition):
+            self.slots.pop(name, None)
             await self._slot(name)
+
+    async def partition_released(self, partition: int) -> None:
+        for name in self._subjects_in(partition):
+            self.slots.pop(name, None)
 
     # --- state --------------------------------------------------------------------
 

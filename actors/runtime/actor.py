@@ -74,5 +74,13 @@ class Actor:
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
         raise NotImplementedError
 
+    async def partition_acquired(self, partition: int) -> None:
+        """This process now owns `partition` of its partitioned consumers: called before
+        the first message of it (actors.runtime.partitions)."""
+
+    async def partition_released(self, partition: int) -> None:
+        """This process no longer owns `partition`: its consumer has stopped and every
+        message of it taken has been handled."""
+
     async def teardown(self) -> None:
         """After the last in-flight message finished, before the connection drains."""

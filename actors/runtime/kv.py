@@ -96,9 +96,14 @@ class Bucket:
     async def put(self, key: str, value: bytes) -> int:
         return int(await self.kv.put(key, value))
 
-    async def delete(self, key: str) -> None:
-        with contextlib.suppress(KeyNotFoundError):  # already gone is fine
-            await self.kv.delete(key)
+    async def delete(self, key: str, last: int | None = None) -> None:
+        """Delete the key (only at revision `last`, if given: KvConflict if it moved)."""
+        try:
+            await self.kv.delete(key, last=last)
+        except KeyNotFoundError:  # already gone is fine
+            pass
+        except KeyWrongLastSequenceError:
+            raise KvConflict(f"{key} changed since revision {last}") from None
 
     async def keys(self, prefix: str) -> list[str]:
         """Keys under `prefix`, which ends with "." (a key-token boundary).

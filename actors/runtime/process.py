@@ -40,9 +40,11 @@ from nats.js import JetStreamContext
 from actors.runtime import credentials
 from actors.runtime.actor import Actor, Delivery, Reject, derive_id
 from actors.runtime.config import Config
+from actors.runtime.kv import Bucket
 from actors.runtime.logs import bind_incident, get_logger
 from actors.runtime.metrics import ActorMetrics, Bound
 from actors.runtime.outage import Outage, is_outage
+from actors.runtime.partitions import Leases
 from actors.runtime.publish import publish_event, stamped
 from bus_schemas import catalog, codec
 from bus_schemas.errors import MendersError
@@ -82,6 +84,7 @@ class Runtime:
         self.metrics_port = 0
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.leases: Leases | None = None  # set when the actor consumes a partitioned stream
         # Read at scrape time instead of a locked inc/dec on every message.
         self.metrics.in_flight.set_function(lambda: len(self._holding))
 
@@ -156,12 +159,14 @@ class Runtime:
 
     # --- consuming --------------------------------------------------------------
 
-    async def _consume(self, actor: Actor, consumer: catalog.Consumer) -> None:
+    async def _consume(self, actor: Actor, consumer: catalog.Consumer,
+                       halt: asyncio.Event | None = None) -> None:
+        """Fetch and handle until stopping (or `halt`: a partition handed over)."""
         assert self.js is not None
         sub = await self.js.pull_subscribe_bind(durable=consumer.durable, stream=consumer.stream)
         try:
             if consumer.concurrency <= 1:  # inline, in stream order
-                await self._fetch(actor, consumer, sub, None)
+                await self._fetch(actor, consumer, sub, None, halt)
                 return
             # A fixed pool of workers fed through a bounded queue, cheaper per message than
             # a task each. One TaskGroup holds the workers and the fetch loop: a worker that
@@ -170,7 +175,7 @@ class Runtime:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(consumer.concurrency):
                     tg.create_task(self._work(actor, consumer, queue))
-                await self._fetch(actor, consumer, sub, queue)
+                await self._fetch(actor, consumer, sub, queue, halt)
                 for _ in range(consumer.concurrency):
                     await queue.put(None)  # each worker finishes what it holds, then stops
         finally:
@@ -178,16 +183,22 @@ class Runtime:
                 await sub.unsubscribe()
 
     async def _fetch(self, actor: Actor, consumer: catalog.Consumer, sub: Any,
-                     queue: asyncio.Queue[Msg | None] | None) -> None:
+                     queue: asyncio.Queue[Msg | None] | None,
+                     halt: asyncio.Event | None) -> None:
         rc = self.config.runtime
         batch = min(rc.fetch_batch, consumer.max_ack_pending)
-        while not self.stopping.is_set():
+        stopping = self.stopping
+
+        def halted() -> bool:
+            return stopping.is_set() or (halt is not None and halt.is_set())
+
+        while not halted():
             try:
                 msgs = await sub.fetch(batch, timeout=rc.fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue  # idle, not an error
             except nats.errors.ConnectionClosedError:
-                if self.stopping.is_set():
+                if halted():
                     return
                 raise
             except Exception as exc:
@@ -196,7 +207,7 @@ class Runtime:
                 await asyncio.sleep(0.5)
                 continue
             for i, msg in enumerate(msgs):
-                if self.stopping.is_set():
+                if halted():
                     await _hand_back(msgs[i:])  # fetched but not started
                     break
                 if queue is not None:
@@ -306,6 +317,7 @@ class Runtime:
                 handled=self.handled,
                 metrics_port=self.metrics_port,
                 oldest_in_flight_s=round(self.oldest_in_flight_s(), 3),
+                partitions=tuple(self.leases.owned) if self.leases else (),
             )
             with contextlib.suppress(Exception):
                 await self.publish_core(beat)
@@ -355,8 +367,12 @@ class Runtime:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._heartbeats())
+                mine = catalog.consumers_of(self.name)
                 consumers = [tg.create_task(self._consume(actor, c))
-                             for c in catalog.consumers_of(self.name)]
+                             for c in mine if c.partition is None]
+                partitioned = [c for c in mine if c.partition is not None]
+                if partitioned:  # drained once every partition is handed over
+                    consumers.append(tg.create_task(self._partitions(actor, partitioned)))
                 tg.create_task(self._mark_drained(consumers))
                 for loop_fn in actor.background():
                     tg.create_task(self._until_drained(loop_fn))
@@ -370,6 +386,29 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
             log.info("stopped")
+
+    async def _partitions(self, actor: Actor, consumers: list[catalog.Consumer]) -> None:
+        """Consume the partitions this process holds a lease on (actors.runtime.partitions)."""
+        assert self.js is not None
+        by_partition = {c.partition: c for c in consumers if c.partition is not None}
+        running: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        bucket = Bucket(await self.js.key_value(catalog.PARTITION_BUCKET))
+        async with asyncio.TaskGroup() as tg:  # a consumer that fails ends the process
+
+            async def acquire(p: int) -> None:
+                await actor.partition_acquired(p)
+                halt = asyncio.Event()
+                running[p] = (tg.create_task(self._consume(actor, by_partition[p], halt)), halt)
+
+            async def release(p: int) -> None:
+                task, halt = running.pop(p)
+                halt.set()
+                await task  # its in-flight messages handled (or handed back)
+                await actor.partition_released(p)
+
+            self.leases = Leases(bucket, self.name, list(by_partition), acquire=acquire,
+                                 release=release, metrics=self.metrics)
+            await self.leases.run(self.stopping)
 
     async def _mark_drained(self, consumers: list[asyncio.Task[None]]) -> None:
         """Once stopping, wait until every consumer has drained its in-flight handlers."""
@@ -414,14 +453,18 @@ def admit(data: bytes, subject: str, schemas: tuple[type[Event], ...],
         return f"oversized: {len(data)} bytes > {limit}"
     try:
         event = codec.decode(data, schemas)
-        expected = _expected_subject(event)
+        expected = _expected_subjects(event)
     except (codec.DecodeError, ValueError) as exc:
         return str(exc)
-    if expected != subject:
-        return f"a {kind_of(event)} does not belong on {subject}"
+    if subject not in expected:
+        return f"{_a(kind_of(event))} does not belong on {subject}"
     if not event.incident_id and type(event) in INCIDENT_SCOPED:
-        return f"a {kind_of(event)} without an incident_id"
+        return f"{_a(kind_of(event))} without an incident_id"
     return event
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def _first_error(exc: BaseException) -> str:
@@ -430,18 +473,21 @@ def _first_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-_SUBJECTS: dict[tuple[type[Event], str, str, str], str] = {}
+_SUBJECTS: dict[tuple[type[Event], str, str, str], tuple[str, str]] = {}
 
 
-def _expected_subject(event: Event) -> str:
-    """catalog.bus_subject_of, memoized: a consumer sees few distinct subjects, many times."""
+def _expected_subjects(event: Event) -> tuple[str, str]:
+    """Where `event` may be read from: the subject it is published on, and the one its
+    stream stores it under (a partitioned stream appends the partition). Memoized: a
+    consumer sees few distinct subjects, many times."""
     key = (type(event), event.subject, getattr(event, "actor", ""), getattr(event, "outcome", ""))
-    subject = _SUBJECTS.get(key)
-    if subject is None:
-        subject = catalog.bus_subject_of(event)  # raises on a bad token: never cached
+    subjects = _SUBJECTS.get(key)
+    if subjects is None:
+        # Raises on a bad token: never cached.
+        subjects = (catalog.bus_subject_of(event), catalog.stored_subject_of(event))
         if len(_SUBJECTS) < 10_000:
-            _SUBJECTS[key] = subject
-    return subject
+            _SUBJECTS[key] = subjects
+    return subjects
 
 
 class _KeepAlive:

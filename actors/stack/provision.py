@@ -24,6 +24,7 @@ class ProvisionReport:
 
 
 def stream_config(s: catalog.Stream) -> api.StreamConfig:
+    transform = s.partition_transform
     return api.StreamConfig(
         name=s.name,
         description=s.description,
@@ -37,6 +38,7 @@ def stream_config(s: catalog.Stream) -> api.StreamConfig:
         discard=api.DiscardPolicy.OLD,
         allow_direct=True,
         num_replicas=1,
+        subject_transform=api.SubjectTransform(*transform) if transform else None,
     )
 
 
@@ -73,6 +75,12 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> Provis
                 cfg.num_replicas = info.config.num_replicas or 1
             await js.update_stream(cfg)
             report.updated.append(f"stream {s.name}")
+    for stream, durable in catalog.RETIRED_CONSUMERS:
+        try:
+            await js.delete_consumer(stream, durable)
+            report.updated.append(f"consumer {stream}/{durable} (retired, deleted)")
+        except NotFoundError:
+            pass
     for c in catalog.CONSUMERS:
         try:
             await js.consumer_info(c.stream, c.durable)
