@@ -44,6 +44,8 @@ def strategy_for(t: mi.Type) -> st.SearchStrategy[Any]:
             return st.sampled_from(values)
         case mi.ListType(item_type=item):
             return st.lists(strategy_for(item), max_size=3)
+        case mi.VarTupleType(item_type=item):
+            return st.lists(strategy_for(item), max_size=3).map(tuple)
         case mi.DictType(key_type=k, value_type=v):
             return st.dictionaries(strategy_for(k), strategy_for(v), max_size=3)
         case mi.UnionType(types=types):

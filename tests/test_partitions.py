@@ -57,7 +57,8 @@ async def test_partition_of_is_the_servers_own_mapping(bus: Bus) -> None:
         msg = await ojs.get_msg(catalog.OBS_STREAM, seq)
         event = codec.decode(msg.data or b"", (m.Observation,))
         stored[event.subject] = msg.subject
-    assert stored == {n: f"menders.obs.{n}.{catalog.partition_of(n)}" for n in names}
+    published = {n: catalog.subject_for(m.Observation, subject=n) for n in names}
+    assert stored == {n: f"{published[n]}.{catalog.partition_of(n)}" for n in names}
     # Every partition is used: the mapping spreads names, it does not pile them up.
     assert {catalog.partition_of(n) for n in names} == set(ALL)
 
