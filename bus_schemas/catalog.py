@@ -48,6 +48,9 @@ OBS_PARTITIONS = 8
 # the bucket's TTL, enforced by the server's clock alone.
 PARTITION_LEASE_S = 5.0
 PARTITION_RENEW_S = 1.0
+# Actors whose processes share the subjects by those partitions: the detector (one
+# consumer per partition) and the monitor (it scrapes its partitions' subjects).
+PARTITIONED_ACTORS: tuple[str, ...] = ("detector", "monitor")
 
 
 @dataclass(frozen=True)
@@ -405,7 +408,7 @@ KV_WRITERS: dict[str, tuple[str, ...]] = {
     DETECTOR_BUCKET: ("detector",),
     VERIFIER_BUCKET: ("verifier",),
     PLANNER_BUCKET: ("planner",),
-    PARTITION_BUCKET: ("detector",),
+    PARTITION_BUCKET: PARTITIONED_ACTORS,
 }
 KV_READERS: dict[str, tuple[str, ...]] = {
     GOVERNOR_BUCKET: ("governor", "executor", OPERATOR),
@@ -414,7 +417,7 @@ KV_READERS: dict[str, tuple[str, ...]] = {
     # The executor: was the incident resolved before a step starts? (bus_schemas.verifier)
     VERIFIER_BUCKET: ("verifier", "executor", OPERATOR),
     PLANNER_BUCKET: ("planner", OPERATOR),
-    PARTITION_BUCKET: ("detector", OPERATOR),
+    PARTITION_BUCKET: (*PARTITIONED_ACTORS, OPERATOR),
 }
 # Single keys a user may write in a bucket it otherwise only reads: the operator
 # engages the kill switch directly, so a kill never waits for the governor.
@@ -422,7 +425,7 @@ KV_KEY_WRITERS: dict[tuple[str, str], tuple[str, ...]] = {(GOVERNOR_BUCKET, "kil
 # Actors that watch a bucket (ordered push consumers on the KV stream).
 KV_WATCHERS: dict[str, tuple[str, ...]] = {GOVERNOR_BUCKET: ("executor", "governor"),
                                            # listing the live members of a partition group
-                                           PARTITION_BUCKET: ("detector", OPERATOR)}
+                                           PARTITION_BUCKET: (*PARTITIONED_ACTORS, OPERATOR)}
 
 # Read-only request/reply services (the Claude diagnoser's investigation tools):
 # pattern -> (the one responder, the users that may ask).

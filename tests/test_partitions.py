@@ -5,11 +5,14 @@ detector's partitions passing to the survivor without losing an incident."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
 from typing import Any
 
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,9 +20,12 @@ from actors.cli.operator import partition_owners
 from actors.runtime.kv import Bucket
 from actors.runtime.metrics import ActorMetrics
 from actors.runtime.partitions import Leases, assignment
+from actors.stack.natsserver import free_port
+from bench.scale import fleet_config
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
-from tests.harness import Bus, breaking_value, healthy_metrics, latency, until, webshop
+from bus_schemas.queries import ObservationsInput, ObsQuery, ObsReply
+from tests.harness import REPO, Bus, breaking_value, healthy_metrics, latency, until, webshop
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,3 +286,97 @@ async def test_two_detectors_own_half_each_and_a_killed_ones_half_passes_on(bus:
     # x was opened by det-a and resolved by det-b: the same incident, carried over in KV.
     assert {e.incident_id for e in opened} == {e.incident_id for e in resolved}
     assert det_b.alive()
+
+
+# --- two monitor processes, one SIGKILLed ------------------------------------------------
+
+
+def _scrapes(port: int) -> Counter[str]:
+    """Scrapes per subject so far, from a monitor process's own /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    got: Counter[str] = Counter()
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "menders_monitor_scrapes":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    got[s.labels["subject"]] += int(s.value)
+    return got
+
+
+async def _scraping(port: int, seconds: float = 2.5) -> set[str]:
+    """The subjects a monitor process scrapes now: those its counters moved for."""
+    before = _scrapes(port)
+    await asyncio.sleep(seconds)
+    after = _scrapes(port)
+    return {name for name in after if after[name] > before[name]}
+
+
+def _fleet(port: int, n: int) -> subprocess.Popen[bytes]:
+    """bench/scale.py's synthetic fleet: n /metrics pages on one port."""
+    return subprocess.Popen([sys.executable, "bench/scale.py", "serve", "--port", str(port),
+                             "--subjects", str(n)], cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+async def _replies(nc: Any, subject: str) -> int:
+    """How many monitors answer one query about `subject` (exactly one should)."""
+    inbox = nc.new_inbox()
+    got: list[bytes] = []
+
+    async def on_reply(msg: Any) -> None:
+        got.append(msg.data)
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    query = ObsQuery(subject=subject, observations=ObservationsInput())
+    await nc.publish(catalog.service_subject("monitor", "observations"),
+                     msgspec.json.encode(query), reply=inbox)
+    await asyncio.sleep(1.0)
+    await sub.unsubscribe()
+    assert all(msgspec.json.decode(r, type=ObsReply).ok for r in got), got
+    return len(got)
+
+
+async def test_two_monitors_scrape_half_each_and_a_killed_ones_half_is_scraped_again(
+        bus: Bus) -> None:
+    n = 16
+    port = free_port()
+    fleet = _fleet(port, n)
+    try:
+        # Metrics on (each process a free port), heartbeats quick.
+        bus.write_config(fleet_config(port, n).replace("metrics_base_port = 0",
+                                                       "metrics_base_port = 9464")
+                         .replace('log_level = "WARNING"', "heartbeat_s = 0.5"))
+        mon_a = bus.spawn("monitor", MENDERS_INSTANCE="mon-a")
+        mon_b = bus.spawn("monitor", MENDERS_INSTANCE="mon-b")
+        beats = Beats()
+        nc = await bus.connect(catalog.OPERATOR)
+        await nc.subscribe(catalog.subject_for(m.Heartbeat, actor="monitor"), cb=beats.on_msg)
+        await until("two monitors split the partitions",
+                    lambda: all(len(getattr(beats.by_pid.get(p.pid), "partitions", ())) == 4
+                                for p in (mon_a, mon_b)),
+                    within=30, explain=lambda: f"{beats.by_pid}\n{mon_a.log()[-2000:]}")
+        names = {f"s{i}" for i in range(n)}
+        part_a = set(beats.by_pid[mon_a.pid].partitions)
+        in_a = {s for s in names if catalog.partition_of(s) in part_a}
+        port_a = beats.by_pid[mon_a.pid].metrics_port
+        port_b = beats.by_pid[mon_b.pid].metrics_port
+        # Whoever started first scraped everything for a moment, then handed half over.
+        assert await _scraping(port_a) == in_a
+        assert await _scraping(port_b) == names - in_a
+        assert all([await _replies(nc, s) == 1 for s in sorted(names)])
+
+        mon_a.kill()
+        await until("the survivor holds every partition",
+                    lambda: len(beats.by_pid[mon_b.pid].partitions) == len(ALL),
+                    within=catalog.PARTITION_LEASE_S + 15,
+                    explain=lambda: mon_b.log()[-2000:])
+        assert await _scraping(port_b) == names
+        # Observations of the dead monitor's subjects are on the bus again.
+        async with bus.collect(catalog.under("obs")) as col:
+            await until("observations of every subject",
+                        lambda: {e.subject for e in col.events(m.Observation)} == names,
+                        within=5)
+        assert await _replies(nc, sorted(in_a)[0]) == 1
+    finally:
+        fleet.terminate()
+        fleet.wait(10)

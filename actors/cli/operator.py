@@ -189,18 +189,17 @@ async def status(nc: Client, heartbeat_s: float, stuck_after: float | None = Non
 
 
 async def partition_owners(js: JetStreamContext) -> dict[str, dict[str, Any]]:
-    """Who consumes which partition, per partitioned actor (actors.runtime.partitions):
+    """Who works which partition, per partitioned actor (actors.runtime.partitions):
     the live members and each partition's owner (None: free, a lease about to be taken)."""
     bucket = Bucket(await js.key_value(catalog.PARTITION_BUCKET))
     out: dict[str, dict[str, Any]] = {}
-    for actor in sorted({c.actor for c in catalog.CONSUMERS if c.partition is not None}):
+    for actor in catalog.PARTITIONED_ACTORS:
         prefix = f"{actor}.member."
         members = sorted(k.removeprefix(prefix) for k in await bucket.keys(prefix))
         owners: dict[int, str | None] = {}
-        for c in catalog.consumers_of(actor):
-            if c.partition is not None:
-                raw = await bucket.get_bytes(f"{actor}.owner.{c.partition}")
-                owners[c.partition] = raw.decode(errors="replace") if raw else None
+        for p in range(catalog.OBS_PARTITIONS):
+            raw = await bucket.get_bytes(f"{actor}.owner.{p}")
+            owners[p] = raw.decode(errors="replace") if raw else None
         out[actor] = {"members": members, "owners": owners}
     return out
 

@@ -19,12 +19,18 @@ they are untrusted data travelling on to the detector and the diagnoser.
 It also keeps what it published lately (actors.monitor.history.History) and
 answers read-only queries for it on `menders.query.obs.<method>`: the Claude
 diagnoser's recent_observations and recent_logs tools.
+
+Several monitors share the subjects by the same partitions as the detectors
+(catalog.partition_of, actors.runtime.partitions): each scrapes only the
+subjects of the partitions it holds a lease on, and answers queries only about
+those, so exactly one monitor replies. A dead monitor's subjects are scraped
+again by a survivor once its lease has expired.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import math
 import time
 import zlib
@@ -43,11 +49,13 @@ from actors.monitor.alerts import AlertBook, receiver, serve
 from actors.monitor.history import History, answer_obs_query
 from actors.runtime import Actor, Delivery, Runtime
 from actors.runtime.config import SubjectConfig
+from actors.runtime.kv import Bucket
 from actors.runtime.logs import get_logger
 from actors.runtime.outage import Outage, is_outage
+from actors.runtime.partitions import Leases
 from bus_schemas import catalog
 from bus_schemas.messages import Event, Observation
-from bus_schemas.queries import ObsReply
+from bus_schemas.queries import ObsQuery, ObsReply
 from subjects.base import ObserverProtocol
 
 log = get_logger("menders.monitor")
@@ -123,6 +131,7 @@ class Monitor(Actor):
         # Per subject: a broker outage is logged once, not at every scrape.
         self.outages: dict[str, Outage] = {}
         self.query_sub: Subscription | None = None
+        self.scraping: set[str] = set()  # the subjects of the partitions this process holds
         self.scrapes = rt.metrics.counter(
             "menders_monitor_scrapes",
             "Scrapes by subject and outcome (up, down, timeout, error, skipped, "
@@ -168,19 +177,50 @@ class Monitor(Actor):
     async def _on_query(self, msg: Msg) -> None:
         if not msg.reply:
             return
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            asked = msgspec.json.decode(msg.data, type=ObsQuery).subject
+            if asked in self.targets and asked not in self.scraping:
+                return  # another monitor's subject: its owner answers
         method = msg.subject.rsplit(".", 1)[-1]
         if method not in ("observations", "logs"):
             reply = ObsReply(ok=False, error=f"unknown query {method!r}; known: "
                                              "observations, logs")
         else:
             try:
-                reply = answer_obs_query(self.history, msg.data, time.time())
+                owned = {n: h for n, h in self.history.items() if n in self.scraping}
+                reply = answer_obs_query(owned, msg.data, time.time())
             except Exception as exc:  # a bad query must never take the monitor down
                 reply = ObsReply(ok=False, error=f"{type(exc).__name__}: {exc}")
         await msg.respond(msgspec.json.encode(reply))
 
     def background(self) -> Sequence[Callable[[], Awaitable[None]]]:
-        return [functools.partial(self._schedule, name) for name in self.targets]
+        return [self._partitioned]
+
+    async def _partitioned(self) -> None:
+        """Scrape the subjects of the partitions this process holds (all, when alone)."""
+        assert self.rt.js is not None
+        bucket = Bucket(await self.rt.js.key_value(catalog.PARTITION_BUCKET))
+        schedules: dict[str, asyncio.Task[None]] = {}
+        async with asyncio.TaskGroup() as tg:  # a schedule that fails ends the process
+
+            async def acquire(p: int) -> None:
+                for name in self._subjects_in(p):
+                    self.scraping.add(name)
+                    schedules[name] = tg.create_task(self._schedule(name))
+
+            async def release(p: int) -> None:
+                stopped = [schedules.pop(n) for n in self._subjects_in(p) if n in schedules]
+                for task in stopped:
+                    task.cancel()
+                await asyncio.gather(*stopped, return_exceptions=True)
+                self.scraping.difference_update(self._subjects_in(p))
+
+            self.rt.leases = Leases(bucket, self.name, range(catalog.OBS_PARTITIONS),
+                                    acquire=acquire, release=release, metrics=self.rt.metrics)
+            await self.rt.leases.run(self.rt.stopping)
+
+    def _subjects_in(self, partition: int) -> list[str]:
+        return [n for n in self.targets if catalog.partition_of(n) == partition]
 
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
         return ()  # consumes nothing

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +25,7 @@ from nats.aio.msg import Msg
 from actors.runtime import credentials
 from actors.runtime.config import Config
 from actors.runtime.logs import get_logger
+from actors.runtime.partitions import INSTANCE_ENV
 from actors.stack import provision
 from actors.stack.natsserver import EmbeddedNats, free_port
 from actors.stack.supervisor import ChildSpec, Supervisor, child_env, python_argv
@@ -104,6 +106,9 @@ class Stack:
                  "detector", "monitor")
         for actor in sorted(self.actors, key=order.index):
             env = child_env(**base, **{password_env(actor): self.passwords[actor]})
+            # A stable name among the actor's members: a restarted child takes its own
+            # partition leases back at once (actors.runtime.partitions).
+            env.setdefault(INSTANCE_ENV, f"{socket.gethostname()}-{actor}")
             specs.append(ChildSpec(actor, python_argv("-m", "actors", "run", actor), env,
                                    str(logs / f"{actor}.log") if self.child_logs else None))
         return specs
