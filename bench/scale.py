@@ -2,6 +2,7 @@
 
     python bench/scale.py                          # N = 10, 100, 1000, 3000; 30 s each
     python bench/scale.py --sizes 10,100 --seconds 20
+    python bench/scale.py --sizes 3000 --processes 2  # two monitors, two detectors
 
 For each N: a synthetic fleet (one process of its own, `scale.py serve`, answering
 N `/metrics` pages in the Prometheus text format) is put in menders' charge as N
@@ -115,14 +116,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-async def measure(n: int, seconds: float) -> dict[str, Any]:
+async def measure(n: int, seconds: float, processes: int = 1) -> dict[str, Any]:
     port = free_port()
     fleet = _start_fleet(port, n)
     tmp = Path(tempfile.mkdtemp(prefix=f"menders-scale-{n}-"))
     try:
         async with bench_bus(tmp, fleet_config(port, n)) as bus:
-            procs = {a: bus.spawn(a) for a in ("monitor", "detector")}
-            await bus.wait_heartbeats({"monitor": 1, "detector": 1}, timeout=120)
+            # With more than one process per actor they share the subjects by partition.
+            procs = {f"{a}{i or ''}": bus.spawn(a, tag=str(i or ""))
+                     for a in ("monitor", "detector") for i in range(processes)}
+            await bus.wait_heartbeats({"monitor": processes, "detector": processes},
+                                      timeout=120)
+            # Until the partitions are split (a lease round or two after the last start).
+            await asyncio.sleep(2 * catalog.PARTITION_RENEW_S * processes)
             operator = await bus.connect(catalog.OPERATOR)
             decoder = msgspec.json.Decoder(_Stamp)
             arrivals: list[float] = []
@@ -155,6 +161,7 @@ async def measure(n: int, seconds: float) -> dict[str, Any]:
     achieved = len(arrivals) / elapsed
     return {
         "subjects": n,
+        "processes_per_actor": processes,
         "seconds": round(elapsed, 1),
         "obs_per_s_asked": n,
         "obs_per_s_achieved": round(achieved, 1),
@@ -192,10 +199,10 @@ async def _behind(jsm: Any, consumer: catalog.Consumer) -> float:
     return max(time.time() - stored, 0.0)
 
 
-async def run(sizes: list[int], seconds: float) -> dict[str, Any]:
+async def run(sizes: list[int], seconds: float, processes: int = 1) -> dict[str, Any]:
     rows = []
     for n in sizes:
-        row = await measure(n, seconds)
+        row = await measure(n, seconds, processes)
         print(json.dumps(row), file=sys.stderr, flush=True)  # the curve as it is drawn
         rows.append(row)
     held = [r["subjects"] for r in rows if r["held"]]
@@ -211,6 +218,8 @@ def main() -> int:
     sv.add_argument("--subjects", type=int, required=True)
     p.add_argument("--sizes", default="10,100,1000,3000")
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--processes", type=int, default=1,
+                   help="monitor and detector processes each (1..8), sharing by partition")
     args = p.parse_args()
     if args.command == "serve":
         serve(args.port, args.subjects)
@@ -221,8 +230,10 @@ def main() -> int:
         p.error(f"--sizes: want comma-separated integers, got {args.sizes!r}")
     if not sizes or any(not 1 <= n <= 10_000 for n in sizes) or not 5 <= args.seconds <= 600:
         p.error("--sizes must be 1..10000 each, --seconds 5..600")
-    result = asyncio.run(run(sizes, args.seconds))
-    write_result("scale", result)
+    if not 1 <= args.processes <= catalog.OBS_PARTITIONS:
+        p.error(f"--processes must be 1..{catalog.OBS_PARTITIONS}")
+    result = asyncio.run(run(sizes, args.seconds, args.processes))
+    write_result("scale" if args.processes == 1 else f"scale_x{args.processes}", result)
     print(json.dumps(result))
     return 0
 
