@@ -151,14 +151,15 @@ class Executor(Actor):
         eid = event.execution_id
         while eid in self.running:  # redelivered while our own attempt still runs
             await self.running[eid].done.wait()
-        rec = await self.ledger.read(eid)
+        # The ledger and the refusal checks in one round trip: the checks are fresh reads
+        # either way, and their answer is used only when nobody has claimed the step yet.
+        rec, why = await asyncio.gather(self.ledger.read(eid), self._refusal(event))
         if rec is None:
             now = time.time()
             entry = LedgerEntry(execution_id=eid, plan_id=event.plan_id, subject=event.subject,
                                 action=event.step.action, idempotent=event.step.idempotent,
                                 owner=self.owner, claimed_at=now, lease_s=self.lease_s,
                                 renewed_at=now)
-            why = await self._refusal(event)
             if why is not None:
                 result = self._result(event, "skipped", why.reason, now, rule=why.rule)
                 entry = msgspec.structs.replace(entry, state="done", result=result)

@@ -94,6 +94,8 @@ from subjects.base import ActionSpec
 log = get_logger("menders.governor")
 
 LIMITS_KEY = "limits"
+# The policy state one message is judged on: mode, kill engaged, usage and its revision.
+PolicyReads = tuple[Mode, bool, policy.Usage, int]
 PLAN_PREFIX = "plan."
 TICK_S = 0.5  # the background loop's period
 PLAN_KEEP_S = 3600.0  # a finished plan's progress is kept this long: a redelivery is known
@@ -224,8 +226,14 @@ class Governor(Actor):
         return await read_kill(self.kv)
 
     async def _read_policy_state(self) -> tuple[Mode, bool]:
-        mode = await self._mode() or "observe"  # no mode written: fail closed
-        return mode, (await self._kill()).engaged
+        mode, kill = await asyncio.gather(self._mode(), self._kill())
+        return mode or "observe", kill.engaged  # no mode written: fail closed
+
+    async def _policy_reads(self) -> PolicyReads:
+        """Mode, kill flag and usage: fresh reads, all at once (one round trip)."""
+        (mode, kill), (usage, urev) = await asyncio.gather(self._read_policy_state(),
+                                                           self._usage())
+        return mode, kill, usage, urev
 
     async def _usage(self) -> tuple[policy.Usage, int]:
         got = await self.limits.get(LIMITS_KEY)
@@ -260,7 +268,9 @@ class Governor(Actor):
     async def _on_plan(self, plan: Plan, redelivered: bool) -> list[Event]:
         if not plan.steps:
             return []  # a plan that follows another incident's remediation: nothing to run
-        prog, rev = await self._progress(plan.plan_id)
+        # The plan's record and the policy state in one round trip.
+        (prog, rev), reads = await asyncio.gather(self._progress(plan.plan_id),
+                                                  self._policy_reads())
         if prog is not None:
             if prog.plan.id != plan.id:
                 log.warning("plan id seen before; ignoring the copy",
@@ -272,7 +282,7 @@ class Governor(Actor):
             for s in plan.steps})
         kind, actions, why_none = self._actions(plan.subject)
         out = self._judge_whole(prog, kind, actions, why_none)
-        out += await self._advance(prog, plan.id, kind, actions)
+        out += await self._advance(prog, plan.id, kind, actions, reads)
         await self._save_progress(prog, rev)
         await self._reached("plan_committed")
         return out
@@ -328,12 +338,13 @@ class Governor(Actor):
         return 0 < own_out and own_out >= self.cfg.max_disruptive_per_subject
 
     async def _advance(self, prog: PlanProgress, cause_id: str, kind: str,
-                       actions: dict[str, ActionSpec]) -> list[Event]:
+                       actions: dict[str, ActionSpec],
+                       reads: PolicyReads | None = None) -> list[Event]:
         """Decide every step that became decidable, until nothing changes; then the
-        plan's own events (a wave started or finished, the plan ended)."""
+        plan's own events (a wave started or finished, the plan ended). `reads`: the
+        policy state read fresh by the caller for this message, else read here."""
         plan = prog.plan
-        mode, kill = await self._read_policy_state()
-        usage, urev = await self._usage()
+        mode, kill, usage, urev = reads or await self._policy_reads()
         now = time.time()
         usage = policy.prune(usage, now, keep_s=max(self.cfg.action_cooldown_s, 0.0))
         touched = False

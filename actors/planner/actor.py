@@ -162,7 +162,10 @@ class Planner(Actor):
 
     async def _handle(self, event: Event) -> Sequence[Event]:
         key = state_key(event.incident_id)
-        state, revision = await self._load(key)
+        # The incident's state and its subject's index in one round trip: most inputs
+        # need both (the index is re-read below if the subject turns out otherwise).
+        (state, revision), index = await asyncio.gather(self._load(key),
+                                                        self._load_index(event.subject))
         if state is not None and event.id in state.seen:
             if event.id != state.last_input:
                 return ()
@@ -179,7 +182,7 @@ class Planner(Actor):
                          extra={"closed": state.closed if state else ""})
             return ()
         first = state is None and isinstance(event, Diagnosis)
-        step, others = await self._correlate(step, event, first, now)
+        step, others = await self._correlate(step, event, first, now, index)
         seen = [*(state.seen if state else []), event.id][-SEEN_LIMIT:]
         new = msgspec.structs.replace(step.state, seen=seen, last_input=event.id,
                                       outbox=step.events + others, updated_at=now)
@@ -190,15 +193,19 @@ class Planner(Actor):
 
     # --- one cause, one fix -------------------------------------------------------------
 
-    async def _correlate(self, step: Step, event: Event, first: bool,
-                         now: float) -> tuple[Step, list[Output]]:
-        """Keep the subject's index in step with this incident's step.
+    async def _correlate(self, step: Step, event: Event, first: bool, now: float,
+                         loaded: tuple[SubjectIndex, int | None] | None = None,
+                         ) -> tuple[Step, list[Output]]:
+        """Keep the subject's index in step with this incident's step (`loaded`: the
+        index of event.subject, read with the incident's state).
 
         Returns the (possibly rewritten) step and events for other incidents
         (followers escalated with their leader) or about the subject (recurrence).
         """
         st = step.state
-        index, rev = await self._load_index(st.subject)
+        if loaded is None or st.subject != event.subject:
+            loaded = await self._load_index(st.subject)
+        index, rev = loaded
         others: list[Output] = []
         incident = st.incident_id
         if first:
