@@ -49,7 +49,8 @@ def payload(kind: str, sent: float) -> bytes:
     from bus_schemas import codec
     from bus_schemas import messages as m
 
-    event = m.IncidentOpened(invariant=kind, summary="bench", value=sent, threshold=0.25,
+    event = m.IncidentOpened(incident_id="bench-incident", invariant=kind, summary="bench",
+                             value=sent, threshold=0.25,
                              subject=BENCH_SUBJECT, producer="detector",
                              symptoms={"p99_ms": 412.0, "error_rate": 0.01},
                              recent_logs=["GET /checkout 200 412ms"] * 3)
@@ -121,6 +122,7 @@ def runtime_consumer(n: int, k: int, out: str) -> None:
                 res.hops.append(received - event.value)
                 # The pong goes through the runtime's own publish (JetStream, PubAck).
                 pong.append(m.Diagnosis(id=follow_id(event, "pong"), subject=BENCH_SUBJECT,
+                                        incident_id=event.incident_id,
                                         invariant="ping", hypothesis="pong",
                                         causation_id=event.id))
             else:

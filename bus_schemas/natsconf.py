@@ -52,6 +52,8 @@ def _concrete(spec: cat.BusSubject, user: str) -> str:
 def _consumer_rights(c: cat.Consumer) -> set[str]:
     return {
         f"$JS.API.CONSUMER.MSG.NEXT.{c.stream}.{c.durable}",
+        # Its own consumer's config (the ack wait the server really applies).
+        f"$JS.API.CONSUMER.INFO.{c.stream}.{c.durable}",
         # v1 and v2 (domain + account hash) ack subjects; v2 is the default from 2.15.
         f"$JS.ACK.{c.stream}.{c.durable}.>",
         f"$JS.ACK.*.*.{c.stream}.{c.durable}.>",

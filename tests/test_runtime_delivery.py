@@ -228,6 +228,27 @@ async def test_a_message_in_the_hands_of_a_killed_actor_is_redelivered(
         assert len([ln for ln in lines(record) if ln[0] == "done" and ln[1] == e.id]) == 1
 
 
+async def test_a_handler_longer_than_the_ack_wait_keeps_its_message(
+        bus: Bus, record: Path) -> None:
+    # The server's ack wait (2 s, as an operator might set it with `nats consumer edit`)
+    # is what the runtime keeps alive against, not the catalog's: a 5 s handler's
+    # message is neither redelivered nor handled twice.
+    bus.write_config(CONFIG)
+    admin = await bus.connect(catalog.ADMIN)
+    cfg = consumer_config(CONSUMER)
+    cfg.ack_wait = 2.0
+    await admin.jetstream().add_consumer(CONSUMER.stream, cfg)
+    proc = spawn_fixture(bus, "sleep:5", record)
+    await bus.wait_heartbeat(ACTOR)
+    event = incident()
+    seq = await publish(bus, event)
+    await eventually("handled", recorded(record, "done", event.id), proc=proc)
+    await eventually("acked", lambda: settled(bus, seq), proc=proc)
+    assert [ln[0] for ln in lines(record)] == ["start", "done"]
+    info = await consumer_info(bus)
+    assert info.num_redelivered == 0 and not info.num_ack_pending
+
+
 async def test_sigterm_finishes_the_message_in_hand_then_exits_0(
         bus: Bus, record: Path) -> None:
     bus.write_config(CONFIG)

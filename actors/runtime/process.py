@@ -18,6 +18,11 @@ Two rules of its own:
   publish, a term, a nak) ends the process with the traceback logged and a
   non-zero exit, for the supervisor to restart it; it never leaves a consumer
   silently without workers while the heartbeat says alive.
+
+Long handlers are kept alive by one sweeper per process (`_keepalives`), not a
+timer per message: every message in a handler's hands gets an in_progress once a
+third of its consumer's ack wait has passed since the last, the ack wait being
+the server's own (read when binding, so `nats consumer edit` is honoured).
 """
 
 from __future__ import annotations
@@ -77,9 +82,11 @@ class Runtime:
         # Set once stopping and every consumer has drained: background loops end then.
         self.drained = asyncio.Event()
         self.started_at = time.time()
-        # What handlers hold now: a per-message token -> perf_counter() at its start.
+        # What handlers hold now, each message's _Held -> perf_counter() at its start.
         # A dict keeps insertion order, so the first entry is the oldest message.
-        self._holding: dict[object, float] = {}
+        self._holding: dict[_Held, float] = {}
+        self._progress_tasks: set[asyncio.Task[None]] = set()
+        self._ack_wait: dict[str, float] = {}  # durable -> the server's ack wait, seconds
         self.handled = 0
         self.metrics_port = 0
         self._consumer_tasks: list[asyncio.Task[None]] = []
@@ -164,6 +171,8 @@ class Runtime:
         """Fetch and handle until stopping (or `halt`: a partition handed over)."""
         assert self.js is not None
         sub = await self.js.pull_subscribe_bind(durable=consumer.durable, stream=consumer.stream)
+        info = await self.js.consumer_info(consumer.stream, consumer.durable)
+        self._ack_wait[consumer.durable] = info.config.ack_wait or consumer.ack_wait_s
         try:
             if consumer.concurrency <= 1:  # inline, in stream order
                 await self._fetch(actor, consumer, sub, None, halt)
@@ -233,10 +242,10 @@ class Runtime:
             await self._dead_letter(msg, delivery, event)
             return
         kind = kind_of(event)
-        keepalive = _KeepAlive(msg, consumer.ack_wait_s)
         started = time.perf_counter()
+        held = _Held(msg, started, self._ack_wait.get(consumer.durable, consumer.ack_wait_s) / 3)
         holding = self._holding
-        holding[keepalive] = started  # one per message, hashable by identity: a free token
+        holding[held] = started
         outcome = "ack"
         with bind_incident(event.incident_id):
             try:
@@ -254,8 +263,7 @@ class Runtime:
             except Exception as exc:
                 outcome = await self._failed(msg, delivery, exc)
             finally:
-                keepalive.cancel()
-                del holding[keepalive]
+                del holding[held]
                 self.handled += 1
                 # Children cached per label set: labels() costs more than the increment.
                 self._child(self.metrics.handled, kind, outcome).inc()
@@ -303,6 +311,23 @@ class Runtime:
         await msg.term()
         self.metrics.dead_letters.labels(consumer=delivery.consumer.durable).inc()
         log.error("dead-lettered", extra={"subject": msg.subject, "reason": reason[:300]})
+
+    async def _keepalives(self) -> None:
+        """An in_progress for every held message a third of its ack wait after the last,
+        so a long handler keeps its message (the sweep runs at a quarter of the
+        shortest interval: the signal goes out well within the ack wait)."""
+        waits = [c.ack_wait_s for c in catalog.consumers_of(self.name)] or [30.0]
+        while not self.drained.is_set():
+            every = min([*self._ack_wait.values(), *waits]) / 12
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), max(every, 0.05))
+            now = time.perf_counter()
+            for held in list(self._holding):
+                if now >= held.due:
+                    held.due = now + held.interval
+                    task = asyncio.ensure_future(_in_progress(held.msg))
+                    self._progress_tasks.add(task)
+                    task.add_done_callback(self._progress_tasks.discard)
 
     # --- heartbeats -------------------------------------------------------------
 
@@ -367,6 +392,7 @@ class Runtime:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._heartbeats())
+                tg.create_task(self._keepalives())
                 mine = catalog.consumers_of(self.name)
                 consumers = [tg.create_task(self._consume(actor, c))
                              for c in mine if c.partition is None]
@@ -490,33 +516,17 @@ def _expected_subjects(event: Event) -> tuple[str, str]:
     return subjects
 
 
-class _KeepAlive:
-    """Sends in_progress every ack_wait/3 while a handler runs.
+class _Held:
+    """One message in a handler's hands; hashable by identity, a token in `_holding`."""
 
-    A timer rather than a task per message: most handlers finish long before the
-    first tick, and a task created and cancelled per message costs about as much
-    as the rest of the runtime's per-message work.
-    """
+    __slots__ = ("due", "interval", "msg")
 
-    def __init__(self, msg: Msg, ack_wait_s: float) -> None:
+    def __init__(self, msg: Msg, started: float, interval: float) -> None:
         self.msg = msg
-        self.interval = ack_wait_s / 3
-        self.loop = asyncio.get_running_loop()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.handle = self.loop.call_later(self.interval, self._tick)
+        self.interval = interval
+        self.due = started + interval
 
-    def _tick(self) -> None:
-        task = self.loop.create_task(self._progress())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        self.handle = self.loop.call_later(self.interval, self._tick)
 
-    async def _progress(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.msg.in_progress()
-
-    def cancel(self) -> None:
-        self.handle.cancel()
-        for task in self.tasks:
-            task.cancel()
-
+async def _in_progress(msg: Msg) -> None:
+    with contextlib.suppress(Exception):  # acked meanwhile, or the broker is away
+        await msg.in_progress()
