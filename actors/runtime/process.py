@@ -32,6 +32,7 @@ import contextlib
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -173,64 +174,81 @@ class Runtime:
         sub = await self.js.pull_subscribe_bind(durable=consumer.durable, stream=consumer.stream)
         info = await self.js.consumer_info(consumer.stream, consumer.durable)
         self._ack_wait[consumer.durable] = info.config.ack_wait or consumer.ack_wait_s
-        try:
-            if consumer.concurrency <= 1:  # inline, in stream order
-                await self._fetch(actor, consumer, sub, None, halt)
-                return
-            # A fixed pool of workers fed through a bounded queue, cheaper per message than
-            # a task each. One TaskGroup holds the workers and the fetch loop: a worker that
-            # fails ends the group (and the process), never just itself.
-            queue: asyncio.Queue[Msg | None] = asyncio.Queue(maxsize=consumer.concurrency)
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(consumer.concurrency):
-                    tg.create_task(self._work(actor, consumer, queue))
-                await self._fetch(actor, consumer, sub, queue, halt)
-                for _ in range(consumer.concurrency):
-                    await queue.put(None)  # each worker finishes what it holds, then stops
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def _fetch(self, actor: Actor, consumer: catalog.Consumer, sub: Any,
-                     queue: asyncio.Queue[Msg | None] | None,
-                     halt: asyncio.Event | None) -> None:
-        rc = self.config.runtime
-        batch = min(rc.fetch_batch, consumer.max_ack_pending)
         stopping = self.stopping
 
         def halted() -> bool:
             return stopping.is_set() or (halt is not None and halt.is_set())
 
+        try:
+            if consumer.concurrency <= 1:  # inline, in stream order
+                while (msgs := await self._fetch(consumer, sub, halted)) is not None:
+                    for i, msg in enumerate(msgs):
+                        if halted():
+                            await _hand_back(msgs[i:])  # fetched but not started
+                            break
+                        await self._process(actor, consumer, msg)
+                return
+            await self._pool(actor, consumer, sub, halted)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _pool(self, actor: Actor, consumer: catalog.Consumer, sub: Any,
+                    halted: Callable[[], bool]) -> None:
+        """`concurrency` workers sharing one fetched batch: a free worker takes the next
+        message itself, and the one that finds the batch empty fetches the next (the
+        others wait their turn on the lock). No hand-off per message: a queue between a
+        fetch loop and the workers cost a fifth of a pooled consumer's throughput
+        (bench/runtime_vs_raw.py). One TaskGroup holds the workers: a worker that fails
+        ends the group (and the process), never just itself."""
+        batch: deque[Msg] = deque()
+        fetching = asyncio.Lock()
+        done = False
+
+        async def work() -> None:
+            nonlocal done
+            while not done:
+                if not batch:
+                    async with fetching:
+                        if not batch and not done:
+                            got = await self._fetch(consumer, sub, halted)
+                            if got is None:
+                                done = True
+                            else:
+                                batch.extend(got)
+                    continue
+                msg = batch.popleft()
+                if halted():
+                    batch.appendleft(msg)
+                    done = True
+                    break
+                await self._process(actor, consumer, msg)
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(consumer.concurrency):
+                tg.create_task(work())
+        await _hand_back(list(batch))  # fetched but not started: another instance takes it
+
+    async def _fetch(self, consumer: catalog.Consumer, sub: Any,
+                     halted: Callable[[], bool]) -> list[Msg] | None:
+        """The next batch (perhaps empty: idle), or None once halted."""
+        rc = self.config.runtime
+        batch = min(rc.fetch_batch, consumer.max_ack_pending)
         while not halted():
             try:
-                msgs = await sub.fetch(batch, timeout=rc.fetch_timeout_s)
+                msgs: list[Msg] = await sub.fetch(batch, timeout=rc.fetch_timeout_s)
+                return msgs
             except (TimeoutError, nats.errors.TimeoutError):
                 continue  # idle, not an error
             except nats.errors.ConnectionClosedError:
                 if halted():
-                    return
+                    return None
                 raise
             except Exception as exc:
                 log.warning("fetch failed",
                             extra={"consumer": consumer.durable, "err": repr(exc)})
                 await asyncio.sleep(0.5)
-                continue
-            for i, msg in enumerate(msgs):
-                if halted():
-                    await _hand_back(msgs[i:])  # fetched but not started
-                    break
-                if queue is not None:
-                    await queue.put(msg)
-                else:
-                    await self._process(actor, consumer, msg)
-
-    async def _work(self, actor: Actor, consumer: catalog.Consumer,
-                    queue: asyncio.Queue[Msg | None]) -> None:
-        while (msg := await queue.get()) is not None:
-            if self.stopping.is_set():
-                await _hand_back([msg])  # queued, not started: another instance takes it
-                continue
-            await self._process(actor, consumer, msg)
+        return None
 
     async def _process(self, actor: Actor, consumer: catalog.Consumer, msg: Msg) -> None:
         delivery = Delivery(msg, consumer)
