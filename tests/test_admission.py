@@ -87,3 +87,19 @@ def test_an_observation_is_admitted_under_its_own_partition_only() -> None:
     wrong = f"{subject_of(obs)}.{(p + 1) % catalog.OBS_PARTITIONS}"
     assert admit(codec.encode(obs), wrong, schemas, LIMIT) == (
         f"an observation does not belong on {wrong}")
+
+
+def test_delivery_counts_read_both_ack_subject_formats_as_nats_py_does() -> None:
+    from nats.aio.msg import Msg
+
+    from actors.runtime.actor import Delivery
+
+    consumer = catalog.consumers_of("planner")[0]
+    for reply in ("$JS.ACK.MENDERS_EVENTS.planner.3.1207.88.1764800000000000000.4",
+                  "$JS.ACK._.abc123.MENDERS_EVENTS.planner.3.1207.88.1764800000000000000.4.x",
+                  "$JS.ACK._.abc123.MENDERS_EVENTS.planner.3.1207.88.1764800000000000000.4"):
+        msg = Msg(_client=None, subject="s", reply=reply)  # type: ignore[arg-type]
+        d = Delivery(msg, consumer)
+        md = msg.metadata
+        assert (d.num_delivered, d.stream_seq) == (md.num_delivered, md.sequence.stream)
+        assert (d.num_delivered, d.stream_seq, d.redelivered) == (3, 1207, True)
