@@ -95,9 +95,10 @@ def test_delivery_counts_read_both_ack_subject_formats_as_nats_py_does() -> None
     from actors.runtime.actor import Delivery
 
     consumer = catalog.consumers_of("planner")[0]
-    for reply in ("$JS.ACK.MENDERS_EVENTS.planner.3.1207.88.1764800000000000000.4",
-                  "$JS.ACK._.abc123.MENDERS_EVENTS.planner.3.1207.88.1764800000000000000.4.x",
-                  "$JS.ACK._.abc123.MENDERS_EVENTS.planner.3.1207.88.1764800000000000000.4"):
+    where = f"{consumer.stream}.{consumer.durable}"
+    tail = "3.1207.88.1764800000000000000.4"
+    for reply in (f"$JS.ACK.{where}.{tail}", f"$JS.ACK._.abc123.{where}.{tail}.x",
+                  f"$JS.ACK._.abc123.{where}.{tail}"):
         msg = Msg(_client=None, subject="s", reply=reply)  # type: ignore[arg-type]
         d = Delivery(msg, consumer)
         md = msg.metadata
