@@ -150,7 +150,6 @@ class Monitor(Actor):
         for name, cfg in self.config.subjects.items():
             target = Target.of(name, cfg, self.config.home_dir)
             self.targets[name] = target
-            self.observers[name] = subjects.definition_of(cfg).make_observer(target)
             self.history[name] = History()
             self.outages[name] = Outage(f"publishing observations of {name}", log)
             log.info("watching", extra={"subject": name, "url": cfg.url,
@@ -205,6 +204,9 @@ class Monitor(Actor):
 
             async def acquire(p: int) -> None:
                 for name in self._subjects_in(p):
+                    if name not in self.observers:  # built for the subjects it scrapes only
+                        self.observers[name] = subjects.definition_of(
+                            self.config.subjects[name]).make_observer(self.targets[name])
                     self.scraping.add(name)
                     schedules[name] = tg.create_task(self._schedule(name))
 
