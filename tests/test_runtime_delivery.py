@@ -203,16 +203,22 @@ async def test_a_message_failing_past_its_delivery_limit_is_dead_lettered(
 # --- crashes and clean stops ---------------------------------------------------------
 
 
-async def test_a_message_in_the_hands_of_a_killed_actor_is_redelivered(
-        bus: Bus, record: Path) -> None:
+async def _with_short_ack_wait(bus: Bus, mode: str, record: Path) -> ActorProc:
+    """The fixture actor in `mode`, its consumer's ack wait set to 2 s on the server."""
     bus.write_config(CONFIG)
-    # A short AckWait so that the killed actor's messages come back quickly.
     admin = await bus.connect(catalog.ADMIN)
     cfg = consumer_config(CONSUMER)
     cfg.ack_wait = 2.0
     await admin.jetstream().add_consumer(CONSUMER.stream, cfg)
-    first = spawn_fixture(bus, "sleep:60", record)
+    proc = spawn_fixture(bus, mode, record)
     await bus.wait_heartbeat(ACTOR)
+    return proc
+
+
+async def test_a_message_in_the_hands_of_a_killed_actor_is_redelivered(
+        bus: Bus, record: Path) -> None:
+    # A short AckWait so that the killed actor's messages come back quickly.
+    first = await _with_short_ack_wait(bus, "sleep:60", record)
     events = [incident() for _ in range(3)]
     seqs = [await publish(bus, e) for e in events]
     for e in events:
@@ -233,13 +239,7 @@ async def test_a_handler_longer_than_the_ack_wait_keeps_its_message(
     # The server's ack wait (2 s, as an operator might set it with `nats consumer edit`)
     # is what the runtime keeps alive against, not the catalog's: a 5 s handler's
     # message is neither redelivered nor handled twice.
-    bus.write_config(CONFIG)
-    admin = await bus.connect(catalog.ADMIN)
-    cfg = consumer_config(CONSUMER)
-    cfg.ack_wait = 2.0
-    await admin.jetstream().add_consumer(CONSUMER.stream, cfg)
-    proc = spawn_fixture(bus, "sleep:5", record)
-    await bus.wait_heartbeat(ACTOR)
+    proc = await _with_short_ack_wait(bus, "sleep:5", record)
     event = incident()
     seq = await publish(bus, event)
     await eventually("handled", recorded(record, "done", event.id), proc=proc)
