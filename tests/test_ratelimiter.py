@@ -199,8 +199,15 @@ async def test_fault_breaks_its_invariant_and_only_the_right_action_cures_it(
         await chaos(cluster, "POST", f"/faults/{fault.name}")
         try:
             shown = await watch.until(lambda m: broken(spec, m), BREAK_WITHIN_S, times=2)
-            # Exactly its invariant: every other one still holds.
-            assert not [s.name for s in others if broken(s, watch.last)], watch.last
+            # Exactly its invariant: no other one breaks on two scrapes in a row (as its
+            # own did; an invariant needs for_s to break). One scrape past a threshold is
+            # a blip the detector would not open on: under load, Redis's DEBUG SLEEP bursts
+            # can skew counter_drift for a single scrape (seen once in CI).
+            first = watch.last
+            await asyncio.sleep(SCRAPE_EVERY_S)
+            await watch.scrape()
+            assert not [s.name for s in others if broken(s, first) and broken(s, watch.last)], (
+                first, watch.last)
             rule = best_rule(fault.invariant, watch.last, watch.logs)
             assert not rule.escalate and rule.actions[0].action == fault.right[0], rule.name
             assert dict(rule.actions[0].params) == fault.right[1], rule.name
