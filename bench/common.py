@@ -48,14 +48,23 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "loadavg_at_start": load}
 
 
-def subject_config(subject: str, url: str, *, embedded: bool = False, extra: str = "") -> str:
-    """A bench's TOML config: quiet logs, no metrics ports, one webshop-kind subject at `url`.
+def runtime_section(*, metrics: bool = False, log_level: str = "WARNING",
+                    extra: str = "") -> str:
+    """A bench's [runtime]: quiet logs; metrics ports off, or on (each actor a free port:
+    the benches set MENDERS_METRICS_PORT=0) where a bench reads them; `extra` lines."""
+    return (f"[runtime]\nmetrics_base_port = {9464 if metrics else 0}\n"
+            f'log_level = "{log_level}"\n{extra}\n')
+
+
+def subject_config(subject: str, url: str, *, embedded: bool = False, extra: str = "",
+                   metrics: bool = False) -> str:
+    """A bench's TOML config: `runtime_section`, one webshop-kind subject at `url`.
 
     `extra` is inserted as whole sections (e.g. a [governor] block); for an embedded
     subject the scrape runs every second, as in the demo.
     """
     scrape = "scrape_interval_s = 1.0\n" if embedded else ""
-    return (f'[runtime]\nmetrics_base_port = 0\nlog_level = "WARNING"\n\n{extra}'
+    return (f"{runtime_section(metrics=metrics)}{extra}"
             f'[subjects.{subject}]\nkind = "webshop"\nurl = "{url}"\n{scrape}'
             f"embedded = {'true' if embedded else 'false'}\n")
 

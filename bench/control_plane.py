@@ -69,8 +69,8 @@ HANDLER_OF = {"opened_to_diagnosis": ("diagnoser", "incident.opened"),
 
 def config(recorder_url: str) -> str:
     # Limits out of the way: the bench measures latency, not the governor's vetoes.
-    # Metrics on (each actor a free port): `in_handlers` reads the handler times.
-    return subject_config(SUBJECT, recorder_url, extra=f"""\
+    # Metrics on: `in_handlers` reads the handler times.
+    return subject_config(SUBJECT, recorder_url, metrics=True, extra=f"""\
 [governor]
 mode = "execute"
 approval_above = "high"
@@ -80,7 +80,7 @@ action_cooldown_s = 0.0
 max_concurrent = 1000
 allow = {{ {SUBJECT} = ["*"] }}
 
-""").replace("metrics_base_port = 0", "metrics_base_port = 9464")
+""")
 
 
 class Tracker:

@@ -39,7 +39,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_bus, machine, pct, write_result
+from common import bench_bus, machine, pct, runtime_section, write_result
 
 from actors.stack.natsserver import free_port
 from bus_schemas import catalog
@@ -68,9 +68,10 @@ def serve(port: int, subjects: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-def fleet_config(port: int, subjects: int) -> str:
-    head = ('[runtime]\nmetrics_base_port = 0\nlog_level = "WARNING"\n\n'
-            '[governor]\nmode = "observe"\n\n')
+def fleet_config(port: int, subjects: int, *, metrics: bool = False,
+                 log_level: str = "WARNING", runtime_extra: str = "") -> str:
+    head = (runtime_section(metrics=metrics, log_level=log_level, extra=runtime_extra)
+            + '\n[governor]\nmode = "observe"\n\n')
     body = []
     for i in range(subjects):
         body.append(

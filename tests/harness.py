@@ -281,6 +281,24 @@ class Collector:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
 
 
+async def stored(bus: Bus, kind: type[m.Event], stream: str = catalog.EVENTS_STREAM) -> list[Any]:
+    """What the stream kept: what every consumer sees, after Nats-Msg-Id dedup.
+
+    A core subscription (the Collector) also sees a republished copy that
+    JetStream dropped, so duplicate checks read the stream instead.
+    """
+    js = (await bus.connect(catalog.OPERATOR)).jetstream()
+    info = await js.stream_info(stream)
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(stream, seq)
+        assert msg.data is not None
+        event = codec.decode(msg.data)
+        if isinstance(event, kind):
+            found.append(event)
+    return found
+
+
 async def until(what: str, check: Callable[[], Any], within: float,
                 explain: Callable[[], str] = lambda: "", every: float = 0.05) -> Any:
     """Poll `check` until it returns something truthy, and return that; AssertionError

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import pytest
 
-from bus_schemas import catalog, codec
+from bus_schemas import catalog
 from bus_schemas import messages as m
 from subjects.base import InvariantSpec
 from tests.harness import SHOP as SUBJECT
 from tests.harness import SHOP_CONFIG as CONFIG
-from tests.harness import Bus, Collector, Feed, breaking_value, latency, webshop
+from tests.harness import Bus, Collector, Feed, breaking_value, latency, stored, webshop
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,24 +35,6 @@ def incidents(col: Collector) -> list[m.Event]:
 
 def opened(col: Collector) -> list[m.IncidentOpened]:
     return col.events(m.IncidentOpened)
-
-
-async def stored(bus: Bus, kind: type[m.Event], stream: str = catalog.EVENTS_STREAM) -> list[Any]:
-    """What the stream kept: what every consumer sees, after Nats-Msg-Id dedup.
-
-    A core subscription (the Collector) also sees a republished copy that
-    JetStream dropped, so duplicate checks read the stream instead.
-    """
-    js = (await bus.connect(catalog.OPERATOR)).jetstream()
-    info = await js.stream_info(stream)
-    found = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg(stream, seq)
-        assert msg.data is not None
-        event = codec.decode(msg.data)
-        if isinstance(event, kind):
-            found.append(event)
-    return found
 
 
 async def start_detector(bus: Bus) -> None:

@@ -26,7 +26,16 @@ from bench.scale import fleet_config
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
 from bus_schemas.queries import ObservationsInput, ObsQuery, ObsReply
-from tests.harness import REPO, Bus, breaking_value, healthy_metrics, latency, until, webshop
+from tests.harness import (
+    REPO,
+    Bus,
+    breaking_value,
+    healthy_metrics,
+    latency,
+    stored,
+    until,
+    webshop,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -195,17 +204,6 @@ class Beats:
         self.by_pid[beat.pid] = beat
 
 
-async def _stored(bus: Bus, kind: type[m.Event]) -> list[Any]:
-    js = (await bus.connect(catalog.OPERATOR)).jetstream()
-    info = await js.stream_info(catalog.EVENTS_STREAM)
-    found = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        event = codec.decode((await js.get_msg(catalog.EVENTS_STREAM, seq)).data or b"")
-        if isinstance(event, kind):
-            found.append(event)
-    return found
-
-
 async def test_two_detectors_own_half_each_and_a_killed_ones_half_passes_on(bus: Bus) -> None:
     defn = await webshop()
     spec = latency(defn)
@@ -283,8 +281,8 @@ async def test_two_detectors_own_half_each_and_a_killed_ones_half_passes_on(bus:
     finally:
         feeder.cancel()
 
-    opened = await _stored(bus, m.IncidentOpened)
-    resolved = await _stored(bus, m.IncidentResolved)
+    opened = await stored(bus, m.IncidentOpened)
+    resolved = await stored(bus, m.IncidentResolved)
     assert sorted(e.subject for e in opened) == sorted([x, y]), opened
     assert sorted(e.subject for e in resolved) == sorted([x, y]), resolved
     # x was opened by det-a and resolved by det-b: the same incident, carried over in KV.
@@ -351,9 +349,8 @@ async def test_two_monitors_scrape_half_each_and_a_killed_ones_half_is_scraped_a
     fleet = _fleet(port, n)
     try:
         # Metrics on (each process a free port), heartbeats quick.
-        bus.write_config(fleet_config(port, n).replace("metrics_base_port = 0",
-                                                       "metrics_base_port = 9464")
-                         .replace('log_level = "WARNING"', "heartbeat_s = 0.5"))
+        bus.write_config(fleet_config(port, n, metrics=True, log_level="INFO",
+                                      runtime_extra="heartbeat_s = 0.5\n"))
         mon_a = bus.spawn("monitor", MENDERS_INSTANCE="mon-a")
         mon_b = bus.spawn("monitor", MENDERS_INSTANCE="mon-b")
         beats = Beats()

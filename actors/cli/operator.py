@@ -25,6 +25,7 @@ from actors.runtime import credentials
 from actors.runtime.config import Config
 from actors.runtime.killswitch import read_kill
 from actors.runtime.kv import Bucket, Records, Unreadable
+from actors.runtime.partitions import member_prefix, owner_key
 from actors.runtime.publish import publish_event
 from bus_schemas import catalog, codec
 from bus_schemas import messages as m
@@ -194,11 +195,11 @@ async def partition_owners(js: JetStreamContext) -> dict[str, dict[str, Any]]:
     bucket = Bucket(await js.key_value(catalog.PARTITION_BUCKET))
     out: dict[str, dict[str, Any]] = {}
     for actor in catalog.PARTITIONED_ACTORS:
-        prefix = f"{actor}.member."
+        prefix = member_prefix(actor)
         members = sorted(k.removeprefix(prefix) for k in await bucket.keys(prefix))
         owners: dict[int, str | None] = {}
         for p in range(catalog.OBS_PARTITIONS):
-            raw = await bucket.get_bytes(f"{actor}.owner.{p}")
+            raw = await bucket.get_bytes(owner_key(actor, p))
             owners[p] = raw.decode(errors="replace") if raw else None
         out[actor] = {"members": members, "owners": owners}
     return out

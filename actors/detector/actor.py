@@ -47,6 +47,7 @@ import subjects
 from actors.runtime import Actor, Delivery, Runtime, derive_id, follow_id
 from actors.runtime.kv import KvConflict, Records, Unreadable
 from actors.runtime.logs import get_logger
+from actors.runtime.partitions import in_partition
 from bus_schemas import catalog
 from bus_schemas.messages import (
     Event,
@@ -115,18 +116,15 @@ class Detector(Actor):
 
     # --- partitions ---------------------------------------------------------------
 
-    def _subjects_in(self, partition: int) -> list[str]:
-        return [n for n in self.config.subjects if catalog.partition_of(n) == partition]
-
     async def partition_acquired(self, partition: int) -> None:
         # Read afresh what the previous owner left (its cached copy here is stale), and
         # publish any outbox it crashed with, before the partition's first message.
-        for name in self._subjects_in(partition):
+        for name in in_partition(self.config.subjects, partition):
             self.slots.pop(name, None)
             await self._slot(name)
 
     async def partition_released(self, partition: int) -> None:
-        for name in self._subjects_in(partition):
+        for name in in_partition(self.config.subjects, partition):
             self.slots.pop(name, None)
 
     # --- state --------------------------------------------------------------------

@@ -52,7 +52,7 @@ from actors.runtime.config import SubjectConfig
 from actors.runtime.kv import Bucket
 from actors.runtime.logs import get_logger
 from actors.runtime.outage import Outage, is_outage
-from actors.runtime.partitions import Leases
+from actors.runtime.partitions import Leases, in_partition
 from bus_schemas import catalog
 from bus_schemas.messages import Event, Observation
 from bus_schemas.queries import ObsQuery, ObsReply
@@ -203,7 +203,7 @@ class Monitor(Actor):
         async with asyncio.TaskGroup() as tg:  # a schedule that fails ends the process
 
             async def acquire(p: int) -> None:
-                for name in self._subjects_in(p):
+                for name in in_partition(self.targets, p):
                     if name not in self.observers:  # built for the subjects it scrapes only
                         self.observers[name] = subjects.definition_of(
                             self.config.subjects[name]).make_observer(self.targets[name])
@@ -211,18 +211,16 @@ class Monitor(Actor):
                     schedules[name] = tg.create_task(self._schedule(name))
 
             async def release(p: int) -> None:
-                stopped = [schedules.pop(n) for n in self._subjects_in(p) if n in schedules]
+                names = in_partition(self.targets, p)
+                stopped = [schedules.pop(n) for n in names if n in schedules]
                 for task in stopped:
                     task.cancel()
                 await asyncio.gather(*stopped, return_exceptions=True)
-                self.scraping.difference_update(self._subjects_in(p))
+                self.scraping.difference_update(names)
 
             self.rt.leases = Leases(bucket, self.name, range(catalog.OBS_PARTITIONS),
                                     acquire=acquire, release=release, metrics=self.rt.metrics)
             await self.rt.leases.run(self.rt.stopping)
-
-    def _subjects_in(self, partition: int) -> list[str]:
-        return [n for n in self.targets if catalog.partition_of(n) == partition]
 
     async def handle(self, event: Event, delivery: Delivery) -> Sequence[Event]:
         return ()  # consumes nothing

@@ -35,7 +35,7 @@ import contextlib
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from actors.runtime.kv import Bucket, KvConflict
 from actors.runtime.logs import get_logger
@@ -58,6 +58,20 @@ def instance_id() -> str:
     """
     raw = os.environ.get(INSTANCE_ENV) or f"{socket.gethostname()}-{os.getpid()}"
     return re.sub(r"[^-_=a-zA-Z0-9]", "_", raw)[:64]
+
+
+def member_prefix(actor: str) -> str:
+    """The keys of `actor`'s live members: `<prefix><instance>`."""
+    return f"{actor}.member."
+
+
+def owner_key(actor: str, partition: int) -> str:
+    return f"{actor}.owner.{partition}"
+
+
+def in_partition(names: Iterable[str], partition: int) -> list[str]:
+    """The subject names (of `names`) whose observations `partition` holds."""
+    return [n for n in names if catalog.partition_of(n) == partition]
 
 
 def assignment(members: Sequence[str], partitions: Sequence[int]) -> dict[int, str]:
@@ -96,11 +110,8 @@ class Leases:
     def owned(self) -> list[int]:
         return sorted(self.held)
 
-    def _member_prefix(self) -> str:
-        return f"{self.actor}.member."
-
     def _owner_key(self, p: int) -> str:
-        return f"{self.actor}.owner.{p}"
+        return owner_key(self.actor, p)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Renew and rebalance every renew_s until `stopping`; then hand everything over."""
@@ -115,8 +126,8 @@ class Leases:
 
     async def tick(self) -> None:
         """One round: say we are alive, list the members, keep, give up or claim."""
-        await self.bucket.put(self._member_prefix() + self.instance, self.instance.encode())
-        prefix = self._member_prefix()
+        prefix = member_prefix(self.actor)
+        await self.bucket.put(prefix + self.instance, self.instance.encode())
         self.members = sorted({k.removeprefix(prefix) for k in await self.bucket.keys(prefix)}
                               | {self.instance})
         mine = {p for p, who in assignment(self.members, self.partitions).items()
@@ -164,5 +175,5 @@ class Leases:
         rebalance on their next round instead of waiting out the lease."""
         await asyncio.gather(*(self._give_up(p) for p in list(self.held)))
         with contextlib.suppress(Exception):
-            await self.bucket.delete(self._member_prefix() + self.instance)
+            await self.bucket.delete(member_prefix(self.actor) + self.instance)
         self.owned_gauge.labels().set(0)

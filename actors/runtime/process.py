@@ -231,7 +231,7 @@ class Runtime:
 
     async def _fetch(self, consumer: catalog.Consumer, sub: Any,
                      halted: Callable[[], bool]) -> list[Msg] | None:
-        """The next batch (perhaps empty: idle), or None once halted."""
+        """The next batch (idle fetches are retried here), or None once halted."""
         rc = self.config.runtime
         batch = min(rc.fetch_batch, consumer.max_ack_pending)
         while not halted():
