@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -99,12 +100,24 @@ class Tracker:
             return
         if isinstance(event, m.Heartbeat):
             self.metrics_ports[event.actor] = event.metrics_port
+            self.changed.set()
             return
         if isinstance(event, m.Observation) or not event.incident_id:
             return
         self.by_incident.setdefault(event.incident_id, {}).setdefault(type(event), event)
         self.arrived.setdefault(event.incident_id, {}).setdefault(type(event), time.time())
         self.changed.set()
+
+    async def ports_of(self, actors: set[str], timeout: float) -> None:
+        """Until a heartbeat has named each actor's metrics port (or `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while not actors <= self.metrics_ports.keys():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return  # in_handlers then leaves the hop out
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
 
     async def wait(self, incident: str, kind: type[m.Event], timeout: float) -> m.Event:
         deadline = time.monotonic() + timeout
@@ -163,6 +176,8 @@ async def bench(n: int, warmup: int) -> dict[str, Any]:
                         invariant=opened.invariant, reason="bench: next incident"), "detector")
                     ids.append(opened.incident_id)
                 calls = len(recorder.calls)
+                # A short run can end before the first heartbeat that names each port.
+                await tracker.ports_of({actor for actor, _ in HANDLER_OF.values()}, 5.0)
                 handlers = {a: _handler_means(port)
                             for a, port in tracker.metrics_ports.items() if port}
     finally:
