@@ -106,3 +106,17 @@ async def test_a_silent_cluster_is_down_and_without_quorum() -> None:
         await observer.close()
     assert obs["up"] is False and "no member answered" in obs["error"]
     assert obs["metrics"]["quorum_members"] <= 0 and obs["metrics"]["has_leader"] == 0.0
+
+
+def test_leader_changes_are_counted_within_one_cluster_history() -> None:
+    observer = KvClusterObserver({}, "http://127.0.0.1:9")
+    assert observer._churn("1", 2, now=0.0) == 0  # the first leader is a beginning
+    assert observer._churn("0", 3, now=1.0) == 0  # an election under way: no leader yet
+    assert observer._churn("2", 3, now=2.0) == 1
+    assert observer._churn("1", 4, now=3.0) == 2
+    assert observer._churn("1", 4, now=4.0) == 2  # the same leader is no change
+    # The term went down: the cluster was rebuilt from empty data dirs, a new history
+    # whose first leader is no change (counting it kept a stale churn incident open).
+    assert observer._churn("3", 2, now=5.0) == 0
+    assert observer._churn("1", 3, now=6.0) == 1
+    assert observer._churn("1", 3, now=67.0) == 0  # out of the minute's window

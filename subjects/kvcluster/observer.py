@@ -33,6 +33,7 @@ class MemberView:
     healthy: bool = False
     error: str = ""
     member_id: str = ""
+    raft_term: int = 0
     leader: str = "0"
     applied: int = 0
     db_size: float = 0.0
@@ -52,6 +53,7 @@ class KvClusterObserver:
         self._load_prev: promtext.Samples | None = None
         self._load_prev_at = 0.0
         self._leader: str | None = None
+        self._term = 0
         self._changes: deque[float] = deque()
 
     async def _member(self, name: str, url: str) -> MemberView:
@@ -66,7 +68,9 @@ class KvClusterObserver:
             return view
         view.up = True
         view.healthy = code == 200 and '"true"' in health
-        view.member_id = str(status.get("header", {}).get("member_id", ""))
+        header = status.get("header", {})
+        view.member_id = str(header.get("member_id", ""))
+        view.raft_term = as_int(header.get("raft_term"))
         view.leader = str(status.get("leader") or "0")
         view.applied = as_int(status.get("raftAppliedIndex") or status.get("raftIndex"))
         view.db_size = float(as_int(status.get("dbSize")))
@@ -106,7 +110,15 @@ class KvClusterObserver:
             "put_nospace_rate": d("kvload_requests_total", op="put", outcome="nospace") / interval,
         }
 
-    def _churn(self, leader: str, now: float) -> float:
+    def _churn(self, leader: str, term: int, now: float) -> float:
+        """Leader changes of one cluster history over the window. A raft term never
+        goes down in a living cluster: one that does is a cluster rebuilt from empty
+        data dirs (a human's restore), whose first leader is a beginning, not a change."""
+        if 0 < term < self._term:
+            self._changes.clear()
+            self._leader = None
+        if term > 0:
+            self._term = term
         if leader != "0" and self._leader not in (None, leader):
             self._changes.append(now)
         if leader != "0":
@@ -134,7 +146,9 @@ class KvClusterObserver:
             return {"up": False, "metrics": down,
                     "log_lines": logs, "error": f"no member answered: {errors}"[:500]}
         metrics = cluster_metrics(views) | load
-        metrics["leader_changes_1m"] = self._churn(leader_of(views), time.monotonic())
+        leader = leader_of(views)
+        term = max((v.raft_term for v in up if v.member_id == leader), default=0)
+        metrics["leader_changes_1m"] = self._churn(leader, term, time.monotonic())
         errors = "; ".join(f"{v.name}: {v.error}" for v in views if v.error)
         return {"up": True, "metrics": metrics, "log_lines": logs, "error": errors[:500]}
 
