@@ -106,6 +106,10 @@ class InvariantSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     `alerts`: Alertmanager alerts (by alertname) that report this same condition. While
       one fires the invariant is broken (and opens at once: the alert waited its own
       `for`), so an alert and the metric it fires on are one incident, not two.
+    `settle_s`: how long after a cure the metric may still show the trouble. A count
+      over a trailing window (leader changes in the last minute) holds again only once
+      the window has passed; the verifier waits at least this long, and its stable
+      window on top, before it calls a fix failed.
     """
 
     name: str
@@ -120,6 +124,7 @@ class InvariantSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     factor: float = 3.0
     down_breaks: bool = False
     alerts: tuple[str, ...] = ()
+    settle_s: float = 0.0
 
 
 class RunbookRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -8,6 +8,8 @@ import pytest
 
 import subjects
 from actors.diagnoser.runbook import vet_actions
+from actors.runtime.config import VerifierConfig
+from actors.verifier.actor import check_deadline_s
 from subjects.base import ActionError
 from subjects.kvcluster.chaos import FAULTS as HOOKS
 from subjects.kvcluster.definition import DEFINITION, layout_for
@@ -120,3 +122,22 @@ def test_leader_changes_are_counted_within_one_cluster_history() -> None:
     assert observer._churn("3", 2, now=5.0) == 0
     assert observer._churn("1", 3, now=6.0) == 1
     assert observer._churn("1", 3, now=67.0) == 0  # out of the minute's window
+
+
+def test_a_churn_cure_is_judged_only_once_the_churn_has_left_the_window() -> None:
+    """move_leader adds a change of its own: the count holds within `clear` again only
+    once the changes before it left the minute's window. A verifier that called the fix
+    failed sooner would fail every churn cure, and retry it (more churn)."""
+    spec = next(s for s in DEFINITION.invariants if s.name == "leader_churn")
+    assert spec.clear is not None
+    vc = VerifierConfig()
+    observer = KvClusterObserver({}, "http://127.0.0.1:9")
+    for i, leader in enumerate("12121"):  # four changes in the second before the cure
+        observer._churn(leader, 2 + i, now=-1.0 + i * 0.2)
+    assert observer._churn("2", 7, now=0.0) > spec.threshold  # the cure's own change
+    healthy_at = next(t / 2 for t in range(0, 400)
+                      if observer._churn("2", 7, now=t / 2) <= spec.clear)
+    deadline = check_deadline_s(vc, DEFINITION, ["leader_churn"])
+    assert healthy_at + vc.stable_window_s + 2 * 1.0 <= deadline  # two 1 s scrapes late
+    assert check_deadline_s(vc, DEFINITION, ["member_down"]) == vc.deadline_s
+    assert check_deadline_s(vc, DEFINITION, ["alert:EtcdDown"]) == vc.alert_deadline_s

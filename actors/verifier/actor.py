@@ -12,8 +12,10 @@ Two consumers feed one process:
   ended `succeeded` (every step of it, the governor's word) starts a check
   *inside the handler*: it awaits fresh observations (ts after its last step
   finished) until the invariant has held for `stable_window_s` (passed) or
-  until `deadline_s` after that (failed). A multi-step repair is judged once,
-  as a whole: compact, defragment and disarm are one fix. The runtime keeps
+  until `deadline_s` after that (failed; longer for an invariant whose metric
+  settles slowly: its `settle_s` and the stable window, check_deadline_s). A
+  multi-step repair is judged once, as a whole: compact, defragment and
+  disarm are one fix. The runtime keeps
   the message alive with in_progress meanwhile, so if the verifier dies
   mid-check JetStream redelivers it and the check starts again; the
   verdict's id is derived from the PlanEnded's id, so at most one verdict per
@@ -50,6 +52,7 @@ import msgspec
 
 import subjects
 from actors.runtime import Actor, Delivery, Runtime, follow_id
+from actors.runtime.config import VerifierConfig
 from actors.runtime.kv import Records
 from actors.runtime.logs import get_logger
 from bus_schemas import catalog
@@ -271,9 +274,8 @@ class Verifier(Actor):
                 result, invariant, True, f"the detector resolved the incident "
                 f"{finished - rec.resolved_at:.1f}s before the step finished: healthy, but "
                 f"not thanks to it{note}", finished, "before")
-        # An incident only an alert opened is judged by the alert resolving.
         alert_only = invariant.startswith(inv.ALERT_PREFIX)
-        deadline_s = vc.alert_deadline_s if alert_only else vc.deadline_s
+        deadline_s = check_deadline_s(vc, definition, names)
         budget = max(finished + deadline_s - time.time(), vc.stable_window_s + LATE_GRACE_S)
         deadline = time.monotonic() + budget
         paused = 0.0  # time without evidence: it does not count against the deadline
@@ -359,6 +361,18 @@ class Verifier(Actor):
             recovered=recovered if passed else "",
             inconclusive=inconclusive,
         )
+
+
+def check_deadline_s(vc: VerifierConfig, definition: SubjectDefinition,
+                     names: Sequence[str]) -> float:
+    """How long after the fix finished a check may wait for its stable window. An
+    incident only an alert opened is judged by the alert resolving (alert_deadline_s);
+    an invariant whose metric settles slowly (a count over a trailing window) gets its
+    `settle_s` and the stable window, never less than deadline_s."""
+    if len(names) == 1 and names[0].startswith(inv.ALERT_PREFIX):
+        return vc.alert_deadline_s
+    settle = max((s.settle_s for s in definition.invariants if s.name in names), default=0.0)
+    return max(vc.deadline_s, settle + vc.stable_window_s)
 
 
 def _has(definition: SubjectDefinition, name: str) -> bool:
