@@ -100,6 +100,8 @@ class WebshopObserver:
             "pool_timeouts_per_s": d("webshop_db_pool_acquire_timeouts_total") * per_s,
             "cache_hit_ratio": _ratio(hits, hits + misses),
             "upstream_error_rate": _ratio(up_err, up_ok + up_err),
+            # Without it a 0 error rate cannot tell a healthy upstream from no calls at all.
+            "upstream_rps": (up_ok + up_err) * per_s,
             "memory_mb": gauge("webshop_process_resident_memory_bytes") / MIB,
             "log_dir_mb": gauge("webshop_log_dir_bytes") / MIB,
             "config_version": gauge("webshop_config_version"),
