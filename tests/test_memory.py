@@ -8,12 +8,19 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from actors.auditor.memory import IncidentMemory, fold, match_expression
 from actors.diagnoser import runbook
 from bus_schemas import catalog
 from bus_schemas import messages as m
-from bus_schemas.queries import PastIncident, SimilarQuery, bucket, symptom_similarity
+from bus_schemas.queries import (
+    PastIncident,
+    SimilarQuery,
+    SimilarReply,
+    bucket,
+    symptom_similarity,
+)
 from subjects import load
 from tests.harness import LEAK, Bus, leak_hypothesis, lifecycle
 
@@ -79,6 +86,25 @@ async def test_similar_ranks_the_incident_with_the_same_symptoms_first(tmp_path:
         assert other == []
         assert await mem.similar(SimilarQuery(subject="webshop", exclude="leak1",
                                               invariant="latency_p99", symptoms=LEAK)) != []
+    finally:
+        await mem.close()
+
+
+async def test_a_query_answers_during_an_upsert_and_never_sees_it_half_done(
+        tmp_path: Path) -> None:
+    mem = await IncidentMemory.open(tmp_path / "memory.db")
+    query = SimilarQuery(subject="webshop", invariant="latency_p99", symptoms=LEAK)
+    try:
+        first = fold(lifecycle("leak1", LEAK, "recycle_pool"))
+        second = fold(lifecycle("leak2", LEAK, "scale_pool", {"size": 32}))
+        assert first is not None and second is not None
+        await mem.upsert(first)
+        async with mem._lock:  # an upsert in progress: its rows written, not committed
+            await mem._write(second, msgspec.json.encode(second))
+            during = await asyncio.wait_for(mem.similar(query), 2.0)
+            await mem.db.commit()
+        assert [p.incident_id for p in during] == ["leak1"]
+        assert {p.incident_id for p in await mem.similar(query)} == {"leak1", "leak2"}
     finally:
         await mem.close()
 
@@ -194,3 +220,53 @@ async def test_auditor_indexes_closed_incidents_and_runbook_diagnoser_uses_them(
     assert [(a.action, a.params) for a in d.actions[:2]] == [
         ("scale_pool", {"size": 32}), ("recycle_pool", {})]
     assert any("memory: incident leak-bef" in e for e in d.evidence)
+
+
+@pytest.mark.e2e
+async def test_a_recall_asked_ahead_is_used_only_when_the_query_is_unchanged(bus: Bus) -> None:
+    """The diagnoser asks the memory while the monitor's lookback runs; the lookback may
+    change the query's text, and then the early answer must not be used."""
+    from actors.diagnoser.actor import IncidentRecall
+
+    auditor = await bus.connect("auditor")
+    asked: list[SimilarQuery] = []
+
+    async def answer(msg: Msg) -> None:
+        q = msgspec.json.decode(msg.data, type=SimilarQuery)
+        asked.append(q)
+        past = PastIncident(incident_id=f"past-{len(asked)}", subject=q.subject,
+                            invariant=q.invariant, opened_at=1.0, closed_at=2.0,
+                            outcome="resolved", symptoms=q.symptoms)
+        await msg.respond(msgspec.json.encode(SimilarReply(ok=True, similar=[past])))
+
+    await auditor.subscribe(catalog.service_subject("auditor", "similar"), cb=answer)
+    await auditor.flush()
+    recall = IncidentRecall(await bus.connect("diagnoser"))
+
+    async def asked_ahead(n: int) -> None:  # the lookback takes this long
+        for _ in range(200):
+            if len(asked) == n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(asked)} queries asked, not {n}")
+
+    inc = _incident(LEAK)
+    recall.prefetch(inc)
+    await asked_ahead(1)
+    got = await recall.recall(inc)  # the same query: the early answer, no second ask
+    assert [p.incident_id for p in got] == ["past-1"] and len(asked) == 1
+
+    inc = _incident(LEAK)
+    recall.prefetch(inc)
+    await asked_ahead(2)
+    looked_back = msgspec.structs.replace(
+        inc, recent_logs=["ERROR pool: timed out waiting for a connection", *inc.recent_logs])
+    got = await recall.recall(looked_back)  # new text: asked again, with it
+    assert [p.incident_id for p in got] == ["past-3"] and len(asked) == 3
+    assert "timed out waiting" in asked[-1].text and "timed out" not in asked[-2].text
+
+    other = _incident(LEAK)
+    recall.prefetch(other)
+    recall.forget(other.incident_id)  # a diagnosis that never recalled: never asked
+    await asyncio.sleep(0.1)
+    assert len(asked) == 3

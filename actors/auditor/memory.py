@@ -120,12 +120,15 @@ def _text_of(p: PastIncident) -> str:
 
 
 class IncidentMemory:
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection,
+                 path: Path) -> None:
         self.db = db
+        # Queries have a connection of their own: under WAL a reader sees the last
+        # committed upsert, never one half done, and never waits for the writer (a
+        # recall is on the path from incident to fix; an upsert is not).
+        self.reader = reader
         self.path = path
-        # One connection serves the auditor's writes and the query callback: a
-        # query must never see an upsert half done.
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one upsert at a time on the writer
 
     @classmethod
     async def open(cls, path: Path) -> IncidentMemory:
@@ -134,9 +137,12 @@ class IncidentMemory:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.executescript(_SCHEMA)
         await db.commit()
-        return cls(db, path)
+        reader = await aiosqlite.connect(path)
+        await reader.execute("PRAGMA query_only=ON")
+        return cls(db, reader, path)
 
     async def close(self) -> None:
+        await self.reader.close()
         await self.db.close()
 
     async def upsert(self, p: PastIncident) -> None:
@@ -146,22 +152,26 @@ class IncidentMemory:
 
     async def _upsert(self, p: PastIncident, record: bytes) -> None:
         try:
-            await self.db.execute("DELETE FROM incidents_fts WHERE incident_id = ?",
-                                  (p.incident_id,))
-            await self.db.execute(
-                "INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?)",
-                (p.incident_id, p.subject, p.invariant, p.closed_at, record))
-            await self.db.execute(
-                "INSERT INTO incidents_fts VALUES (?, ?, ?, ?)",
-                (p.incident_id, p.invariant, " ".join(symptom_tokens(p.symptoms)), _text_of(p)))
+            await self._write(p, record)
             await self.db.commit()
         except BaseException:
             await self.db.rollback()
             raise
 
+    async def _write(self, p: PastIncident, record: bytes) -> None:
+        """The rows of one upsert, in the writer's open transaction."""
+        await self.db.execute("DELETE FROM incidents_fts WHERE incident_id = ?",
+                              (p.incident_id,))
+        await self.db.execute(
+            "INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?)",
+            (p.incident_id, p.subject, p.invariant, p.closed_at, record))
+        await self.db.execute(
+            "INSERT INTO incidents_fts VALUES (?, ?, ?, ?)",
+            (p.incident_id, p.invariant, " ".join(symptom_tokens(p.symptoms)), _text_of(p)))
+
     async def get(self, incident_id: str) -> PastIncident | None:
-        async with self.db.execute("SELECT record FROM incidents WHERE incident_id = ?",
-                                   (incident_id,)) as cur:
+        async with self.reader.execute("SELECT record FROM incidents WHERE incident_id = ?",
+                                       (incident_id,)) as cur:
             row = await cur.fetchone()
         return msgspec.json.decode(row[0], type=PastIncident) if row else None
 
@@ -171,14 +181,13 @@ class IncidentMemory:
         if not expr:
             return []
         weights = ", ".join(str(w) for w in _WEIGHTS)
-        async with self._lock:
-            rows = await self._query(weights, expr, q)
+        rows = await self._query(weights, expr, q)
         return [msgspec.structs.replace(msgspec.json.decode(r[0], type=PastIncident),
                                         score=float(r[1])) for r in rows]
 
     async def _query(self, weights: str, expr: str, q: SimilarQuery) -> list[Any]:
         try:
-            async with self.db.execute(
+            async with self.reader.execute(
                 f"""SELECT i.record, bm25(incidents_fts, {weights}) AS score
                     FROM incidents_fts JOIN incidents i
                          ON i.incident_id = incidents_fts.incident_id

@@ -12,6 +12,7 @@ diagnosers consult the incident memory (the auditor's `similar` query).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client
 
 import subjects
 from actors.diagnoser.runbook import MAX_LOG_LINES, RunbookDiagnoser, exclude_tried, no_match
@@ -65,19 +67,50 @@ class Diagnoser(Protocol):
 RECALL_TIMEOUT_S = 0.25
 
 
-class _Memory:
-    """The auditor's incident memory, asked over the bus; empty when it cannot answer."""
+class IncidentRecall:
+    """The auditor's incident memory, asked over the bus; empty when it cannot answer.
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    The query's text is the incident's last log lines, and the monitor's lookback can
+    add lines before the ones the incident carries: `prefetch` asks with what the
+    incident has while the lookback runs, and `recall` takes that answer only if the
+    query it asked is the one it would ask now (byte for byte), else asks again. The
+    answer is the same either way; the common case saves a round trip on the path
+    from opened to fixed."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self._ahead: dict[str, tuple[bytes, asyncio.Task[Sequence[PastIncident]]]] = {}
+
+    @staticmethod
+    def _query(incident: IncidentOpened) -> bytes:
+        return msgspec.json.encode(SimilarQuery(
+            subject=incident.subject, invariant=incident.invariant,
+            symptoms=incident.symptoms, text=" ".join(incident.recent_logs[-20:]),
+            exclude=incident.incident_id))
+
+    def prefetch(self, incident: IncidentOpened) -> None:
+        self.forget(incident.incident_id)
+        q = self._query(incident)
+        self._ahead[incident.incident_id] = (q, asyncio.ensure_future(self._ask(q)))
+
+    def forget(self, incident_id: str) -> None:
+        """Drop an unused prefetch (a diagnosis that never recalled, or failed)."""
+        if (ahead := self._ahead.pop(incident_id, None)) is not None:
+            ahead[1].cancel()
 
     async def recall(self, incident: IncidentOpened) -> Sequence[PastIncident]:
-        q = SimilarQuery(subject=incident.subject, invariant=incident.invariant,
-                         symptoms=incident.symptoms, text=" ".join(incident.recent_logs[-20:]),
-                         exclude=incident.incident_id)
+        q = self._query(incident)
+        ahead = self._ahead.pop(incident.incident_id, None)
+        if ahead is not None:
+            if ahead[0] == q:
+                return await ahead[1]
+            ahead[1].cancel()
+        return await self._ask(q)
+
+    async def _ask(self, q: bytes) -> Sequence[PastIncident]:
         try:
-            msg = await self.rt.nc.request(catalog.service_subject("auditor", "similar"),
-                                           msgspec.json.encode(q), timeout=RECALL_TIMEOUT_S)
+            msg = await self.nc.request(catalog.service_subject("auditor", "similar"), q,
+                                        timeout=RECALL_TIMEOUT_S)
             reply = msgspec.json.decode(msg.data, type=SimilarReply)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
             log.warning("incident memory not reachable", extra={"err": repr(exc)})
@@ -85,13 +118,16 @@ class _Memory:
         return reply.similar
 
 
-def make_diagnoser(rt: Runtime | None = None) -> tuple[Diagnoser, Summarizer | None]:
+def make_diagnoser(rt: Runtime | None = None, memory: IncidentRecall | None = None,
+                   ) -> tuple[Diagnoser, Summarizer | None]:
     """The diagnoser this process uses, and the summarizer when there is a key.
 
     With ANTHROPIC_API_KEY set: Claude (config.llm) with the runbooks as its
     fallback, so an API outage degrades to runbooks (source "claude->runbook").
     """
-    runbooks = RunbookDiagnoser(_Memory(rt).recall if rt is not None else None)
+    if memory is None and rt is not None:
+        memory = IncidentRecall(rt.nc)
+    runbooks = RunbookDiagnoser(memory.recall if memory is not None else None)
     key = os.environ.get("ANTHROPIC_API_KEY", "")
     if rt is None or not key:
         return runbooks, None
@@ -130,7 +166,8 @@ class DiagnoserActor(Actor):
     name = "diagnoser"
 
     async def setup(self) -> None:
-        self.diagnoser, self.summarizer = make_diagnoser(self.rt)
+        self.memory = IncidentRecall(self.rt.nc)
+        self.diagnoser, self.summarizer = make_diagnoser(self.rt, self.memory)
         log.info("diagnoser ready", extra={"source": self.diagnoser.source,
                                            "summaries": self.summarizer is not None})
         metrics = self.rt.metrics
@@ -163,8 +200,14 @@ class DiagnoserActor(Actor):
             diagnosis = no_match(event, f"no subject definition for {event.subject!r}: "
                                         "nothing to diagnose against")
         else:
-            event = await self._with_recent_logs(event, definition)
-            diagnosis = await self.diagnoser.diagnose(event, definition)
+            # Only the runbooks recall on the first diagnosis; Claude asks as a tool.
+            if isinstance(self.diagnoser, RunbookDiagnoser):
+                self.memory.prefetch(event)
+            try:
+                event = await self._with_recent_logs(event, definition)
+                diagnosis = await self.diagnoser.diagnose(event, definition)
+            finally:
+                self.memory.forget(event.incident_id)
         diagnosis = msgspec.structs.replace(diagnosis, symptoms=dict(event.symptoms))
         return self._done(diagnosis, started)
 
