@@ -109,6 +109,59 @@ async def test_a_query_answers_during_an_upsert_and_never_sees_it_half_done(
         await mem.close()
 
 
+async def test_a_recall_asks_only_the_subjects_most_recently_closed_incidents(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors.auditor import memory
+
+    monkeypatch.setattr(memory, "RECALL_WINDOW", 3)
+    mem = await IncidentMemory.open(tmp_path / "memory.db")
+    query = SimilarQuery(subject="webshop", invariant="latency_p99", symptoms=LEAK, limit=20)
+    try:
+        pasts = {}
+        for n in range(5):  # another subject's incidents in between take no window room
+            for subject in ("webshop", "other"):
+                past = fold(lifecycle(f"{subject}{n}", LEAK, "recycle_pool"))
+                assert past is not None
+                pasts[past.incident_id] = msgspec.structs.replace(past, subject=subject)
+                await mem.upsert(pasts[past.incident_id])
+        assert {p.incident_id for p in await mem.similar(query)} == {
+            "webshop2", "webshop3", "webshop4"}
+        await mem.upsert(pasts["webshop0"])  # re-indexed (a trailing verdict): newest now
+        assert {p.incident_id for p in await mem.similar(query)} == {
+            "webshop0", "webshop3", "webshop4"}
+    finally:
+        await mem.close()
+
+
+async def test_a_version_1_index_is_rebuilt_from_the_stored_records(tmp_path: Path) -> None:
+    import sqlite3
+
+    past = fold(lifecycle("leak1", LEAK, "recycle_pool"))
+    assert past is not None
+    with sqlite3.connect(tmp_path / "memory.db") as db:  # what an older auditor wrote
+        db.executescript("""
+            CREATE TABLE incidents (incident_id TEXT PRIMARY KEY, subject TEXT NOT NULL,
+                invariant TEXT NOT NULL, closed_at REAL NOT NULL, record BLOB NOT NULL);
+            CREATE VIRTUAL TABLE incidents_fts USING fts5(
+                incident_id UNINDEXED, invariant, symptoms, text,
+                tokenize = "unicode61 tokenchars '_'");""")
+        db.execute("INSERT INTO incidents VALUES (?, ?, ?, ?, ?)",
+                   ("leak1", "webshop", "latency_p99", 1.0, msgspec.json.encode(past)))
+        db.execute("INSERT INTO incidents VALUES (?, ?, ?, ?, ?)",
+                   ("torn", "webshop", "latency_p99", 1.0, b"{not json"))
+        db.execute("INSERT INTO incidents_fts VALUES ('leak1', 'latency_p99', '', '')")
+    mem = await IncidentMemory.open(tmp_path / "memory.db")
+    try:
+        got = await mem.similar(SimilarQuery(subject="webshop", invariant="latency_p99",
+                                             symptoms=LEAK))
+        assert [p.incident_id for p in got] == ["leak1"]
+        assert got[0].verified_action == "recycle_pool"
+    finally:
+        await mem.close()
+    with sqlite3.connect(tmp_path / "memory.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 def _past(symptoms: dict[str, float], action: str, params: dict[str, object] | None = None,
           invariant: str = "latency_p99", hypothesis: str | None = None) -> PastIncident:
     return PastIncident(incident_id="past0001", subject="webshop", invariant=invariant,

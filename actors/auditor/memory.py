@@ -16,6 +16,7 @@ highest. Log words and hypotheses add context. No model, no embeddings.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 from collections.abc import Iterable
@@ -29,10 +30,16 @@ from actors.runtime.redaction import Redactor
 from bus_schemas import messages as m
 from bus_schemas.queries import PastIncident, SimilarQuery, symptom_tokens
 
+log = logging.getLogger("menders.auditor")
+
 DEFAULT_NAME = "memory.db"
 MAX_QUERY_TERMS = 48
 MAX_TEXT_CHARS = 4000
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,40}")
+# A recall scores every candidate (bm25), so its cost grows with the history: it asks
+# only a subject's most recently closed incidents, which keeps it near a millisecond
+# however long the auditor has run (a recall is on the path from incident to fix).
+RECALL_WINDOW = 500
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS incidents (
     incident_id TEXT PRIMARY KEY,
@@ -41,13 +48,22 @@ CREATE TABLE IF NOT EXISTS incidents (
     closed_at   REAL NOT NULL,
     record      BLOB NOT NULL      -- a PastIncident, JSON
 );
-CREATE VIRTUAL TABLE IF NOT EXISTS incidents_fts USING fts5(
-    incident_id UNINDEXED, invariant, symptoms, text,
+CREATE INDEX IF NOT EXISTS incidents_by_subject ON incidents (subject);
+"""
+# The index's rowid is its incident's rowid in `incidents` (which a re-index renews):
+# "the subject's newest N" is then a range of rowids FTS5 can skip to. Version 1 had
+# neither that nor the subject column; the index is derived, so it is rebuilt.
+_FTS_VERSION = 2
+_FTS = """
+DROP TABLE IF EXISTS incidents_fts;
+CREATE VIRTUAL TABLE incidents_fts USING fts5(
+    incident_id UNINDEXED, subject, invariant, symptoms, text,
     tokenize = "unicode61 tokenchars '_'"
 );
 """
-# bm25 column weights: incident_id, invariant, symptoms, text.
-_WEIGHTS = (0.0, 6.0, 2.0, 0.5)
+# bm25 column weights: incident_id, subject (a filter, not a likeness), invariant,
+# symptoms, text.
+_WEIGHTS = (0.0, 0.0, 6.0, 2.0, 0.5)
 
 
 def default_path(home: Path) -> Path:
@@ -61,13 +77,59 @@ def words(text: str) -> list[str]:
     return list(seen)
 
 
+def _quoted(term: str) -> str:
+    return '"' + term.replace('"', '""') + '"'
+
+
 def match_expression(q: SimilarQuery) -> str:
     """An FTS5 query: every term quoted (no operator injection), OR-ed."""
     terms = [q.invariant] if q.invariant else []
     terms += symptom_tokens(q.symptoms)
     terms += words(q.text)
     terms = [t for t in dict.fromkeys(terms) if t][:MAX_QUERY_TERMS]
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+    return " OR ".join(_quoted(t) for t in terms)
+
+
+async def _index(db: aiosqlite.Connection, p: PastIncident, record: bytes) -> None:
+    """Upsert one incident's row and its index row, under the row's new rowid."""
+    async with db.execute("SELECT rowid FROM incidents WHERE incident_id = ?",
+                          (p.incident_id,)) as cur:
+        old = await cur.fetchone()
+    if old is not None:
+        await db.execute("DELETE FROM incidents_fts WHERE rowid = ?", (old[0],))
+    async with db.execute("INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?)",
+                          (p.incident_id, p.subject, p.invariant, p.closed_at, record)) as cur:
+        rowid = cur.lastrowid
+    await _index_row(db, rowid, p)
+
+
+async def _index_row(db: aiosqlite.Connection, rowid: int | None, p: PastIncident) -> None:
+    await db.execute(
+        "INSERT INTO incidents_fts (rowid, incident_id, subject, invariant, symptoms, text) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (rowid, p.incident_id, p.subject, p.invariant, " ".join(symptom_tokens(p.symptoms)),
+         _text_of(p)))
+
+
+async def _rebuild_index(db: aiosqlite.Connection) -> None:
+    """Rebuild the full-text index from the stored records, in one transaction."""
+    try:
+        await db.executescript("BEGIN;" + _FTS)
+        async with db.execute("SELECT rowid, record FROM incidents") as cur:
+            rows = list(await cur.fetchall())
+        for rowid, record in rows:
+            try:
+                past = msgspec.json.decode(record, type=PastIncident)
+            except msgspec.DecodeError as exc:  # the index is a guide: go on without it
+                log.error("memory record unreadable, not indexed",
+                          extra={"rowid": rowid, "err": repr(exc)})
+                continue
+            await _index_row(db, rowid, past)
+        await db.execute(f"PRAGMA user_version = {_FTS_VERSION}")
+        await db.commit()
+    except BaseException:
+        await db.rollback()
+        raise
 
 
 def fold(events: Iterable[m.Event], redactor: Redactor | None = None) -> PastIncident | None:
@@ -137,6 +199,10 @@ class IncidentMemory:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.executescript(_SCHEMA)
         await db.commit()
+        async with db.execute("PRAGMA user_version") as cur:
+            version = (await cur.fetchone() or (0,))[0]
+        if version < _FTS_VERSION:
+            await _rebuild_index(db)
         reader = await aiosqlite.connect(path)
         await reader.execute("PRAGMA query_only=ON")
         return cls(db, reader, path)
@@ -160,14 +226,7 @@ class IncidentMemory:
 
     async def _write(self, p: PastIncident, record: bytes) -> None:
         """The rows of one upsert, in the writer's open transaction."""
-        await self.db.execute("DELETE FROM incidents_fts WHERE incident_id = ?",
-                              (p.incident_id,))
-        await self.db.execute(
-            "INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?)",
-            (p.incident_id, p.subject, p.invariant, p.closed_at, record))
-        await self.db.execute(
-            "INSERT INTO incidents_fts VALUES (?, ?, ?, ?)",
-            (p.incident_id, p.invariant, " ".join(symptom_tokens(p.symptoms)), _text_of(p)))
+        await _index(self.db, p, record)
 
     async def get(self, incident_id: str) -> PastIncident | None:
         async with self.reader.execute("SELECT record FROM incidents WHERE incident_id = ?",
@@ -186,14 +245,19 @@ class IncidentMemory:
                                         score=float(r[1])) for r in rows]
 
     async def _query(self, weights: str, expr: str, q: SimilarQuery) -> list[Any]:
+        # The subject's phrase narrows the candidates in the index; `i.subject` is exact.
+        match = f"subject : {_quoted(q.subject)} AND ({expr})"
         try:
             async with self.reader.execute(
                 f"""SELECT i.record, bm25(incidents_fts, {weights}) AS score
-                    FROM incidents_fts JOIN incidents i
-                         ON i.incident_id = incidents_fts.incident_id
-                    WHERE incidents_fts MATCH ? AND i.subject = ? AND i.incident_id != ?
+                    FROM incidents_fts JOIN incidents i ON i.rowid = incidents_fts.rowid
+                    WHERE incidents_fts MATCH ? AND incidents_fts.rowid >= coalesce(
+                            (SELECT rowid FROM incidents WHERE subject = ?
+                             ORDER BY rowid DESC LIMIT 1 OFFSET ?), 0)
+                          AND i.subject = ? AND i.incident_id != ?
                     ORDER BY score LIMIT ?""",
-                (expr, q.subject, q.exclude, max(1, min(q.limit, 20))),
+                (match, q.subject, RECALL_WINDOW - 1, q.subject, q.exclude,
+                 max(1, min(q.limit, 20))),
             ) as cur:
                 return list(await cur.fetchall())
         except sqlite3.OperationalError as exc:
