@@ -248,7 +248,9 @@ class IncidentMemory:
         # The subject's phrase narrows the candidates in the index; `i.subject` is exact.
         match = f"subject : {_quoted(q.subject)} AND ({expr})"
         try:
-            async with self.reader.execute(
+            # One trip to the connection's thread, not three (execute, fetch, close):
+            # each is a thread wake-up, and on a busy host each waits for a core.
+            return list(await self.reader.execute_fetchall(
                 f"""SELECT i.record, bm25(incidents_fts, {weights}) AS score
                     FROM incidents_fts JOIN incidents i ON i.rowid = incidents_fts.rowid
                     WHERE incidents_fts MATCH ? AND incidents_fts.rowid >= coalesce(
@@ -257,8 +259,6 @@ class IncidentMemory:
                           AND i.subject = ? AND i.incident_id != ?
                     ORDER BY score LIMIT ?""",
                 (match, q.subject, RECALL_WINDOW - 1, q.subject, q.exclude,
-                 max(1, min(q.limit, 20))),
-            ) as cur:
-                return list(await cur.fetchall())
+                 max(1, min(q.limit, 20)))))
         except sqlite3.OperationalError as exc:
             raise ValueError(f"bad similarity query: {exc}") from None
