@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 import urllib.request
 
+import control_floor
 from common import Recorder, bench_bus, machine, subject_config, summary_ms, write_result
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -180,10 +181,17 @@ async def bench(n: int, warmup: int) -> dict[str, Any]:
                 await tracker.ports_of({actor for actor, _ in HANDLER_OF.values()}, 5.0)
                 handlers = {a: _handler_means(port)
                             for a, port in tracker.metrics_ports.items() if port}
+                # The same broker work by bare nats-py relays, on this server, now.
+                floor = await control_floor.floor(bus.url, bus.passwords[catalog.ADMIN],
+                                                  n, warmup, bus.home)
     finally:
         await recorder.stop()
     result = _result(tracker, ids[warmup:], n, warmup, calls, time.monotonic() - started)
     result["in_handlers"] = _breakdown(result["hops_by_arrival"], handlers)
+    crew = result["opened_to_started"]
+    result["raw_floor"] = floor
+    result["ratios"] = {f"{q}_crew_over_floor": round(crew[f"{q}_ms"] / floor[f"{q}_ms"], 3)
+                        for q in ("p50", "p99")}
     return result
 
 
